@@ -1,0 +1,135 @@
+"""From a dataset config to a Composer ``DataSpec``: collation, late widening, token counts.
+
+Token ids cross DataLoader worker processes in their narrow storage dtype (uint16 for vocabularies
+up to 65,536) and are widened to int64 in the main process by :func:`widen_batch`, Composer's
+``batch_transforms`` hook, which also derives ``labels`` (``-100`` on padding past
+``num_tokens``). That halves or quarters the bytes that cross process boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+__all__ = ['collate_samples', 'widen_batch', 'num_tokens_in_batch', 'build_dataset',
+           'build_dataloader', 'DATASET_KEYS']
+
+# Keys of the `dataset:` section that DWMDataset understands (its own plus StreamingDataset's).
+DATASET_KEYS = {
+    'remote', 'local', 'split', 'streams', 'selection', 'download_retry', 'download_timeout',
+    'validate_hash', 'keep_zip', 'epoch_size', 'predownload', 'cache_limit', 'sampling_method',
+    'sampling_granularity', 'partition_algo', 'num_canonical_nodes', 'batch_size', 'shuffle',
+    'shuffle_algo', 'shuffle_seed', 'shuffle_block_size', 'batching_method', 'allow_unsafe_types',
+    'replication',
+}
+STREAM_KEYS = {'remote', 'local', 'split', 'proportion', 'repeat', 'choose', 'download_retry',
+               'download_timeout', 'validate_hash', 'keep_zip', 'selection'}
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack DWM sample dicts into a batch, keeping token ids in their narrow dtype."""
+    batch = {
+        'input_ids': torch.from_numpy(np.stack([s['input_ids'] for s in samples])),
+        'num_tokens': torch.tensor([s['num_tokens'] for s in samples], dtype=torch.int32),
+        'uid': torch.tensor([s['uid'] for s in samples], dtype=torch.int64),
+        'domain': torch.tensor([s['domain'] for s in samples], dtype=torch.int64),
+        'prior_weight': torch.tensor([s['prior_weight'] for s in samples], dtype=torch.float32),
+    }
+    if 'scores' in samples[0]:
+        batch['scores'] = torch.from_numpy(np.stack([s['scores'] for s in samples]))
+    return batch
+
+
+def widen_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Widen ``input_ids`` to int64 and add ``labels`` (``-100`` past ``num_tokens``).
+
+    Idempotent, so it is safe as both a ``batch_transforms`` and an explicit call.
+    """
+    input_ids = batch['input_ids']
+    if input_ids.dtype != torch.int64:
+        input_ids = input_ids.to(torch.int64)
+        batch['input_ids'] = input_ids
+    if 'labels' not in batch:
+        labels = input_ids.clone()
+        if 'num_tokens' in batch:
+            positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+            labels[positions >= batch['num_tokens'].unsqueeze(1).to(torch.int64)] = -100
+        batch['labels'] = labels
+    return batch
+
+
+def num_tokens_in_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Composer's token count: all positions (``total``) and those with a loss."""
+    total = int(batch['input_ids'].numel())
+    if 'num_tokens' in batch:
+        valid = int(batch['num_tokens'].sum())
+        # A causal LM predicts token t+1 from t: a sample with k valid tokens has k-1 targets.
+        loss_generating = int((batch['num_tokens'] - 1).clamp(min=0).sum())
+    else:
+        valid = total
+        loss_generating = total - int(batch['input_ids'].shape[0])
+    return {'total': total, 'loss_generating': loss_generating, 'valid': valid}
+
+
+def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = None, where: str = 'dataset'):
+    """Build a :class:`~dwm_stream.dataset.DWMDataset` from a ``dataset:`` config mapping.
+
+    Args:
+        cfg (Mapping): ``remote``/``local``/``split``/``selection`` or ``streams`` (a mapping of
+            name -> stream config, or a list), plus any ``StreamingDataset`` argument.
+        device_batch_size (int, optional): Sets ``batch_size`` if the config does not.
+        where (str): Config path for error messages. Default: ``'dataset'``.
+    """
+    from dwm_stream.dataset import DWMDataset, DWMStream
+    cfg = dict(cfg)
+    unknown = set(cfg) - DATASET_KEYS
+    if unknown:
+        raise ValueError(f'{where}: unknown key(s) {sorted(unknown)}; valid keys are {sorted(DATASET_KEYS)}.')
+    streams_cfg = cfg.pop('streams', None)
+    streams = None
+    if streams_cfg:
+        items = streams_cfg.items() if isinstance(streams_cfg, Mapping) else enumerate(streams_cfg)
+        streams = []
+        for name, scfg in items:
+            scfg = dict(scfg)
+            bad = set(scfg) - STREAM_KEYS
+            if bad:
+                raise ValueError(f'{where}.streams.{name}: unknown key(s) {sorted(bad)}; valid keys '
+                                 f'are {sorted(STREAM_KEYS)}.')
+            streams.append(DWMStream(**scfg))
+    if device_batch_size is not None:
+        cfg.setdefault('batch_size', device_batch_size)
+    return DWMDataset(streams=streams, **cfg)
+
+
+def build_dataloader(dataset_cfg: Mapping[str, Any],
+                     device_batch_size: int,
+                     num_workers: int = 0,
+                     drop_last: bool = True,
+                     prefetch_factor: Optional[int] = None,
+                     persistent_workers: bool = False,
+                     pin_memory: bool = False,
+                     timeout: float = 0,
+                     where: str = 'train_loader.dataset'):
+    """A Composer ``DataSpec`` over a ``DWMDataset`` built from ``dataset_cfg``.
+
+    Uses streaming's ``StreamingDataLoader`` so that LLM Foundry and Composer checkpoint the
+    dataset position the usual way.
+    """
+    from composer.core import DataSpec
+    from streaming import StreamingDataLoader
+    dataset = build_dataset(dataset_cfg, device_batch_size, where=where)
+    loader = StreamingDataLoader(
+        dataset,
+        batch_size=device_batch_size,
+        collate_fn=collate_samples,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=persistent_workers and num_workers > 0,
+        pin_memory=pin_memory,
+        timeout=timeout,
+    )
+    return DataSpec(loader, batch_transforms=widen_batch, get_num_tokens_in_batch=num_tokens_in_batch)
