@@ -1,0 +1,603 @@
+"""The embedded corpus: SlimPajama's on-disk format, built from text already on the machine.
+
+Layout (exactly SlimPajama's, plus a LAMBADA-format file and a summary)::
+
+    OUT/
+      train/chunk1/example_train_0.jsonl.zst      chunk<c> holds up to FILES_PER_CHUNK files;
+      train/chunk1/example_train_1.jsonl.zst      <K> counts from 0 within each chunk
+      ...
+      train/chunk2/example_train_0.jsonl.zst
+      validation/chunk1/example_holdout_0.jsonl.zst
+      lambada.jsonl                                {"context": ..., "continuation": ...} per line
+      dwm_corpus.json                              what was built (CorpusInfo, minus timings)
+
+Every line of a ``.jsonl.zst`` is ``{"text": ..., "meta": {"redpajama_set_name": ...}}`` and each
+file mixes domains, as SlimPajama's do.
+
+Domains (the real ones spelled as SlimPajama spells them; a domain whose sources are absent on the
+machine is left out and its share goes to the others):
+
+=========================== =================================================================
+``RedPajamaBook``           the Python language/library reference prose in ``pydoc_data.topics``
+``RedPajamaWikipedia``      stdlib docstrings, one article per module (module, class and function
+                            docstrings, parsed with ``ast``; nothing is imported)
+``RedPajamaGithub``         stdlib ``.py`` source files (``sysconfig.get_paths()['stdlib']``)
+``RedPajamaCommonCrawl``    licence texts: ``/usr/share/common-licenses/*``, Python's
+                            ``LICENSE.txt``, ``/usr/share/doc/*/copyright``
+``DegradedShuffledWords``   training prose with its words shuffled within each document
+``DegradedRandomTokens``    words drawn uniformly from the prose vocabulary, mixed with random
+                            character strings
+``DegradedBoilerplate``     web boilerplate lines (cookie banners, menus, footers) repeated with
+                            small variations
+=========================== =================================================================
+
+Held-out text. Each source item (a pydoc topic, a module, a source file, a licence file) is assigned
+to train or held-out by a hash of its name (1 in ``HOLDOUT_EVERY``). ``train/`` is built only from
+train items; ``validation/`` and ``lambada.jsonl`` only from held-out items. LAMBADA passages are
+held-out prose paragraphs of 40-300 words whose context does not occur in any training document
+(checked on word windows, see ``_LambadaCandidates``, since stdlib docstrings are also inside the
+code and are sometimes copied between modules); ``context + continuation`` is the passage,
+``continuation`` is its final word with a leading space (LLM Foundry's LAMBADA convention) and without trailing punctuation.
+
+Size and repetition. ``size`` is the number of UTF-8 bytes of ``text`` in ``train/`` (validation
+adds ``max(64 KiB, size / 50)``). The first pass over a domain emits each train item once, in a
+seeded random order, cut at paragraph (code: blank-line) boundaries into documents of at most
+``MAX_DOC_CHARS``. When a domain needs more bytes than its sources hold (prose beyond a few MB, code
+beyond ~30 MB), later passes emit seeded random windows of consecutive paragraphs of random items:
+the text repeats, in different document boundaries. Degraded domains are generated, so never repeat.
+
+Determinism. Everything random comes from ``random.Random`` seeded with strings derived from
+``seed``; sources are listed in sorted order; files are compressed in one call with a fixed zstd
+level. On the same machine (same Python and same files), the same ``seed`` and ``size`` give
+byte-identical output.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+import sysconfig
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Optional, Union
+
+__all__ = [
+    'build_corpus', 'CorpusInfo', 'parse_size', 'REAL_DOMAINS', 'DEGRADED_DOMAINS', 'DOMAINS',
+    'DOMAIN_SHARES', 'FILES_PER_CHUNK', 'HOLDOUT_EVERY', 'MAX_DOC_CHARS', 'EOS_TEXT',
+]
+
+REAL_DOMAINS = ('RedPajamaBook', 'RedPajamaWikipedia', 'RedPajamaGithub', 'RedPajamaCommonCrawl')
+DEGRADED_DOMAINS = ('DegradedShuffledWords', 'DegradedRandomTokens', 'DegradedBoilerplate')
+DOMAINS = REAL_DOMAINS + DEGRADED_DOMAINS
+# Share of the corpus bytes per domain (renormalised over the domains that have sources).
+DOMAIN_SHARES = {
+    'RedPajamaBook': 0.10,
+    'RedPajamaWikipedia': 0.25,
+    'RedPajamaGithub': 0.25,
+    'RedPajamaCommonCrawl': 0.20,
+    'DegradedShuffledWords': 0.07,
+    'DegradedRandomTokens': 0.06,
+    'DegradedBoilerplate': 0.07,
+}
+FILES_PER_CHUNK = 4
+HOLDOUT_EVERY = 10
+MAX_DOC_CHARS = 32_000
+LAMBADA_MAX_EXAMPLES = 500
+_STDLIB = sysconfig.get_paths()['stdlib']
+EOS_TEXT = '<|endoftext|>'  # documents containing it are skipped, so EOS splits documents exactly
+_BUILD_VERSION = 1
+
+
+@dataclass
+class CorpusInfo:
+    """What :func:`build_corpus` wrote.
+
+    Args:
+        out_dir (str): The corpus root.
+        seed (int): The seed.
+        size_bytes (int): Requested train text bytes.
+        train_files (list[str]): Train files, relative to ``out_dir``.
+        validation_files (list[str]): Validation files, relative to ``out_dir``.
+        docs_per_domain (dict[str, int]): Train documents by domain.
+        bytes_per_domain (dict[str, int]): Train text bytes by domain.
+        validation_docs (int): Validation documents.
+        lambada_examples (int): Lines in ``lambada.jsonl``.
+        seconds (float): Build time (not written to ``dwm_corpus.json``).
+    """
+    out_dir: str
+    seed: int
+    size_bytes: int
+    train_files: list[str] = field(default_factory=list)
+    validation_files: list[str] = field(default_factory=list)
+    docs_per_domain: dict[str, int] = field(default_factory=dict)
+    bytes_per_domain: dict[str, int] = field(default_factory=dict)
+    validation_docs: int = 0
+    lambada_examples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def train_dir(self) -> str:
+        return os.path.join(self.out_dir, 'train')
+
+    @property
+    def lambada_path(self) -> str:
+        return os.path.join(self.out_dir, 'lambada.jsonl')
+
+    def __str__(self) -> str:
+        mb = sum(self.bytes_per_domain.values()) / 1e6
+        lines = [f'corpus {self.out_dir}: {len(self.train_files)} train files, {mb:.1f} MB text, '
+                 f'{sum(self.docs_per_domain.values())} docs, {self.validation_docs} validation '
+                 f'docs, {self.lambada_examples} LAMBADA examples, {self.seconds:.1f}s']
+        for d in sorted(self.docs_per_domain):
+            lines.append(f'  {d:24s} {self.docs_per_domain[d]:8d} docs '
+                         f'{self.bytes_per_domain[d] / 1e6:8.2f} MB')
+        return '\n'.join(lines)
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from ``123``, ``'8MB'``, ``'500KB'``, ``'1.5GB'`` (decimal) or ``'8MiB'`` (binary)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r'\s*([0-9]*\.?[0-9]+)\s*([KMG]i?B|B)?\s*', str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f'--size {size!r}: expected a number of bytes such as 8MB, 500KB or 1GB.')
+        unit = (m.group(2) or 'B').upper()
+        mult = {'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'KIB': 2**10, 'MIB': 2**20,
+                'GIB': 2**30}[unit]
+        value = int(float(m.group(1)) * mult)
+    if value < 100_000:
+        raise ValueError(f'--size {size!r} is too small: the corpus needs at least 100KB.')
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Source items: (name, loader) pairs, loaded lazily and split into train / held-out by name.
+
+
+@dataclass
+class _Item:
+    name: str
+    load: Callable[[], str]
+    is_code: bool = False
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, 'rb') as f:
+            return f.read().decode('utf-8')
+    except (OSError, UnicodeDecodeError):
+        return ''
+
+
+def _stdlib_py_files() -> list[str]:
+    out = []
+    for d, dirs, files in os.walk(_STDLIB):
+        dirs[:] = sorted(x for x in dirs if x not in ('site-packages', 'dist-packages', '__pycache__'))
+        out += [os.path.join(d, f) for f in sorted(files) if f.endswith('.py')]
+    return out
+
+
+def _book_items() -> list[_Item]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return []
+    return [_Item(f'pydoc:{k}', (lambda k=k: topics[k])) for k in sorted(topics)]
+
+
+@functools.lru_cache(maxsize=None)
+def _module_article(path: str) -> str:
+    """One 'encyclopedia article' per stdlib module: its docstrings, titled by qualified name."""
+    source = _read_text(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # invalid escapes in old stdlib files
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ''
+    module = os.path.relpath(path, _STDLIB)[:-3].replace(os.sep, '.').removesuffix('.__init__')
+    sections = []
+    doc = ast.get_docstring(tree)
+    if doc:
+        sections.append(f'{module}\n\n{doc}')
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f'{prefix}{child.name}'
+                d = ast.get_docstring(child)
+                if d and len(d) >= 80:
+                    sections.append(f'{name}\n\n{d}')
+                if isinstance(child, ast.ClassDef):
+                    visit(child, name + '.')
+
+    visit(tree, module + '.')
+    text = '\n\n'.join(sections)
+    return text if len(text) >= 300 else ''
+
+
+def _wikipedia_items() -> list[_Item]:
+    return [_Item(f'doc:{p}', (lambda p=p: _module_article(p))) for p in _stdlib_py_files()]
+
+
+def _github_items() -> list[_Item]:
+    return [_Item(f'code:{p}', (lambda p=p: _read_text(p)), is_code=True) for p in _stdlib_py_files()]
+
+
+def _licence_files() -> list[str]:
+    paths = sorted(p for p in glob.glob('/usr/share/common-licenses/*') if os.path.isfile(p))
+    stdlib_licence = os.path.join(_STDLIB, 'LICENSE.txt')
+    if os.path.isfile(stdlib_licence):
+        paths.append(stdlib_licence)
+    paths += sorted(p for p in glob.glob('/usr/share/doc/*/copyright') if os.path.isfile(p))
+    return paths
+
+
+def _commoncrawl_items() -> list[_Item]:
+    return [_Item(f'licence:{p}', (lambda p=p: _read_text(p))) for p in _licence_files()]
+
+
+_REAL_SOURCES: dict[str, Callable[[], list[_Item]]] = {
+    'RedPajamaBook': _book_items,
+    'RedPajamaWikipedia': _wikipedia_items,
+    'RedPajamaGithub': _github_items,
+    'RedPajamaCommonCrawl': _commoncrawl_items,
+}
+
+
+def _is_held_out(name: str) -> bool:
+    # Keyed by the underlying file or topic, not the domain, so a module's docstrings (Wikipedia)
+    # and its source (Github) land in the same split.
+    h = hashlib.blake2b(name.split(':', 1)[-1].encode(), digest_size=8).digest()
+    return int.from_bytes(h, 'little') % HOLDOUT_EVERY == 0
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Blank-line separated blocks (for code: top-level blocks), keeping their internal text."""
+    return [p for p in re.split(r'\n\s*\n', text) if p.strip()]
+
+
+def _cut(paragraphs: list[str]) -> Iterator[str]:
+    """Join consecutive paragraphs into documents of at most MAX_DOC_CHARS (longer ones alone)."""
+    current: list[str] = []
+    size = 0
+    for p in paragraphs:
+        if current and size + len(p) + 2 > MAX_DOC_CHARS:
+            yield '\n\n'.join(current)
+            current, size = [], 0
+        current.append(p)
+        size += len(p) + 2
+    if current:
+        yield '\n\n'.join(current)
+
+
+def _usable(text: str) -> bool:
+    return bool(text.strip()) and EOS_TEXT not in text
+
+
+class _RealStream:
+    """Documents of one real domain (one split): a full pass, then random paragraph windows."""
+
+    def __init__(self, domain: str, items: list[_Item], rng: random.Random) -> None:
+        self.domain = domain
+        self.items = list(items)
+        rng.shuffle(self.items)
+        self.rng = rng
+        self.cache: dict[str, list[str]] = {}
+
+    def _paras(self, item: _Item) -> list[str]:
+        if item.name not in self.cache:
+            text = item.load()
+            self.cache[item.name] = _paragraphs(text) if _usable(text) else []
+        return self.cache[item.name]
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self.items:
+            text = item.load()
+            if not _usable(text):
+                self.cache[item.name] = []
+                continue
+            self.cache[item.name] = paras = _paragraphs(text)
+            if len(text) <= MAX_DOC_CHARS:
+                yield text
+            else:
+                yield from _cut(paras)
+        nonempty = [i for i in self.items if self._paras(i)]
+        if not nonempty:
+            return
+        while True:  # repeat with new boundaries (see module docstring)
+            paras = self._paras(self.rng.choice(nonempty))
+            start = self.rng.randrange(len(paras))
+            length = self.rng.randint(1, max(1, min(len(paras) - start, 40)))
+            yield from _cut(paras[start:start + length])
+
+
+_WORD = re.compile(r'\S+')
+
+
+def _shuffled_words(prose: Iterator[str], rng: random.Random) -> Iterator[str]:
+    for text in prose:
+        words = _WORD.findall(text)
+        if len(words) < 5:
+            continue
+        rng.shuffle(words)
+        lines = [' '.join(words[i:i + 14]) for i in range(0, len(words), 14)]
+        yield '\n'.join(lines)
+
+
+def _random_tokens(vocab: list[str], rng: random.Random) -> Iterator[str]:
+    alphabet = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-#@$%&*+=/'
+    punct = ['', '', '', '', ',', '.', ';', ':', '!', '?', ')', '"']
+    while True:
+        n = rng.randint(30, 1200)
+        words = []
+        for _ in range(n):
+            if vocab and rng.random() < 0.7:
+                w = rng.choice(vocab)
+            else:
+                w = ''.join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
+            words.append(w + rng.choice(punct))
+        text = ''
+        for i, w in enumerate(words):
+            text += w + ('\n' if rng.random() < 0.05 else ' ')
+        yield text.rstrip()
+
+
+_BOILERPLATE = [
+    'We use cookies to improve your experience. By continuing to browse you accept our use of cookies.',
+    'Accept all cookies | Reject non-essential | Manage preferences',
+    'Home | About Us | Products | Services | Blog | Contact | Login | Register',
+    'Copyright (c) {year} {company}. All rights reserved.',
+    'Subscribe to our newsletter and get {n}% off your first order!',
+    'Click here to read more >>',
+    'Share this: Facebook Twitter LinkedIn Email Print',
+    'Posted by admin on {month} {day}, {year} | {n} comments',
+    'Terms of Service | Privacy Policy | Sitemap | Accessibility',
+    'Sign up for free today. No credit card required.',
+    'This page was last updated on {month} {day}, {year}.',
+    'Related posts: Top {n} tips you need to know in {year}',
+    'Loading... Please wait.',
+    'Skip to main content',
+    'Follow us on social media for the latest updates from {company}.',
+    'Powered by {company} CMS v{n}.{day}',
+]
+_COMPANIES = ['Acme Corp', 'Globex', 'Initech', 'Umbrella Ltd', 'Hooli', 'Vandelay Industries']
+_MONTHS = ['January', 'February', 'March', 'April', 'May', 'June', 'July', 'August', 'September',
+           'October', 'November', 'December']
+
+
+def _boilerplate(rng: random.Random) -> Iterator[str]:
+    while True:
+        lines = []
+        template_set = rng.sample(_BOILERPLATE, rng.randint(3, 8))
+        for _ in range(rng.randint(5, 60)):
+            lines.append(rng.choice(template_set).format(
+                year=rng.randint(2005, 2023), company=rng.choice(_COMPANIES), n=rng.randint(2, 50),
+                month=rng.choice(_MONTHS), day=rng.randint(1, 28)))
+        yield '\n'.join(lines)
+
+
+def _prose_vocab(book: list[_Item], wiki: list[_Item], limit_chars: int = 200_000) -> list[str]:
+    words: set[str] = set()
+    chars = 0
+    for item in book + wiki:
+        text = item.load()
+        chars += len(text)
+        words.update(w for w in re.findall(r'[A-Za-z]{2,}', text))
+        if chars >= limit_chars:
+            break
+    return sorted(words)
+
+
+def _norm(paragraph: str) -> str:
+    return ' '.join(paragraph.split())
+
+
+class _DomainStreams:
+    """Document iterators for every domain of one split."""
+
+    def __init__(self, split: str, seed: int, items: dict[str, list[_Item]]) -> None:
+        def rng(tag: str) -> random.Random:
+            return random.Random(f'dwm-corpus|{_BUILD_VERSION}|{seed}|{split}|{tag}')
+
+        self.streams: dict[str, Iterator[str]] = {}
+        for domain in REAL_DOMAINS:
+            if items.get(domain):
+                self.streams[domain] = iter(_RealStream(domain, items[domain], rng(domain)))
+        prose_items = items.get('RedPajamaBook', []) + items.get('RedPajamaWikipedia', [])
+        if prose_items:
+            prose = iter(_RealStream('prose', prose_items, rng('prose-for-shuffle')))
+            self.streams['DegradedShuffledWords'] = _shuffled_words(prose, rng('shuffle'))
+        book, wiki = list(items.get('RedPajamaBook', [])), list(items.get('RedPajamaWikipedia', []))
+        rng('vocab').shuffle(book)
+        rng('vocab').shuffle(wiki)
+        self.streams['DegradedRandomTokens'] = _random_tokens(_prose_vocab(book, wiki),
+                                                              rng('random-tokens'))
+        self.streams['DegradedBoilerplate'] = _boilerplate(rng('boilerplate'))
+
+
+def _write_split(out_dir: str, split: str, stem: str, budget: int, streams: _DomainStreams,
+                 seed: int, file_bytes: int, pbar, lambada: Optional[_LambadaCandidates]
+                 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """Interleave domain documents into SlimPajama files until ``budget`` text bytes."""
+    from dwm_stream.sources import write_jsonl_zst
+    shares = {d: DOMAIN_SHARES[d] for d in streams.streams}
+    total_share = sum(shares.values())
+    remaining = {d: int(budget * s / total_share) for d, s in shares.items()}
+    docs: dict[str, int] = {d: 0 for d in streams.streams}
+    nbytes: dict[str, int] = {d: 0 for d in streams.streams}
+    rng = random.Random(f'dwm-corpus|{_BUILD_VERSION}|{seed}|{split}|interleave')
+    files: list[str] = []
+    batch: list[dict] = []
+    batch_bytes = 0
+
+    def flush() -> None:
+        nonlocal batch, batch_bytes
+        k = len(files)
+        rel = os.path.join(split, f'chunk{k // FILES_PER_CHUNK + 1}',
+                           f'{stem}_{k % FILES_PER_CHUNK}.jsonl.zst')
+        write_jsonl_zst(batch, os.path.join(out_dir, rel))
+        files.append(rel)
+        batch, batch_bytes = [], 0
+
+    while True:
+        live = [d for d in remaining if remaining[d] > 0]
+        if not live:
+            break
+        domain = rng.choices(live, weights=[remaining[d] for d in live])[0]
+        text = next(streams.streams[domain], None)
+        if text is None:  # a domain without sources: give up its remaining share
+            remaining[domain] = 0
+            continue
+        if not _usable(text):
+            continue
+        size = len(text.encode('utf-8'))
+        remaining[domain] -= size
+        docs[domain] += 1
+        nbytes[domain] += size
+        if lambada is not None and domain in REAL_DOMAINS:
+            lambada.scan(text)
+        batch.append({'text': text, 'meta': {'redpajama_set_name': domain}})
+        batch_bytes += size
+        if pbar is not None:
+            pbar.update(size)
+        if batch_bytes >= file_bytes:
+            flush()
+    if batch:
+        flush()
+    return files, docs, nbytes
+
+
+_FINAL_WORD = re.compile(r'^(.*\S)(\s)([A-Za-z]{2,})[.!?]?["\')]?$', re.DOTALL)
+_KEY_WORDS = 10
+
+
+class _LambadaCandidates:
+    """LAMBADA-format examples from held-out prose, minus any whose context occurs in train.
+
+    A context that is a substring of the (whitespace-normalised) training text has its last
+    ``_KEY_WORDS`` words as consecutive whole words of some training document, so every training
+    document is scanned for those word windows and matching candidates are dropped.
+    """
+
+    def __init__(self, items: list[_Item], seed: int, limit: int) -> None:
+        rng = random.Random(f'dwm-corpus|{_BUILD_VERSION}|{seed}|lambada')
+        items = list(items)
+        rng.shuffle(items)
+        self.examples: list[dict[str, str]] = []
+        seen: set[str] = set()
+        for item in items:
+            text = item.load()
+            if not _usable(text):
+                continue
+            for para in _paragraphs(text):
+                passage = _norm(para)
+                words = passage.split(' ')
+                if not 40 <= len(words) <= 300 or passage in seen:
+                    continue
+                letters = sum(c.isalpha() or c.isspace() for c in passage)
+                if letters < 0.9 * len(passage):  # skip code-like and table-like paragraphs
+                    continue
+                m = _FINAL_WORD.match(passage)
+                if not m:
+                    continue
+                seen.add(passage)
+                self.examples.append({'context': m.group(1), 'continuation': ' ' + m.group(3)})
+            if len(self.examples) >= limit:
+                break
+        self.keys = {tuple(ex['context'].split()[-_KEY_WORDS:]): i
+                     for i, ex in enumerate(self.examples)}
+        self.last_words = {k[-1] for k in self.keys}
+        self.contaminated: set[int] = set()
+
+    def scan(self, text: str) -> None:
+        words = text.split()
+        last_words, keys = self.last_words, self.keys
+        for i in range(_KEY_WORDS - 1, len(words)):
+            if words[i] in last_words:
+                hit = keys.get(tuple(words[i - _KEY_WORDS + 1:i + 1]))
+                if hit is not None:
+                    self.contaminated.add(hit)
+
+    def clean(self, limit: int) -> list[dict[str, str]]:
+        return [ex for i, ex in enumerate(self.examples) if i not in self.contaminated][:limit]
+
+
+def build_corpus(out_dir: str,
+                 size: Union[int, str] = '8MB',
+                 seed: int = 0,
+                 progress: bool = True) -> CorpusInfo:
+    """Build the embedded SlimPajama-format corpus (see the module docstring for the layout).
+
+    Args:
+        out_dir (str): Directory to write; it must not already hold a corpus (``train/``).
+        size (int | str): Train text bytes, e.g. ``'8MB'``, ``'200MB'``. Default: ``'8MB'``.
+        seed (int): Seed for every random choice. Default: ``0``.
+        progress (bool): Show a tqdm progress bar. Default: ``True``.
+
+    Returns:
+        CorpusInfo: What was written.
+    """
+    start = time.perf_counter()
+    size_bytes = parse_size(size)
+    if os.path.exists(os.path.join(out_dir, 'train')):
+        raise FileExistsError(f'{out_dir} already holds a corpus (train/); choose another --out or '
+                              'delete it first.')
+    train_items: dict[str, list[_Item]] = {}
+    held_items: dict[str, list[_Item]] = {}
+    for domain, list_items in _REAL_SOURCES.items():
+        items = list_items()
+        train_items[domain] = [i for i in items if not _is_held_out(i.name)]
+        held_items[domain] = [i for i in items if _is_held_out(i.name)]
+    if not (train_items['RedPajamaBook'] or train_items['RedPajamaWikipedia']):
+        raise FileNotFoundError('no prose found on this machine (pydoc_data.topics and stdlib '
+                                'sources are both missing); the embedded corpus needs a full Python '
+                                'installation.')
+    val_bytes = max(64 * 1024, size_bytes // 50)
+    file_bytes = max(256 * 1024, min(32 * 2**20, size_bytes // 16))
+    os.makedirs(out_dir, exist_ok=True)
+
+    pbar = None
+    if progress:
+        from tqdm import tqdm
+        pbar = tqdm(total=size_bytes + val_bytes, unit='B', unit_scale=True, desc='corpus build')
+    lambada = _LambadaCandidates(held_items['RedPajamaBook'] + held_items['RedPajamaWikipedia'],
+                                 seed, 2 * LAMBADA_MAX_EXAMPLES)
+    try:
+        train_files, docs, nbytes = _write_split(out_dir, 'train', 'example_train', size_bytes,
+                                                 _DomainStreams('train', seed, train_items), seed,
+                                                 file_bytes, pbar, lambada)
+        val_files, val_docs, _ = _write_split(out_dir, 'validation', 'example_holdout', val_bytes,
+                                              _DomainStreams('validation', seed, held_items), seed,
+                                              file_bytes, pbar, None)
+    finally:
+        if pbar is not None:
+            pbar.close()
+    examples = lambada.clean(LAMBADA_MAX_EXAMPLES)
+    with open(os.path.join(out_dir, 'lambada.jsonl'), 'w', encoding='utf-8') as f:
+        for ex in examples:
+            f.write(json.dumps(ex, ensure_ascii=False) + '\n')
+
+    info = CorpusInfo(out_dir=out_dir,
+                      seed=seed,
+                      size_bytes=size_bytes,
+                      train_files=train_files,
+                      validation_files=val_files,
+                      docs_per_domain=docs,
+                      bytes_per_domain=nbytes,
+                      validation_docs=sum(val_docs.values()),
+                      lambada_examples=len(examples))
+    record = asdict(info)
+    del record['seconds'], record['out_dir']
+    with open(os.path.join(out_dir, 'dwm_corpus.json'), 'w', encoding='utf-8') as f:
+        f.write(json.dumps(record, indent=2, sort_keys=True) + '\n')
+    info.seconds = time.perf_counter() - start
+    return info
