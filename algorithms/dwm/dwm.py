@@ -1,0 +1,722 @@
+"""``DWM``: the Composer algorithm. Thin glue that decides *when* to call the pure functions of this package.
+
+Events:
+
+* ``INIT``: refuse FSDP; build the weighter (or load a saved schedule).
+* ``FIT_START``: compute the stage boundaries; enter stage 1 (refit it unless ``warmup_uniform``).
+* ``AFTER_DATALOADER``: weights of the whole device batch under ``no_grad`` (embeddings all-gathered under DDP,
+  so the softmax spans the global batch), stored as ``batch['dwm_weight']`` for Composer's splitter; in
+  ``mode='select'``, keep the top ``1/select_factor`` of the pool instead.
+* ``AFTER_LOSS``: ``state.loss`` becomes the weighted loss of the microbatch.
+* ``BATCH_END``: metrics; at a stage boundary, with the LLM frozen, ``refit_steps`` Adam updates of the weighter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from composer.core import Algorithm, Event, State, Time
+from composer.loggers import Logger
+from composer.utils import dist
+from torch.func import functional_call
+
+from algorithms.dwm.distributed import all_gather_cat, all_reduce_sum_, all_reduce_sum_dict, gather_with_local_grad
+from algorithms.dwm.export import load_schedule, save_weighter, write_schedule
+from algorithms.dwm.hypergradient import adam_preconditioner, hypergradient, iter_named_trainable, lookahead
+from algorithms.dwm.loss import IGNORE_INDEX, loss_contributions, per_sample_loss_sums
+from algorithms.dwm.schedule import boundary_reached, stage_boundaries
+from algorithms.dwm.weighter import Weighter, WeighterConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    'DWM',
+    'WEIGHT_KEY',
+    'ensure_labels',
+    'normalize_with_prior',
+    'uniform_if_nonfinite',
+    'weight_statistics',
+    'gumbel_top_k',
+    'subset_batch',
+]
+
+WEIGHT_KEY = 'dwm_weight'
+LoaderLike = Union[Iterable[dict], Callable[[], Iterable[dict]]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------------------------------
+def ensure_labels(batch: dict[str, Any]) -> dict[str, Any]:
+    """Add ``labels`` (``input_ids`` with ``-100`` where ``attention_mask`` is 0) when the batch has none."""
+    if 'labels' not in batch:
+        labels = batch['input_ids'].clone()
+        if 'attention_mask' in batch:
+            labels[batch['attention_mask'] == 0] = IGNORE_INDEX
+        batch['labels'] = labels
+    return batch
+
+
+def normalize_with_prior(weights: torch.Tensor, prior: Optional[torch.Tensor]) -> torch.Tensor:
+    """``w * prior`` renormalised to mean 1 (``w`` unchanged when ``prior`` is ``None``)."""
+    if prior is None:
+        return weights
+    combined = weights * prior.to(weights)
+    return combined / combined.mean().clamp(min=torch.finfo(combined.dtype).tiny)
+
+
+def uniform_if_nonfinite(weights: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """All ones if any weight is NaN/inf or non-positive; returns ``(weights, fell_back)``."""
+    if bool(torch.isfinite(weights).all()) and bool((weights > 0).all()):
+        return weights, False
+    return torch.ones_like(weights), True
+
+
+def weight_statistics(weights: torch.Tensor) -> dict[str, float]:
+    """Mean, std, min, max and effective sample size fraction ``(sum w)^2 / (n sum w^2)`` of a weight vector."""
+    w = weights.detach().double()
+    n = w.numel()
+    return {
+        'mean': float(w.mean()),
+        'std': float(w.std(unbiased=False)),
+        'min': float(w.min()),
+        'max': float(w.max()),
+        'ess': float(w.sum()**2 / (n * (w**2).sum())),
+    }
+
+
+def gumbel_top_k(
+    scores: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    start: int = 0,
+    stop: Optional[int] = None,
+) -> torch.Tensor:
+    """Top ``k`` of ``scores + Gumbel noise`` within ``scores[start:stop]``: ``k`` draws without replacement from
+    ``softmax(scores)`` restricted to that slice.
+
+    Noise is drawn for the whole (global) ``scores`` vector and then sliced, so a sample's noise does not depend on
+    how the global batch is split over ranks.
+
+    Args:
+        scores (torch.Tensor): ``[N]`` global scores (already divided by ``tau``).
+        k (int): How many to keep.
+        generator (torch.Generator): CPU generator (seeded per batch for exact resumption).
+        start (int): Start of this rank's slice. Default: ``0``.
+        stop (int, optional): End of the slice. Default: ``None`` (``N``).
+
+    Returns:
+        torch.Tensor: Sorted indices into the slice.
+    """
+    uniform = torch.rand(scores.shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+    perturbed = scores.detach().double().cpu() - torch.log(-torch.log(uniform))
+    return torch.topk(perturbed[start:stop], k).indices.sort().values
+
+
+def subset_batch(batch: dict[str, Any], index: torch.Tensor, n: int) -> dict[str, Any]:
+    """Rows ``index`` of every tensor/list in ``batch`` whose first dimension is ``n``; other entries kept."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            out[key] = value[index.to(value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == n:
+            out[key] = type(value)(value[i] for i in index.tolist())
+        else:
+            out[key] = value
+    return out
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The HuggingFace causal LM inside a Composer ``HuggingFaceModel`` (or the module itself)."""
+    model = _unwrap(model)
+    return getattr(model, 'model', model)
+
+
+@contextlib.contextmanager
+def _eager_attention(lm: torch.nn.Module) -> Iterator[None]:
+    """Switch a HF model to eager attention (forward-mode AD is not implemented for SDPA kernels)."""
+    config = getattr(lm, 'config', None)
+    previous = getattr(config, '_attn_implementation', None)
+    if config is None or previous in (None, 'eager'):
+        yield
+        return
+    config._attn_implementation = 'eager'
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+class _Cycler:
+    """Endless iterator over a re-iterable loader (or a factory of one) that counts what it hands out."""
+
+    def __init__(self, loader: Optional[LoaderLike], name: str):
+        self._source, self.name = loader, name
+        self._loader: Optional[Iterable[dict]] = None
+        self._iterator: Optional[Iterator[dict]] = None
+        self.drawn = 0
+
+    def _resolve(self) -> Iterable[dict]:
+        if self._loader is None:
+            if self._source is None:
+                raise ValueError(f'DWM needs a {self.name} to refit the weighter; pass {self.name}= '
+                                 '(an iterable of batches or a zero-argument factory), or refit=False')
+            source = self._source
+            is_iterable = hasattr(source, '__iter__')
+            self._loader = source if is_iterable else source()  # type: ignore[operator]
+        return self._loader
+
+    def fast_forward(self, count: int) -> None:
+        """Re-create the position after ``count`` draws (the loader must iterate deterministically)."""
+        self._iterator, self.drawn = None, 0
+        for _ in range(count):
+            self.next()
+
+    def next(self) -> dict:
+        loader = self._resolve()
+        for attempt in range(2):
+            if self._iterator is None:
+                self._iterator = iter(loader)
+            try:
+                batch = next(self._iterator)
+                self.drawn += 1
+                return batch
+            except StopIteration:
+                self._iterator = None
+        raise ValueError(f'DWM {self.name} yielded no batches')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm
+# ----------------------------------------------------------------------------------------------------------------
+class DWM(Algorithm):
+    """Data Weighting Model (Yu et al., ICML 2025): a batch-aware weighter reweights per-sample losses and is
+    refit by bi-level optimisation at stage boundaries.
+
+    Example:
+        .. code-block:: python
+
+            from algorithms.dwm import DWM, ValidationBatches
+            dwm = DWM(num_stages=5, refit_steps=20, refit_dataloader=refit_loader,
+                      val_dataloader=ValidationBatches('lambada_val.jsonl', tokenizer), save_dir='dwm_schedule')
+            trainer = Trainer(model=model, train_dataloader=train_loader, algorithms=[dwm], max_duration='1000ba')
+
+    Args:
+        num_stages (int): Stages spread evenly over ``max_duration`` (ignored if ``stage_boundaries`` is given).
+            Default: ``5``.
+        stage_boundaries (Sequence[str], optional): Explicit starts of stages 2.. as Composer time strings
+            (``"100ba"``, ``"0.5dur"``). Default: ``None``.
+        refit_steps (int): Adam updates of the weighter at each boundary. Default: ``20``.
+        refit_lr (float): Learning rate of the weighter's Adam. Default: ``1e-3``.
+        lookahead_lr (float, optional): ``eta`` of the virtual step. Default: ``None`` (the LLM optimizer's current
+            learning rate; a warning is given if it is 0).
+        lookahead (str): ``'sgd'`` (``P = 1``) or ``'adam'`` (``P = 1/(sqrt(v_hat)+eps)`` from the LLM optimizer's
+            second moments, **[ours]**; SGD before the optimizer has state). Default: ``'sgd'``.
+        hypergrad (str): ``'jvp'`` (forward-mode, exact) or ``'fd'`` (central finite difference). Default:
+            ``'jvp'``.
+        fd_eps (float): Parameter-space step for ``hypergrad='fd'``. Default: ``1e-3``.
+        warmup_uniform (bool): Train stage 1 with uniform weights (no refit before it). Default: ``False``.
+        weighter (WeighterConfig | dict, optional): Weighter architecture; ``vocab_size`` is taken from the model
+            config when unset. Default: ``None`` (``WeighterConfig()``).
+        tau (float, optional): Overrides ``weighter.tau``. Default: ``None``.
+        mix_uniform (float, optional): Overrides ``weighter.mix_uniform`` (``lambda``). Default: ``None``.
+        refit_dataloader (Iterable[dict] | Callable, optional): Batches from the *training distribution* for the
+            refit, with their own seed (so the main loader's order and resumption are untouched); must iterate
+            deterministically for exact resumption; under DDP, each rank's own shard. Or a zero-argument factory
+            called lazily. Default: ``None`` (required when refitting).
+        val_dataloader (Iterable[dict] | Callable, optional): Validation batches (``input_ids``, ``labels`` with
+            ``-100`` outside the scored tokens, e.g. :class:`~algorithms.dwm.validation.ValidationBatches`), or a
+            factory. Default: ``None`` (required when refitting).
+        use_prior_weight (bool): Multiply the DWM weights by ``batch['prior_weight']`` (e.g. from a DSIR/QuRating
+            selection) and renormalise to mean 1 over the global batch. Default: ``True``.
+        score_names (Sequence[str], optional): Names of the columns of ``batch['scores']``, for the stage-end
+            Spearman correlations. Default: ``None`` (``score0``, ``score1``...).
+        domain_names (Sequence[str], optional): Names of the ids in ``batch['domain']``, for per-domain metrics.
+            Default: ``None`` (the ids).
+        save_dir (str, optional): Where to write each stage's weighter and ``schedule.json`` (rank 0). Default:
+            ``None`` (no export).
+        schedule (str, optional): A saved ``schedule.json`` (or its directory) whose weighters are used stage by
+            stage; with ``refit=False`` they are replayed frozen (transfer); with ``refit=True`` the first one
+            initialises the weighter. Default: ``None``.
+        refit (bool): Refit the weighter at stage boundaries. Default: ``True``.
+        mode (str): ``'weight'`` (the paper) or ``'select'`` (**[ours]**: the loader yields a pool of
+            ``select_factor`` x the batch; the weighter's scores plus Gumbel noise pick the top ``1/select_factor``
+            of each rank's pool, trained with weight 1). Default: ``'weight'``.
+        select_factor (int): Pool size / trained batch size in ``'select'`` mode. Default: ``4``.
+        loss_normalization (str): ``'token'`` (``sum_i w_i sum_t l_it / sum_i T_i``: all-ones weights give exactly
+            HF's loss) or ``'sample'`` (``mean_i w_i l_i``). Default: ``'token'``.
+        normalize_hypergradient (bool): **[ours]** Divide the hypergradient by its RMS before the weighter's
+            backward (Adam is scale-invariant up to its ``eps``; this keeps tiny ``eta`` from stalling the refit).
+            Default: ``True``.
+        seed (int): Seed of the Gumbel noise in ``'select'`` mode. Default: ``0``.
+        log_every (int): Log weight/domain metrics every this many batches. Default: ``1``.
+    """
+
+    def __init__(
+        self,
+        num_stages: int = 5,
+        stage_boundaries: Optional[Sequence[str]] = None,
+        refit_steps: int = 20,
+        refit_lr: float = 1e-3,
+        lookahead_lr: Optional[float] = None,
+        lookahead: str = 'sgd',
+        hypergrad: str = 'jvp',
+        fd_eps: float = 1e-3,
+        warmup_uniform: bool = False,
+        weighter: Optional[Union[WeighterConfig, dict[str, Any]]] = None,
+        tau: Optional[float] = None,
+        mix_uniform: Optional[float] = None,
+        refit_dataloader: Optional[LoaderLike] = None,
+        val_dataloader: Optional[LoaderLike] = None,
+        use_prior_weight: bool = True,
+        score_names: Optional[Sequence[str]] = None,
+        domain_names: Optional[Sequence[str]] = None,
+        save_dir: Optional[str] = None,
+        schedule: Optional[str] = None,
+        refit: bool = True,
+        mode: str = 'weight',
+        select_factor: int = 4,
+        loss_normalization: str = 'token',
+        normalize_hypergradient: bool = True,
+        seed: int = 0,
+        log_every: int = 1,
+    ):
+        if lookahead not in ('sgd', 'adam'):
+            raise ValueError(f"DWM lookahead must be 'sgd' or 'adam', got {lookahead!r}")
+        if hypergrad not in ('jvp', 'fd'):
+            raise ValueError(f"DWM hypergrad must be 'jvp' or 'fd', got {hypergrad!r}")
+        if mode not in ('weight', 'select'):
+            raise ValueError(f"DWM mode must be 'weight' or 'select', got {mode!r}")
+        if loss_normalization not in ('token', 'sample'):
+            raise ValueError(f"DWM loss_normalization must be 'token' or 'sample', got {loss_normalization!r}")
+        if mode == 'select' and select_factor < 1:
+            raise ValueError(f'DWM select_factor must be >= 1, got {select_factor}')
+        self.num_stages = num_stages
+        self.stage_boundaries_spec = list(stage_boundaries) if stage_boundaries is not None else None
+        self.boundaries = stage_boundaries_fn(num_stages, self.stage_boundaries_spec)  # validate early
+        self.refit_steps = refit_steps
+        self.refit_lr = refit_lr
+        self.lookahead_lr = lookahead_lr
+        self.lookahead = lookahead
+        self.hypergrad = hypergrad
+        self.fd_eps = fd_eps
+        self.warmup_uniform = warmup_uniform
+        self.weighter_config = WeighterConfig.from_any(weighter, tau=tau, mix_uniform=mix_uniform)
+        self.use_prior_weight = use_prior_weight
+        self.score_names = list(score_names) if score_names is not None else None
+        self.domain_names = list(domain_names) if domain_names is not None else None
+        self.save_dir = save_dir
+        self.schedule_path = schedule
+        self.refit = refit
+        self.mode = mode
+        self.select_factor = select_factor
+        self.loss_normalization = loss_normalization
+        self.normalize_hypergradient = normalize_hypergradient
+        self.seed = seed
+        self.log_every = max(1, int(log_every))
+
+        self.refit_batches = _Cycler(refit_dataloader, 'refit_dataloader')
+        self.val_batches = _Cycler(val_dataloader, 'val_dataloader')
+        self.weighter: Optional[Weighter] = None
+        self.weighter_optimizer: Optional[torch.optim.Optimizer] = None
+        self.replay: Optional[list[Weighter]] = None
+        self.stage_index = -1
+        self.nonfinite_batches = 0
+        self.refits_done = 0
+        self.exports: list[dict[str, Any]] = []
+        self._pending_state: Optional[dict[str, Any]] = None
+        self._device = torch.device('cpu')
+        self._reset_batch_buffers()
+        self._stage_weights: list[torch.Tensor] = []
+        self._stage_scores: list[torch.Tensor] = []
+        self.last_weights: Optional[torch.Tensor] = None  # global weights of the latest batch (for tests/metrics)
+        self.last_refit_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.AFTER_LOSS, Event.BATCH_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._init(state)
+        elif event == Event.FIT_START:
+            self._fit_start(state, logger)
+        elif event == Event.AFTER_DATALOADER:
+            self._after_dataloader(state, logger)
+        elif event == Event.AFTER_LOSS:
+            self._after_loss(state)
+        elif event == Event.BATCH_END:
+            self._batch_end(state, logger)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _init(self, state: State) -> None:
+        if getattr(state, 'fsdp_enabled', False) or getattr(state, 'fsdp_config', None) is not None:
+            raise ValueError('DWM does not support FSDP: its refit needs the full LLM parameters on every rank for '
+                             'the look-ahead and the JVP. Train with DDP (no parallelism_config.fsdp), or remove DWM.')
+        lm = _causal_lm(state.model)
+        try:
+            self._device = next(lm.parameters()).device
+        except StopIteration:
+            pass
+        if self.weighter_config.vocab_size is None:
+            vocab = getattr(getattr(lm, 'config', None), 'vocab_size', None)
+            if vocab is None:
+                raise ValueError('DWM: set weighter.vocab_size; the model has no config.vocab_size to take it from')
+            self.weighter_config.vocab_size = int(vocab)
+        if self.schedule_path is not None:
+            self.replay = [w.to(self._device) for _, w in load_schedule(self.schedule_path)]
+            self._set_weighter(copy.deepcopy(self.replay[0]))
+        else:
+            self._set_weighter(Weighter(self.weighter_config).to(self._device))
+        if self._pending_state is not None:
+            self.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def _set_weighter(self, weighter: Weighter) -> None:
+        self.weighter = weighter.to(self._device).eval()
+        self.weighter_config = weighter.config
+        self.weighter_optimizer = torch.optim.Adam(self.weighter.parameters(), lr=self.refit_lr)
+
+    def _fit_start(self, state: State, logger: Logger) -> None:
+        if self.stage_index >= 0:  # resumed mid-run: the stage and the weighter come from the checkpoint
+            return
+        self._enter_stage(0, state, logger)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _global_weights(self, batch: dict[str, Any], grad: bool = False) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Global weights ``[N]``, this rank's offset, and the global scores ``[N]`` (softmax inputs)."""
+        assert self.weighter is not None
+        ids = batch['input_ids'].to(self._device)
+        mask = batch.get('attention_mask')
+        mask = mask.to(self._device) if mask is not None else None
+        embeddings = self.weighter.embed(ids, mask)
+        if grad:
+            global_embeddings, offset = gather_with_local_grad(embeddings)
+        else:
+            global_embeddings, offset = all_gather_cat(embeddings)
+        scores = self.weighter.scores_from_embeddings(global_embeddings)
+        weights = self.weighter.weights_from_scores(scores)
+        if self.use_prior_weight and 'prior_weight' in batch:
+            prior, _ = all_gather_cat(batch['prior_weight'].to(self._device).float())
+            weights = normalize_with_prior(weights, prior)
+        return weights, offset, scores
+
+    def _after_dataloader(self, state: State, logger: Logger) -> None:
+        batch = ensure_labels(dict(state.batch))
+        n_local = batch['input_ids'].shape[0]
+        with torch.no_grad():
+            weights, offset, scores = self._global_weights(batch)
+        weights, fell_back = uniform_if_nonfinite(weights)
+        if fell_back:
+            self.nonfinite_batches += 1
+            warnings.warn(f'DWM: non-finite or non-positive weights at batch {int(state.timestamp.batch)}; '
+                          'using uniform weights for this batch')
+            logger.log_metrics({'dwm/nonfinite_weight_batches': self.nonfinite_batches})
+        local_weights = weights[offset:offset + n_local]
+        if self.mode == 'select':
+            keep = max(1, n_local // self.select_factor)
+            generator = torch.Generator().manual_seed(self._select_seed(int(state.timestamp.batch)))
+            logits = scores.float() / self.weighter_config.tau
+            if fell_back or not bool(torch.isfinite(logits).all()):
+                logits = torch.zeros_like(logits)
+            index = gumbel_top_k(logits, keep, generator, offset, offset + n_local)
+            batch = subset_batch(batch, index, n_local)
+            local_weights = torch.ones(keep)
+        batch[WEIGHT_KEY] = local_weights.detach().float().to(batch['input_ids'].device)
+        state.batch = batch
+        self.last_weights = weights.detach().cpu()
+        self._record_batch(batch, weights, offset, n_local, logger, state)
+
+    def _select_seed(self, batch_index: int) -> int:
+        digest = hashlib.sha256(f'dwm-select:{self.seed}:{batch_index}'.encode()).digest()
+        return int.from_bytes(digest[:8], 'little') & ((1 << 63) - 1)
+
+    def _after_loss(self, state: State) -> None:
+        batch = state.batch
+        if WEIGHT_KEY not in batch:
+            return
+        outputs = state.outputs
+        logits = outputs['logits'] if isinstance(outputs, dict) or hasattr(outputs, 'keys') else outputs.logits
+        loss_sum, token_count = per_sample_loss_sums(logits, batch['labels'])
+        contributions = loss_contributions(loss_sum, token_count, self.loss_normalization)
+        state.loss = (batch[WEIGHT_KEY].to(contributions) * contributions).sum()
+        self._batch_losses.append((loss_sum / token_count.clamp(min=1)).detach().float().cpu())
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _reset_batch_buffers(self) -> None:
+        self._batch_losses: list[torch.Tensor] = []
+        self._batch_domains: Optional[torch.Tensor] = None
+        self._batch_local_weights: Optional[torch.Tensor] = None
+
+    def _record_batch(self, batch, weights, offset, n_local, logger: Logger, state: State) -> None:
+        self._reset_batch_buffers()
+        self._batch_local_weights = batch[WEIGHT_KEY].detach().cpu()
+        if 'domain' in batch:
+            self._batch_domains = batch['domain'].detach().cpu()
+        if 'scores' in batch and self.mode == 'weight':
+            scores, _ = all_gather_cat(batch['scores'].to(self._device).float())
+            self._stage_weights.append(weights.detach().cpu())
+            self._stage_scores.append(scores.cpu())
+        if int(state.timestamp.batch) % self.log_every == 0:
+            stats = weight_statistics(weights)
+            logger.log_metrics({f'dwm/weight/{k}': v for k, v in stats.items()})
+            logger.log_metrics({'dwm/stage': self.stage_index})
+
+    def _log_domains(self, state: State, logger: Logger) -> None:
+        if self._batch_domains is None or self._batch_local_weights is None:
+            return
+        if int(state.timestamp.batch - 1) % self.log_every != 0:
+            return
+        losses = torch.cat(self._batch_losses) if self._batch_losses else None
+        n = self._batch_local_weights.shape[0]
+        if losses is None or losses.shape[0] != n or self._batch_domains.shape[0] != n:
+            return
+        rows = torch.stack([self._batch_domains.double(), self._batch_local_weights.double(), losses.double()], 1)
+        rows, _ = all_gather_cat(rows.to(self._device))
+        rows = rows.cpu()
+        metrics = {}
+        for domain_id in torch.unique(rows[:, 0]).tolist():
+            sel = rows[:, 0] == domain_id
+            name = self._domain_name(int(domain_id))
+            metrics[f'dwm/domain/{name}/weight'] = float(rows[sel, 1].mean())
+            metrics[f'dwm/domain/{name}/loss'] = float(rows[sel, 2].mean())
+        logger.log_metrics(metrics)
+
+    def _domain_name(self, domain_id: int) -> str:
+        if self.domain_names is not None and 0 <= domain_id < len(self.domain_names):
+            return self.domain_names[domain_id]
+        return str(domain_id)
+
+    def _batch_end(self, state: State, logger: Logger) -> None:
+        self._log_domains(state, logger)
+        self._reset_batch_buffers()
+        while 0 <= self.stage_index < len(self.boundaries) and boundary_reached(state,
+                                                                                self.boundaries[self.stage_index]):
+            self._end_stage(logger)
+            self._enter_stage(self.stage_index + 1, state, logger)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _end_stage(self, logger: Logger) -> None:
+        if not self._stage_weights:
+            return
+        from scipy.stats import spearmanr
+        weights = torch.cat(self._stage_weights).numpy()
+        scores = torch.cat(self._stage_scores).numpy()
+        metrics = {}
+        for k in range(scores.shape[1]):
+            name = self.score_names[k] if self.score_names and k < len(self.score_names) else f'score{k}'
+            valid = ~(scores[:, k] != scores[:, k])  # not NaN
+            if valid.sum() >= 3 and len(set(scores[valid, k].tolist())) > 1 and weights[valid].std() > 0:
+                metrics[f'dwm/spearman/{name}'] = float(spearmanr(weights[valid], scores[valid, k]).statistic)
+            else:
+                metrics[f'dwm/spearman/{name}'] = math.nan
+        logger.log_metrics(metrics)
+        self._stage_weights, self._stage_scores = [], []
+
+    def _enter_stage(self, stage: int, state: State, logger: Logger) -> None:
+        self.stage_index = stage
+        if self.replay is not None and (not self.refit or stage == 0):
+            self._set_weighter(copy.deepcopy(self.replay[min(stage, len(self.replay) - 1)]))
+        if self.refit and not (stage == 0 and self.warmup_uniform):
+            self._refit(state, logger)
+        self._export(stage, state)
+        logger.log_metrics({'dwm/stage': stage})
+
+    def _export(self, stage: int, state: State) -> None:
+        if self.save_dir is None or dist.get_global_rank() != 0:
+            return
+        assert self.weighter is not None
+        start = f'{int(state.timestamp.batch)}ba'
+        stem = Path(self.save_dir) / f'stage_{stage}'
+        save_weighter(self.weighter, stem, stage=stage, start=start)
+        self.exports = [e for e in self.exports if e['stage'] != stage]
+        self.exports.append({'stage': stage, 'start': start, 'weights': stem.name + '.safetensors',
+                             'config': stem.name + '.json'})
+        write_schedule(self.save_dir, self.exports)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _lookahead_lr(self, state: State) -> float:
+        if self.lookahead_lr is not None:
+            return float(self.lookahead_lr)
+        if not state.optimizers:
+            raise ValueError('DWM: no optimizer to take lookahead_lr from; pass lookahead_lr=')
+        lr = float(state.optimizers[0].param_groups[0]['lr'])
+        if lr == 0.0:
+            warnings.warn('DWM: the LLM learning rate is 0 at this boundary (warmup?), so the look-ahead step and the '
+                          'hypergradient vanish; pass lookahead_lr= to refit anyway')
+        return lr
+
+    def _batch_to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch = ensure_labels(dict(batch))
+        return {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _make_functions(self, lm: torch.nn.Module, refit_batch: dict, val_batch: dict):
+        ids, mask, labels = refit_batch['input_ids'], refit_batch.get('attention_mask'), refit_batch['labels']
+        v_ids, v_mask, v_labels = val_batch['input_ids'], val_batch.get('attention_mask'), val_batch['labels']
+        token_total = (labels[:, 1:] != IGNORE_INDEX).sum().double().reshape(1)
+        val_total = (v_labels[:, 1:] != IGNORE_INDEX).sum().double().reshape(1)
+        sample_total = torch.tensor([float(ids.shape[0])], dtype=torch.float64, device=ids.device)
+        all_reduce_sum_([token_total, val_total, sample_total])
+
+        def logits_of(params, input_ids, attention_mask):
+            kwargs = {'input_ids': input_ids, 'use_cache': False}
+            if attention_mask is not None:
+                kwargs['attention_mask'] = attention_mask
+            return functional_call(lm, params, args=(), kwargs=kwargs).logits
+
+        def contributions_fn(params):
+            loss_sum, token_count = per_sample_loss_sums(logits_of(params, ids, mask), labels)
+            return loss_contributions(loss_sum, token_count, self.loss_normalization,
+                                      total_tokens=token_total.to(loss_sum.dtype)[0],
+                                      total_samples=int(sample_total.item()))
+
+        def val_loss_fn(params):
+            loss_sum, _ = per_sample_loss_sums(logits_of(params, v_ids, v_mask), v_labels)
+            return loss_sum.sum() / val_total.to(loss_sum.dtype)[0].clamp(min=1)
+
+        return contributions_fn, val_loss_fn
+
+    def _refit(self, state: State, logger: Logger) -> None:
+        assert self.weighter is not None and self.weighter_optimizer is not None
+        started = time.perf_counter()
+        lm = _causal_lm(state.model)
+        live = dict(iter_named_trainable(lm))
+        params = {k: p.detach() for k, p in live.items()}
+        precond = None
+        if self.lookahead == 'adam' and state.optimizers:
+            precond = adam_preconditioner(state.optimizers[0], live)
+        lr = self._lookahead_lr(state)
+        grad_reduce = all_reduce_sum_dict if dist.get_world_size() > 1 else None
+        backbone_names = self.weighter.backbone_parameter_names()
+        world = dist.get_world_size()
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        val_losses, hyper_norms, step_times = [], [], []
+        first_pair = None
+        self.weighter.train()
+        try:
+            for _ in range(self.refit_steps):
+                step_started = time.perf_counter()
+                refit_batch = self._batch_to_device(self.refit_batches.next())
+                val_batch = self._batch_to_device(self.val_batches.next())
+                if first_pair is None:
+                    first_pair = (refit_batch, val_batch)
+                n_local = refit_batch['input_ids'].shape[0]
+                contributions_fn, val_loss_fn = self._make_functions(lm, refit_batch, val_batch)
+                with torch.enable_grad():
+                    weights, offset, _ = self._global_weights(refit_batch, grad=True)
+                local_weights = weights[offset:offset + n_local].detach()
+                result = hypergradient(contributions_fn, val_loss_fn, params, local_weights, lr, precond,
+                                       method=self.hypergrad, fd_eps=self.fd_eps, grad_reduce=grad_reduce,
+                                       jvp_context=lambda: _eager_attention(lm))
+                hyper, _ = all_gather_cat(result.hypergradient.to(weights.dtype))
+                hyper_norm = float(hyper.norm())
+                if self.normalize_hypergradient:
+                    hyper = hyper / hyper.pow(2).mean().sqrt().clamp(min=1e-30)
+                self.weighter_optimizer.zero_grad(set_to_none=False)
+                with torch.enable_grad():
+                    (hyper.detach() * weights).sum().backward()
+                self._sync_weighter_grads(backbone_names, world)
+                self.weighter_optimizer.step()
+                val_losses.append(result.val_loss)
+                hyper_norms.append(hyper_norm)
+                step_times.append(time.perf_counter() - step_started)
+            metrics = {
+                'dwm/refit/val_loss_before': val_losses[0] if val_losses else math.nan,
+                'dwm/refit/hypergradient_norm': float(sum(hyper_norms) / max(len(hyper_norms), 1)),
+                'dwm/refit/step_time': float(sum(step_times) / max(len(step_times), 1)),
+                'dwm/refit/steps': len(step_times),
+            }
+            if first_pair is not None:
+                metrics['dwm/refit/val_loss_after'] = self._lookahead_val_loss(lm, params, lr, precond, *first_pair)
+        finally:
+            self.weighter.eval()
+            torch.set_rng_state(cpu_rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        self.refits_done += 1
+        metrics['dwm/refit/wall_time'] = time.perf_counter() - started
+        metrics['dwm/refit/count'] = self.refits_done
+        self.last_refit_metrics = metrics
+        logger.log_metrics(metrics)
+
+    def _lookahead_val_loss(self, lm, params, lr, precond, refit_batch, val_batch) -> float:
+        """``L_val(theta'(w))`` with the current weighter on the first refit pair (the 'after' figure)."""
+        contributions_fn, val_loss_fn = self._make_functions(lm, refit_batch, val_batch)
+        with torch.no_grad():
+            weights, offset, _ = self._global_weights(refit_batch)
+        n_local = refit_batch['input_ids'].shape[0]
+        grad_reduce = all_reduce_sum_dict if dist.get_world_size() > 1 else None
+        theta_prime = lookahead(contributions_fn, params, weights[offset:offset + n_local], lr, precond, grad_reduce)
+        with torch.no_grad():
+            loss = val_loss_fn(theta_prime).detach().reshape(1).double()
+        all_reduce_sum_([loss])
+        return float(loss[0])
+
+    def _sync_weighter_grads(self, backbone_names: set[str], world: int) -> None:
+        """Backbone grads hold only this rank's samples: sum them. Batch-layer grads are already global on every
+        rank: average them (identical up to rounding)."""
+        if world == 1:
+            return
+        assert self.weighter is not None
+        named = [(n, p) for n, p in self.weighter.named_parameters() if p.grad is not None]
+        all_reduce_sum_([p.grad for _, p in named])
+        for n, p in named:
+            if n not in backbone_names:
+                p.grad.div_(world)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            'stage_index': self.stage_index,
+            'refit_batches_drawn': self.refit_batches.drawn,
+            'val_batches_drawn': self.val_batches.drawn,
+            'nonfinite_batches': self.nonfinite_batches,
+            'refits_done': self.refits_done,
+            'exports': copy.deepcopy(self.exports),
+            'weighter_config': self.weighter_config.to_dict(),
+        }
+        if self.weighter is not None and self.weighter_optimizer is not None:
+            state['weighter'] = {k: v.detach().cpu().clone() for k, v in self.weighter.state_dict().items()}
+            state['weighter_optimizer'] = copy.deepcopy(self.weighter_optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.weighter is None:  # before INIT: apply once the weighter exists
+            self._pending_state = state
+            return
+        self.stage_index = int(state['stage_index'])
+        self.nonfinite_batches = int(state.get('nonfinite_batches', 0))
+        self.refits_done = int(state.get('refits_done', 0))
+        self.exports = list(state.get('exports', []))
+        if 'weighter' in state:
+            config = WeighterConfig.from_any(state.get('weighter_config', self.weighter_config.to_dict()))
+            if config != self.weighter.config:
+                self._set_weighter(Weighter(config))
+            self.weighter.load_state_dict(state['weighter'])
+            self.weighter.to(self._device).eval()
+            self.weighter_optimizer = torch.optim.Adam(self.weighter.parameters(), lr=self.refit_lr)
+            self.weighter_optimizer.load_state_dict(state['weighter_optimizer'])
+        for cycler, key in ((self.refit_batches, 'refit_batches_drawn'), (self.val_batches, 'val_batches_drawn')):
+            if int(state.get(key, 0)) > 0:
+                cycler.fast_forward(int(state[key]))
+
+
+def stage_boundaries_fn(num_stages: int, boundaries: Optional[Sequence[str]]) -> list[Time]:
+    """Alias of :func:`algorithms.dwm.schedule.stage_boundaries` (kept out of the ``DWM`` namespace)."""
+    return stage_boundaries(num_stages, boundaries)

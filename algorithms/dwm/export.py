@@ -1,0 +1,109 @@
+"""Saving and loading weighters and stage schedules with safetensors + JSON only (no pickle).
+
+Layout of a ``save_dir``::
+
+    save_dir/
+      stage_0.safetensors   weighter parameters of stage 1
+      stage_0.json          {"weighter_config": {...}, "stage": 0, "start": "0ba"}
+      ...
+      schedule.json         {"format": "dwm-schedule", "version": 1,
+                             "stages": [{"stage": 0, "start": "0ba", "weights": "stage_0.safetensors",
+                                         "config": "stage_0.json"}, ...]}
+
+``start`` is the Composer time at which the stage began in the run that wrote it. A replay (``DWM(schedule=...,
+refit=False)``) switches to stage ``k``'s weighter at its own ``k``-th boundary, so a schedule transfers to a run
+of another length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+
+from algorithms.dwm.weighter import Weighter, WeighterConfig
+
+__all__ = ['SCHEDULE_FILE', 'save_weighter', 'load_weighter', 'write_schedule', 'load_schedule']
+
+SCHEDULE_FILE = 'schedule.json'
+
+
+def save_weighter(weighter: Weighter, stem: str | os.PathLike, **metadata: Any) -> tuple[Path, Path]:
+    """Write ``<stem>.safetensors`` (parameters) and ``<stem>.json`` (config and ``metadata``).
+
+    Args:
+        weighter (Weighter): The weighter.
+        stem (str | os.PathLike): Path without suffix.
+        **metadata (Any): JSON-safe extras stored beside the config.
+
+    Returns:
+        tuple[Path, Path]: The two files.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights_path, config_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
+    save_model(weighter, str(weights_path))
+    with open(config_path, 'w') as f:
+        json.dump({'weighter_config': weighter.config.to_dict(), **metadata}, f, indent=2)
+    return weights_path, config_path
+
+
+def load_weighter(weights_path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> Weighter:
+    """Rebuild a weighter from its safetensors file and JSON config.
+
+    Args:
+        weights_path (str | os.PathLike): ``.safetensors`` file.
+        config_path (str | os.PathLike, optional): ``.json`` file. Default: ``None`` (same stem).
+
+    Returns:
+        Weighter: In eval mode.
+    """
+    weights_path = Path(weights_path)
+    config_path = Path(config_path) if config_path is not None else weights_path.with_suffix('.json')
+    for p in (weights_path, config_path):
+        if not p.is_file():
+            raise FileNotFoundError(f'weighter file {p} not found')
+    with open(config_path) as f:
+        meta = json.load(f)
+    if 'weighter_config' not in meta:
+        raise ValueError(f'{config_path}: missing "weighter_config"')
+    weighter = Weighter(WeighterConfig.from_any(meta['weighter_config']))
+    load_model(weighter, str(weights_path))
+    return weighter.eval()
+
+
+def write_schedule(save_dir: str | os.PathLike, stages: list[dict[str, Any]]) -> Path:
+    """Write ``schedule.json`` listing the saved stages (each ``{"stage", "start", "weights", "config"}``)."""
+    path = Path(save_dir) / SCHEDULE_FILE
+    tmp = path.with_suffix('.json.tmp')
+    with open(tmp, 'w') as f:
+        json.dump({'format': 'dwm-schedule', 'version': 1, 'stages': stages}, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def load_schedule(path: str | os.PathLike) -> list[tuple[dict[str, Any], Weighter]]:
+    """Load a schedule written by :func:`write_schedule`.
+
+    Args:
+        path (str | os.PathLike): ``schedule.json`` or the directory holding it.
+
+    Returns:
+        list[tuple[dict, Weighter]]: ``(entry, weighter)`` per stage, in stage order.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / SCHEDULE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f'DWM schedule {path} not found')
+    with open(path) as f:
+        doc = json.load(f)
+    if doc.get('format') != 'dwm-schedule' or not isinstance(doc.get('stages'), list) or not doc['stages']:
+        raise ValueError(f'{path}: not a DWM schedule (expected format "dwm-schedule" with a non-empty "stages")')
+    out = []
+    for entry in sorted(doc['stages'], key=lambda e: e['stage']):
+        out.append((entry, load_weighter(path.parent / entry['weights'], path.parent / entry['config'])))
+    return out

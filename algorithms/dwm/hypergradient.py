@@ -1,0 +1,276 @@
+"""The exact one-step hypergradient of DWM, as pure functions over parameter dicts.
+
+Notation (``method.md``): a batch of ``n`` samples with weights ``w``; the training loss is
+``L_train(theta; w) = sum_i w_i * c_i(theta)`` where ``c(theta)`` is the per-sample *contribution* vector
+(see :func:`algorithms.dwm.loss.loss_contributions`; ``c_i = l_i / n`` in the paper's notation).
+
+    look-ahead:     theta'(w) = theta - eta * P * grad_theta L_train(theta; w)
+    hypergradient:  dL_val(theta')/dw_i = -eta * < P * grad L_val(theta'), grad c_i(theta) >
+
+``theta'`` is linear in ``w``, so this is exact and needs no Hessian. The ``n`` dot products with the one vector
+``u = P * grad L_val(theta')`` are a single forward-mode JVP of ``c`` at ``theta`` along ``u``
+(:func:`torch.func.jvp`), or a central finite difference ``(c(theta + h u) - c(theta - h u)) / 2h``.
+
+Preconditioner ``P``:
+
+* SGD look-ahead: ``P = 1`` (pass ``preconditioner=None``).
+* Adam look-ahead **[ours]**: ``P = 1 / (sqrt(v_hat) + eps)`` with ``v_hat = exp_avg_sq / (1 - beta2**step)``
+  taken from the LLM optimizer's current state (:func:`adam_preconditioner`) and held fixed. The first moment is
+  ignored: the look-ahead moves along the fresh, weighted gradient only, which keeps ``theta'`` linear in ``w``.
+
+:func:`hypergradient_autograd` differentiates through a ``create_graph=True`` look-ahead; it is the test oracle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Optional
+
+import torch
+from torch.func import jvp
+
+__all__ = [
+    'ParamDict',
+    'HypergradientResult',
+    'adam_preconditioner',
+    'lookahead',
+    'directional_derivative_jvp',
+    'directional_derivative_fd',
+    'hypergradient',
+    'hypergradient_autograd',
+]
+
+ParamDict = dict[str, torch.Tensor]
+GradReduce = Callable[[ParamDict], ParamDict]
+
+
+@dataclass
+class HypergradientResult:
+    """Output of :func:`hypergradient`.
+
+    Attributes:
+        hypergradient (torch.Tensor): ``[n]`` ``dL_val(theta')/dw``.
+        val_loss (float): ``L_val(theta')`` at the look-ahead.
+        lookahead_lr (float): The ``eta`` used.
+    """
+
+    hypergradient: torch.Tensor
+    val_loss: float
+    lookahead_lr: float
+
+
+def adam_preconditioner(
+    optimizer: torch.optim.Optimizer,
+    named_params: Mapping[str, torch.Tensor],
+) -> Optional[ParamDict]:
+    """``P = 1 / (sqrt(v_hat) + eps)`` from an Adam-family optimizer's second moments.
+
+    Args:
+        optimizer (torch.optim.Optimizer): Adam/AdamW/Composer ``DecoupledAdamW`` (anything with ``exp_avg_sq``
+            and ``step`` per parameter state and ``betas``/``eps`` per group).
+        named_params (Mapping[str, torch.Tensor]): The *live* parameters, to find their state.
+
+    Returns:
+        dict[str, torch.Tensor] | None: ``P`` per parameter name (ones for a parameter without state yet), or
+        ``None`` when no parameter has state (before the first step), meaning an SGD look-ahead.
+    """
+    group_of = {}
+    for group in optimizer.param_groups:
+        for p in group['params']:
+            group_of[id(p)] = group
+    precond: ParamDict = {}
+    any_state = False
+    for name, p in named_params.items():
+        state = optimizer.state.get(p, {})
+        group = group_of.get(id(p))
+        if group is None or 'exp_avg_sq' not in state:
+            precond[name] = torch.ones_like(p)
+            continue
+        any_state = True
+        beta2 = group['betas'][1]
+        step = float(state['step'])
+        v_hat = state['exp_avg_sq'] / (1.0 - beta2**step)
+        precond[name] = 1.0 / (v_hat.sqrt() + group['eps'])
+    return precond if any_state else None
+
+
+def _scale(tensors: ParamDict, precond: Optional[ParamDict]) -> ParamDict:
+    return dict(tensors) if precond is None else {k: precond[k] * t for k, t in tensors.items()}
+
+
+def _grad(loss: torch.Tensor, params: ParamDict) -> ParamDict:
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+
+
+def _leaves(params: ParamDict) -> ParamDict:
+    return {k: p.detach().requires_grad_(True) for k, p in params.items()}
+
+
+def lookahead(
+    contributions_fn: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    weights: torch.Tensor,
+    lr: float,
+    preconditioner: Optional[ParamDict] = None,
+    grad_reduce: Optional[GradReduce] = None,
+) -> ParamDict:
+    """``theta' = theta - lr * P * grad sum_i w_i c_i(theta)`` (detached; the LLM's ``.grad`` is never touched).
+
+    Args:
+        contributions_fn (Callable): ``params -> c`` ``[n]``.
+        params (dict[str, torch.Tensor]): ``theta``.
+        weights (torch.Tensor): ``[n]``, treated as constants.
+        lr (float): ``eta``.
+        preconditioner (dict[str, torch.Tensor], optional): ``P``; ``None`` for ones. Default: ``None``.
+        grad_reduce (Callable, optional): Applied to the gradient dict before the step, e.g. a data-parallel
+            sum so that the look-ahead uses the global batch. Default: ``None``.
+
+    Returns:
+        dict[str, torch.Tensor]: ``theta'``.
+    """
+    leaves = _leaves(params)
+    with torch.enable_grad():
+        contributions = contributions_fn(leaves)
+        train_loss = (weights.detach().to(contributions) * contributions).sum()
+        grads = _grad(train_loss, leaves)
+    if grad_reduce is not None:
+        grads = grad_reduce(grads)
+    step = _scale(grads, preconditioner)
+    return {k: (params[k].detach() - lr * step[k]).detach() for k in params}
+
+
+def directional_derivative_jvp(
+    contributions_fn: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    direction: ParamDict,
+) -> torch.Tensor:
+    """``< grad c_i(theta), u >`` for all ``i`` in one forward-mode pass (:func:`torch.func.jvp`)."""
+    primals = {k: p.detach() for k, p in params.items()}
+    tangents = {k: direction[k].detach().to(p.dtype) for k, p in primals.items()}
+    with torch.no_grad():
+        _, derivative = jvp(contributions_fn, (primals,), (tangents,))
+    return derivative
+
+
+def directional_derivative_fd(
+    contributions_fn: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    direction: ParamDict,
+    fd_eps: float = 1e-3,
+) -> torch.Tensor:
+    """Central finite difference ``(c(theta + h u) - c(theta - h u)) / 2h`` with ``h = fd_eps / ||u||``.
+
+    Args:
+        contributions_fn (Callable): ``params -> c`` ``[n]``.
+        params (dict[str, torch.Tensor]): ``theta``.
+        direction (dict[str, torch.Tensor]): ``u``.
+        fd_eps (float): Length of the parameter-space step. Default: ``1e-3`` (float32); use ~``1e-5`` in float64.
+
+    Returns:
+        torch.Tensor: ``[n]``.
+    """
+    norm = torch.sqrt(sum((u.double()**2).sum() for u in direction.values()))
+    if float(norm) == 0.0:
+        return torch.zeros_like(contributions_fn({k: p.detach() for k, p in params.items()}))
+    h = fd_eps / float(norm)
+    with torch.no_grad():
+        plus = contributions_fn({k: p.detach() + h * direction[k] for k, p in params.items()})
+        minus = contributions_fn({k: p.detach() - h * direction[k] for k, p in params.items()})
+    return (plus - minus) / (2.0 * h)
+
+
+def hypergradient(
+    contributions_fn: Callable[[ParamDict], torch.Tensor],
+    val_loss_fn: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    weights: torch.Tensor,
+    lr: float,
+    preconditioner: Optional[ParamDict] = None,
+    method: str = 'jvp',
+    fd_eps: float = 1e-3,
+    grad_reduce: Optional[GradReduce] = None,
+    jvp_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> HypergradientResult:
+    """Exact one-step hypergradient ``dL_val(theta'(w))/dw``.
+
+    Cost: one weighted forward+backward (``theta'``), one validation forward+backward (``v``) and one JVP
+    forward (or two forwards for ``'fd'``); no second-order memory.
+
+    Args:
+        contributions_fn (Callable): ``params -> c`` ``[n]``, the per-sample training-loss contributions.
+        val_loss_fn (Callable): ``params -> L_val`` (scalar). Under data parallelism, this rank's share of the
+            global validation loss (so that the shares sum to it).
+        params (dict[str, torch.Tensor]): ``theta`` (not modified).
+        weights (torch.Tensor): ``[n]`` the weights at which to differentiate.
+        lr (float): Look-ahead learning rate ``eta``.
+        preconditioner (dict[str, torch.Tensor], optional): ``P``; ``None`` for the SGD look-ahead. Default:
+            ``None``.
+        method (str): ``'jvp'`` (forward-mode, exact) or ``'fd'`` (central finite difference). Default: ``'jvp'``.
+        fd_eps (float): Step length for ``'fd'``. Default: ``1e-3``.
+        grad_reduce (Callable, optional): Sums a gradient dict over data-parallel ranks (applied to the
+            look-ahead gradient and to ``grad L_val``). Default: ``None``.
+        jvp_context (Callable, optional): Context manager factory entered around the JVP (e.g. switching a HF
+            model to eager attention, which supports forward-mode AD). Default: ``contextlib.nullcontext``.
+
+    Returns:
+        HypergradientResult: ``[n]`` hypergradient, the look-ahead validation loss and ``eta``.
+    """
+    theta_prime = lookahead(contributions_fn, params, weights, lr, preconditioner, grad_reduce)
+    leaves = _leaves(theta_prime)
+    with torch.enable_grad():
+        val_loss = val_loss_fn(leaves)
+        val_grad = _grad(val_loss, leaves)
+    val_loss_value = val_loss.detach()
+    if grad_reduce is not None:
+        val_grad = grad_reduce(val_grad)
+        val_loss_value = grad_reduce({'loss': val_loss_value.reshape(1)})['loss'][0]
+    direction = _scale(val_grad, preconditioner)  # u = P * grad L_val(theta')
+    del theta_prime, leaves, val_grad  # keep at most ~2 parameter-sized buffers alive through the JVP
+    if method == 'jvp':
+        with jvp_context():
+            derivative = directional_derivative_jvp(contributions_fn, params, direction)
+    elif method == 'fd':
+        derivative = directional_derivative_fd(contributions_fn, params, direction, fd_eps)
+    else:
+        raise ValueError(f"hypergrad method must be 'jvp' or 'fd', got {method!r}")
+    return HypergradientResult(-lr * derivative.detach(), float(val_loss_value), float(lr))
+
+
+def hypergradient_autograd(
+    contributions_fn: Callable[[ParamDict], torch.Tensor],
+    val_loss_fn: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    weights: torch.Tensor,
+    lr: float,
+    preconditioner: Optional[ParamDict] = None,
+) -> torch.Tensor:
+    """Reference hypergradient by reverse-mode through a ``create_graph=True`` look-ahead (tests only; O(Hessian)).
+
+    Args:
+        contributions_fn (Callable): ``params -> c`` ``[n]``.
+        val_loss_fn (Callable): ``params -> L_val``.
+        params (dict[str, torch.Tensor]): ``theta``.
+        weights (torch.Tensor): ``[n]``.
+        lr (float): ``eta``.
+        preconditioner (dict[str, torch.Tensor], optional): ``P``. Default: ``None``.
+
+    Returns:
+        torch.Tensor: ``[n]``.
+    """
+    leaves = _leaves(params)
+    w = weights.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        train_loss = (w * contributions_fn(leaves)).sum()
+        grads = torch.autograd.grad(train_loss, list(leaves.values()), create_graph=True, allow_unused=True)
+        grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
+        step = _scale(grads, preconditioner)
+        theta_prime = {k: leaves[k] - lr * step[k] for k in leaves}
+        (hyper,) = torch.autograd.grad(val_loss_fn(theta_prime), w)
+    return hyper.detach()
+
+
+def iter_named_trainable(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """Trainable named parameters of ``module`` (the ``theta`` of the look-ahead)."""
+    return ((n, p) for n, p in module.named_parameters() if p.requires_grad)
