@@ -87,6 +87,146 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return rc
 
 
+def _token_count(text: str) -> int:
+    """A token count: an integer, or with a K/M/B/T suffix (``30B`` = 30e9)."""
+    scale = {'K': 10**3, 'M': 10**6, 'B': 10**9, 'T': 10**12}
+    t = text.strip().upper().replace('_', '').replace(',', '')
+    try:
+        return int(float(t[:-1]) * scale[t[-1]]) if t and t[-1] in scale else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a token count (e.g. 500000000, 30B, 2.5M)') from None
+
+
+def _cmd_select_dsir(args: argparse.Namespace) -> int:
+    from dwm_stream.dsir import select_dsir
+    report = select_dsir(args.raw, args.target, args.out, budget_tokens=args.budget_tokens, sample=args.sample,
+                         seed=args.seed, prior_weight=args.prior_weight, min_words=args.min_words,
+                         materialize=args.materialize, overwrite=args.overwrite, tokenizer=args.tokenizer,
+                         ngrams=args.ngrams, num_buckets=args.num_buckets, workers=args.workers,
+                         raw_fit_features=args.raw_fit_features, target_domains=args.target_domain,
+                         progress=not args.no_progress)
+    print(report)
+    return 0
+
+
+def _cmd_select_qurating(args: argparse.Namespace) -> int:
+    from dwm_stream.qurating import select_qurating
+    report = select_qurating(args.corpus, args.criterion, args.out, args.budget_tokens, tau=args.tau,
+                             sample=not args.no_sample, per_domain=args.per_domain, zscore=args.zscore,
+                             annotations=args.annotations, seed=args.seed, workers=args.workers,
+                             materialize=args.materialize, overwrite=args.overwrite, progress=not args.no_progress)
+    print(report)
+    return 0
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from dwm_stream.qurating import annotate_qurating
+    report = annotate_qurating(args.model, args.corpus, args.out, labels=args.labels, tokenizer=args.tokenizer,
+                               window=args.window, batch_size=args.batch_size, device=args.device,
+                               overwrite=args.overwrite, progress=not args.no_progress)
+    print(report)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dwm_stream.report import write_report
+    text, png = write_report(args.run_dir, out=args.out)
+    print(text)
+    print(f'plot written to {png}')
+    return 0
+
+
+def _add_selection_parsers(sub) -> None:
+    """`select dsir|qurating`, `annotate qurating` and `report`: compose DWM with static selectors."""
+    CRITERIA = ('writing_style', 'required_expertise', 'facts_and_trivia', 'educational_value')  # qurating.CRITERIA
+    p = sub.add_parser('select', help='preselect a corpus with DSIR or QuRating into a selection file',
+                       description='Write a selection file (Parquet: uid, prior_weight, score_*) that DWMDataset '
+                                   'streams as an overlay, without rewriting shards; --materialize also writes '
+                                   'the subset as a new corpus.')
+    psub = p.add_subparsers(dest='action', required=True, metavar='SELECTOR')
+    d = psub.add_parser('dsir', help='DSIR: hashed n-gram importance resampling toward target text',
+                        description='DSIR (Xie et al. 2023): unigram+bigram hashed features, log ratio of target to '
+                                    'raw feature distributions, per-sample log importance weights (stored per token '
+                                    'as score_dsir), then top-k or Gumbel-top-k selection to a token budget.')
+    d.add_argument('--raw', required=True, help='the raw corpus: an MDS corpus (local or s3://, decoded with its '
+                                                'tokenizer) or a local .jsonl.zst file or directory (one unit per '
+                                                'document; materialise and convert the result)')
+    d.add_argument('--target', nargs='+', required=True, metavar='TEXT',
+                   help='target text: .jsonl.zst (SlimPajama), .jsonl (`text` or LAMBADA context+continuation), '
+                        '.txt, or directories of them')
+    d.add_argument('--target-domain', nargs='+', default=None, metavar='DOMAIN',
+                   help='keep only these SlimPajama domains of .jsonl.zst targets, e.g. RedPajamaBook')
+    d.add_argument('--out', required=True, help='selection file to write (.parquet)')
+    d.add_argument('--budget-tokens', type=_token_count, default=None,
+                   help='tokens to select, e.g. 30B (default: keep every sample, scored)')
+    d.add_argument('--sample', action='store_true',
+                   help='sample ∝ importance weight without replacement (Gumbel-top-k) instead of top-k')
+    d.add_argument('--seed', type=int, default=0, help='seed of --sample (default: 0)')
+    d.add_argument('--prior-weight', action='store_true',
+                   help='store prior_weight = exp(per-token log importance), mean 1 over the selection')
+    d.add_argument('--min-words', type=int, default=0, help='never select samples with fewer words (default: 0)')
+    d.add_argument('--tokenizer', default=None, help='MDS: decode with it instead of dwm.json\'s; .jsonl.zst: '
+                                                     'count budget tokens with it (default: words)')
+    d.add_argument('--ngrams', type=int, default=2, help='largest n-gram (default: 2, unigrams+bigrams)')
+    d.add_argument('--num-buckets', type=int, default=10000, help='hash buckets (default: 10000)')
+    d.add_argument('--raw-fit-features', type=_token_count, default=None,
+                   help='fit the raw distribution on about this many n-grams (default: all)')
+    d.add_argument('--workers', type=int, default=1, help='parallel processes over shards/files (default: 1)')
+    d.add_argument('--materialize', default=None, metavar='OUT', help='also write the selected subset there')
+    d.add_argument('--overwrite', action='store_true', help='replace an existing --out / --materialize')
+    d.add_argument('--no-progress', action='store_true', help='no progress bars')
+    d.set_defaults(func=_cmd_select_dsir)
+
+    q = psub.add_parser('qurating', help='QuRating: sample ∝ softmax(score/tau) by one quality criterion',
+                        description='Select by one QuRating criterion from the corpus\'s score columns or an '
+                                    'annotation file: sampling ∝ softmax(score/tau) without replacement '
+                                    '(Gumbel-top-k), or top-k, to a token budget.')
+    q.add_argument('--corpus', required=True, help='converted MDS corpus (local or s3://)')
+    q.add_argument('--criterion', default='educational_value',
+                   help=f'score to select by, one of {", ".join(CRITERIA)} (default: educational_value)')
+    q.add_argument('--tau', type=float, default=2.0, help='softmax temperature (default: 2.0)')
+    q.add_argument('--budget-tokens', type=_token_count, required=True, help='tokens to select, e.g. 30B')
+    q.add_argument('--per-domain', action='store_true', help='split the budget across domains by token share')
+    q.add_argument('--no-sample', action='store_true', help='top-k instead of sampling')
+    q.add_argument('--zscore', action='store_true', help='z-score the criterion over the corpus first')
+    q.add_argument('--annotations', default=None,
+                   help='annotation file from `dwm-stream annotate qurating` (default: the corpus\'s score columns)')
+    q.add_argument('--out', required=True, help='selection file to write (.parquet)')
+    q.add_argument('--seed', type=int, default=0, help='seed of the sampling (default: 0)')
+    q.add_argument('--workers', type=int, default=1, help='parallel processes over shards (default: 1)')
+    q.add_argument('--materialize', default=None, metavar='OUT', help='also write the selected subset there')
+    q.add_argument('--overwrite', action='store_true', help='replace an existing --out / --materialize')
+    q.add_argument('--no-progress', action='store_true', help='no progress bar')
+    q.set_defaults(func=_cmd_select_qurating)
+
+    p = sub.add_parser('annotate', help='rate a corpus with a local model, for `select --annotations`')
+    psub = p.add_subparsers(dest='action', required=True, metavar='RATER')
+    a = psub.add_parser('qurating', help='rate with a local QuRater-style sequence-classification model',
+                        description='Rate every sample with an HF sequence-classification model (one output per '
+                                    'criterion) over windows of --window tokens, averaged by token count; write '
+                                    'Parquet with uid and score_<criterion>.')
+    a.add_argument('--model', required=True, help='local model directory (save_pretrained)')
+    a.add_argument('--corpus', required=True, help='converted MDS corpus (local or s3://)')
+    a.add_argument('--out', required=True, help='annotation file to write (.parquet)')
+    a.add_argument('--labels', nargs='+', default=list(CRITERIA), help='criterion of each model output, in order '
+                                                                      f'(default: {" ".join(CRITERIA)})')
+    a.add_argument('--tokenizer', default=None, help='the model\'s tokenizer if not in --model (default: corpus '
+                                                     'token ids are used as they are)')
+    a.add_argument('--window', type=int, default=512, help='tokens per window (default: 512)')
+    a.add_argument('--batch-size', type=int, default=16, help='windows per forward pass (default: 16)')
+    a.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
+    a.add_argument('--overwrite', action='store_true', help='replace an existing --out')
+    a.add_argument('--no-progress', action='store_true', help='no progress bar')
+    a.set_defaults(func=_cmd_annotate)
+
+    r = sub.add_parser('report', help='table + PNG of what DWM preferred, by criterion and domain, per stage',
+                       description='Read RUN_DIR/metrics.jsonl: the Spearman correlation of DWM weights with each '
+                                   'score at each stage end, and the mean weight per domain per stage.')
+    r.add_argument('run_dir', metavar='RUN_DIR', help='run directory (with metrics.jsonl), or the file itself')
+    r.add_argument('--out', default=None, help='PNG path (default: RUN_DIR/preferences.png)')
+    r.set_defaults(func=_cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='dwm-stream',
@@ -153,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument('--out', default=None, help='results directory (default: benchmarks/results)')
     be.add_argument('extra', nargs=argparse.REMAINDER, help='further arguments passed to the benchmark')
     be.set_defaults(func=_cmd_bench)
+
+    _add_selection_parsers(sub)
     return parser
 
 
