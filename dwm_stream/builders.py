@@ -26,6 +26,41 @@ def _check_keys(cfg: Mapping[str, Any], valid: set[str], where: str) -> None:
         raise ValueError(f'{where}: unknown key(s) {sorted(unknown)}; valid keys are {sorted(valid)}.')
 
 
+def _type_ok(value: Any, kind: Any) -> bool:
+    """Whether a YAML value fits a (simple) annotation; unknown/complex annotations are accepted."""
+    import types
+    import typing
+    if kind is Any:
+        return True
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_type_ok(value, k) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if kind in (list, tuple) or origin in (list, tuple) or getattr(origin, '__name__', '') == 'Sequence':
+        return isinstance(value, (list, tuple))
+    if kind is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _check_types(cfg: Mapping[str, Any], kinds: Mapping[str, Any], where: str) -> None:
+    """Raise naming the key when a value does not fit its annotation in ``kinds``."""
+    for key, value in cfg.items():
+        if key in kinds and not _type_ok(value, kinds[key]):
+            kind = kinds[key]
+            name = getattr(kind, '__name__', None) or str(kind).replace('typing.', '')
+            raise ValueError(f'{where}.{key}: expected {name}, got {type(value).__name__} ({value!r}).')
+
+
 # ---------------------------------------------------------------------------------------------- model
 def build_tokenizer(cfg: Mapping[str, Any]):
     """``tokenizer: {name: PATH_OR_HF_NAME, kwargs: {...}}``."""
@@ -60,6 +95,12 @@ def build_model(cfg: Mapping[str, Any], tokenizer):
     attn = cfg.get('attn_implementation', 'sdpa')
     init_device = cfg.get('init_device', 'cpu')
     if name == 'llama':
+        defaults = LlamaConfig().to_dict()
+        _check_keys(overrides, {k for k in defaults if not k.startswith('_')} - {'transformers_version', 'model_type'},
+                    'model.config_overrides')
+        _check_types({k: v for k, v in overrides.items() if v is not None},  # null: leave to LlamaConfig
+                     {k: type(v) for k, v in defaults.items() if type(v) in (int, float, bool, str)},
+                     'model.config_overrides')
         overrides.setdefault('vocab_size', len(tokenizer))
         overrides.setdefault('bos_token_id', tokenizer.bos_token_id)
         overrides.setdefault('eos_token_id', tokenizer.eos_token_id)
@@ -95,6 +136,9 @@ def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module):
     cfg = dict(cfg)
     name = cfg.pop('name', 'decoupled_adamw')
     _check_keys(cfg, {'lr', 'betas', 'eps', 'weight_decay'}, 'optimizer')
+    _check_types(cfg, {'lr': float, 'eps': float, 'weight_decay': float, 'betas': list}, 'optimizer')
+    if 'betas' in cfg and (len(cfg['betas']) != 2 or not all(_type_ok(b, float) for b in cfg['betas'])):
+        raise ValueError(f"optimizer.betas: expected two numbers, got {cfg['betas']!r}.")
     if 'betas' in cfg:
         cfg['betas'] = tuple(cfg['betas'])
     classes = {'decoupled_adamw': DecoupledAdamW, 'adamw': torch.optim.AdamW}
@@ -120,6 +164,16 @@ def build_scheduler(cfg: Optional[Mapping[str, Any]]):
         raise ValueError(f'scheduler.name: {name!r} is not supported; use one of {sorted(classes)}.')
     cls, keys = classes[name]
     _check_keys(cfg, keys, f'scheduler ({name})')
+    from composer.core import Time
+    for key, value in cfg.items():
+        if key.startswith('t_'):
+            try:
+                Time.from_input(value)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f'scheduler.{key}: expected a Composer time such as 100ba or 0.1dur, '
+                                 f'got {value!r} ({e}).') from e
+        elif not _type_ok(value, float):
+            raise ValueError(f'scheduler.{key}: expected a number, got {type(value).__name__} ({value!r}).')
     return cls(**cfg)
 
 
@@ -233,6 +287,8 @@ class ConfiguredDWM(DWM):
         unknown = set(kwargs) - valid
         if unknown:
             raise ValueError(f'algorithms.dwm: unknown key(s) {sorted(unknown)}; valid keys are {sorted(valid)}.')
+        import typing
+        _check_types(kwargs, typing.get_type_hints(DWM.__init__), 'algorithms.dwm')
         refit_cfg = dict(refit_loader or {})
         _check_keys(refit_cfg, REFIT_LOADER_KEYS, 'algorithms.dwm.refit_loader')
         val_cfg = dict(validation or {})

@@ -1,0 +1,379 @@
+"""Every YAML in yamls/ loads and builds its Trainer pieces, so that no YAML rots.
+
+The paper's YAMLs (370M / 1.3B, S3 remotes) are checked without a GPU or network: the tokenizer is
+the test tokenizer (``DWM_TOKENIZER``), the models are built on the meta device, and the data
+sections are pointed at a local copy of the test corpus by overrides. ``demo-cpu.yaml`` is tiny, so
+it builds a full Composer ``Trainer``. Unknown keys and wrong types fail with a message that names
+the key (and, for unknown keys, lists the valid ones).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dwm_stream import builders
+from dwm_stream.train import build_trainer, load_config, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+YAML_DIR = os.path.join(REPO, 'yamls')
+ALL_YAMLS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(YAML_DIR, '*.yaml')))
+PAPER_YAMLS = [
+    'slimpajama-370m-random.yaml',
+    'slimpajama-370m-random-dwm.yaml',
+    'slimpajama-370m-dsir-dwm.yaml',
+    'slimpajama-370m-qurating-dwm.yaml',
+    'slimpajama-1.3b-transfer.yaml',
+]
+GPT_NEOX_VOCAB = 50277  # len(EleutherAI/gpt-neox-20b's tokenizer), the YAMLs' default tokenizer
+# Environment variables that the YAMLs read (restored after each test by monkeypatch).
+YAML_ENV = ['DWM_TOKENIZER', 'DWM_LAMBADA_VAL', 'DWM_TRAIN_REMOTE', 'DWM_VAL_REMOTE', 'DWM_CACHE',
+            'DWM_SAVE_ROOT', 'DWM_SCHEDULE', 'DWM_DSIR_SELECTION', 'DWM_QURATING_SELECTION',
+            'DWM_DEMO_TOKENIZER', 'DWM_DEMO_TRAIN_REMOTE', 'DWM_DEMO_VAL_REMOTE', 'DWM_DEMO_CACHE',
+            'DWM_DEMO_LAMBADA_FIT']
+
+
+def _path(name: str) -> str:
+    return os.path.join(YAML_DIR, name)
+
+
+@pytest.fixture(scope='module')
+def local_mds(converted_mds, tmp_path_factory) -> str:
+    """A private copy of the converted test corpus (the session fixture must not be modified)."""
+    out = str(tmp_path_factory.mktemp('yaml-mds') / 'train')
+    shutil.copytree(converted_mds, out)
+    return out
+
+
+@pytest.fixture
+def yaml_env(monkeypatch, tmp_path, small_tokenizer, small_corpus):
+    """The YAMLs' environment variables pointed at test files; cwd in a temp dir."""
+    for key in YAML_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv('DWM_TOKENIZER', small_tokenizer)
+    monkeypatch.setenv('DWM_DEMO_TOKENIZER', small_tokenizer)
+    monkeypatch.setenv('DWM_LAMBADA_VAL', small_corpus.lambada_path)
+    monkeypatch.setenv('DWM_DEMO_LAMBADA_FIT', small_corpus.lambada_path)
+    monkeypatch.setenv('DWM_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('DWM_DEMO_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('TRANSFORMERS_OFFLINE', '1')
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _local_data_overrides(cfg: dict, local_mds: str, selection: str | None = None) -> list[str]:
+    """Overrides that point every data section of ``cfg`` at the local test corpus."""
+    out = ['train_loader.dataset.remote=null', f'train_loader.dataset.local={local_mds}',
+           'train_loader.num_workers=0', 'train_loader.persistent_workers=false',
+           'train_loader.pin_memory=false']
+    if 'prefetch_factor' in cfg['train_loader']:
+        out.append('train_loader.prefetch_factor=null')
+    if selection is not None:
+        out.append(f'train_loader.dataset.selection={selection}')
+    if cfg.get('eval_loader'):
+        out += ['eval_loader.dataset.remote=null', f'eval_loader.dataset.local={local_mds}',
+                'eval_loader.num_workers=0']
+    dwm = (cfg.get('algorithms') or {}).get('dwm') or {}
+    if (dwm.get('refit_loader') or {}).get('dataset'):
+        out += ['algorithms.dwm.refit_loader.dataset.remote=null',
+                f'algorithms.dwm.refit_loader.dataset.local={local_mds}']
+        if selection is not None:
+            out.append(f'algorithms.dwm.refit_loader.dataset.selection={selection}')
+    return out
+
+
+def _build_dwm(cfg: dict, tokenizer, device_batch: int) -> list:
+    """``algorithms.dwm`` as ``dwm-stream train`` builds it (without the Trainer)."""
+    algorithms = []
+    for name, kwargs in (cfg.get('algorithms') or {}).items():
+        assert name == 'dwm'
+        algorithms.append(builders.ConfiguredDWM(train_dataset=cfg['train_loader'].get('dataset'),
+                                                 tokenizer=tokenizer, device_batch_size=device_batch,
+                                                 **(kwargs or {})))
+    return algorithms
+
+
+def _write_selection(local_mds: str, path: str, score: str) -> np.ndarray:
+    from dwm_stream.selection import write_selection
+    uids = np.load(os.path.join(local_mds, 'uids.npy'))
+    rng = np.random.default_rng(0)
+    chosen = np.sort(rng.choice(uids, size=len(uids) // 2, replace=False))
+    write_selection(path, chosen, prior_weight=rng.uniform(0.5, 2.0, len(chosen)).astype(np.float32),
+                    scores={score: rng.normal(size=len(chosen)).astype(np.float32)},
+                    info={'selector': score, 'test': True})
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------ inventory
+def test_yaml_inventory():
+    """The YAMLs the issue asks for are all there, and every YAML in yamls/ is under test."""
+    assert set(PAPER_YAMLS + ['demo-cpu.yaml']) <= set(ALL_YAMLS)
+
+
+@pytest.mark.parametrize('name', ALL_YAMLS)
+def test_yaml_has_header_comment(name):
+    with open(_path(name)) as f:
+        text = f.read()
+    header = text[:text.index('\n' + next(line for line in text.splitlines()
+                                          if line and not line.startswith('#')))]
+    assert text.startswith('#'), f'{name}: start with a comment saying what the YAML is for'
+    assert len(header.splitlines()) >= 3, f'{name}: the header comment is too short'
+    assert 'dwm-stream' in header, f'{name}: the header must say how to run it'
+
+
+# ------------------------------------------------------------------------------------------------ the paper
+@pytest.mark.parametrize('name', PAPER_YAMLS)
+def test_paper_yaml_settings(name, yaml_env):
+    """30B tokens, 5 stages, seq 2048, LAMBADA validation, S3 placeholders, bf16 on GPU, right sizes."""
+    from composer.core import Precision, Time, TimeUnit
+    cfg = load_config(_path(name), ['model.init_device=meta',
+                                    f'model.config_overrides.vocab_size={GPT_NEOX_VOCAB}'])
+    assert cfg['tokenizer']['name'] == os.environ['DWM_TOKENIZER']
+    duration = Time.from_timestring(str(cfg['max_duration']))
+    if duration.unit == TimeUnit.TOKEN:
+        assert duration.value == 30_000_000_000
+    else:
+        assert duration.unit == TimeUnit.BATCH
+        tokens = duration.value * cfg['global_train_batch_size'] * cfg['max_seq_len']
+        assert abs(tokens - 30e9) / 30e9 < 0.01
+    assert cfg['max_seq_len'] == 2048
+    assert cfg['model']['config_overrides']['max_position_embeddings'] == 2048
+    assert Precision(cfg['precision']) == Precision.AMP_BF16
+    assert cfg['device'] == 'gpu'
+    # Placeholders: without the environment variables, the remotes are s3:// examples.
+    assert cfg['train_loader']['dataset']['remote'] == 's3://your-bucket/slimpajama-mds/train'
+    assert cfg['eval_loader']['dataset']['remote'] == 's3://your-bucket/slimpajama-mds/validation'
+    assert cfg['save_folder'].startswith('s3://your-bucket/')
+    assert cfg['autoresume'] is True
+
+    dwm = (cfg.get('algorithms') or {}).get('dwm')
+    if name == 'slimpajama-370m-random.yaml':
+        assert dwm is None, 'the baseline has no DWM'
+    else:
+        assert dwm['num_stages'] == 5
+    if name.endswith('-dwm.yaml'):
+        assert dwm['validation']['lambada'] == os.environ['DWM_LAMBADA_VAL']
+        assert dwm.get('refit', True) is True
+    if 'dsir' in name or 'qurating' in name:
+        selector = 'dsir' if 'dsir' in name else 'qurating'
+        assert cfg['train_loader']['dataset']['selection'].startswith('s3://your-bucket/selections/')
+        assert selector in cfg['train_loader']['dataset']['selection']
+        # the refit loader draws from the same (selected) training distribution
+        assert dwm['refit_loader']['dataset']['selection'] == cfg['train_loader']['dataset']['selection']
+    if name == 'slimpajama-1.3b-transfer.yaml':
+        assert dwm['refit'] is False
+        assert dwm['schedule'].endswith('slimpajama-370m-random-dwm/dwm_schedule/schedule.json')
+
+    # Model size with the default tokenizer's vocabulary (built on the meta device: no memory).
+    tokenizer = builders.build_tokenizer(cfg['tokenizer'])
+    model = builders.build_model(cfg['model'], tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert all(p.device.type == 'meta' for p in model.parameters())
+    if '370m' in name:
+        assert 330e6 < n_params < 420e6, n_params
+    else:
+        assert 1.2e9 < n_params < 1.45e9, n_params
+
+
+def test_env_overrides_remotes(yaml_env, monkeypatch):
+    monkeypatch.setenv('DWM_TRAIN_REMOTE', 's3://elsewhere/train')
+    monkeypatch.setenv('DWM_DSIR_SELECTION', 's3://elsewhere/dsir.parquet')
+    cfg = load_config(_path('slimpajama-370m-dsir-dwm.yaml'))
+    assert cfg['train_loader']['dataset']['remote'] == 's3://elsewhere/train'
+    assert cfg['algorithms']['dwm']['refit_loader']['dataset']['remote'] == 's3://elsewhere/train'
+    assert cfg['train_loader']['dataset']['selection'] == 's3://elsewhere/dsir.parquet'
+
+
+@pytest.mark.parametrize('name', [n for n in PAPER_YAMLS if n.endswith('-dwm.yaml')])
+def test_lambada_path_is_required(name, yaml_env, monkeypatch):
+    monkeypatch.delenv('DWM_LAMBADA_VAL')
+    with pytest.raises(ValueError, match='DWM_LAMBADA_VAL'):
+        load_config(_path(name))
+
+
+# ------------------------------------------------------------------------------------------------ builds
+@pytest.mark.parametrize('name', PAPER_YAMLS)
+def test_paper_yaml_builds(name, yaml_env, local_mds, small_tokenizer, monkeypatch):
+    """Tokenizer, meta-device model, DWM, optimizer, scheduler, callbacks, loggers; data from a local copy."""
+    from composer.core import Time
+    from dwm_stream.train import TOP_LEVEL_KEYS
+    tmp = yaml_env
+    selection = None
+    chosen = None
+    if 'dsir' in name or 'qurating' in name:
+        selection = str(tmp / 'selection.parquet')
+        chosen = _write_selection(local_mds, selection, 'dsir' if 'dsir' in name else 'qurating')
+    if name == 'slimpajama-1.3b-transfer.yaml':
+        monkeypatch.setenv('DWM_SCHEDULE', _write_schedule(str(tmp / 'schedule-370m'), small_tokenizer))
+    raw = load_config(_path(name))
+    cfg = load_config(_path(name), ['model.init_device=meta', 'global_train_batch_size=4',
+                                    'device_train_microbatch_size=4', 'device_eval_batch_size=4',
+                                    *_local_data_overrides(raw, local_mds, selection)])
+    assert set(cfg) <= set(TOP_LEVEL_KEYS)
+    tokenizer = builders.build_tokenizer(cfg['tokenizer'])
+    assert len(tokenizer) == 2048  # the test tokenizer, not the network's
+    model = builders.build_model(cfg['model'], tokenizer)
+    assert {p.device.type for p in model.parameters()} == {'meta'}
+    assert model.model.config.hidden_size == raw['model']['config_overrides']['hidden_size']
+    optimizer = builders.build_optimizer(cfg['optimizer'], model)
+    assert optimizer.param_groups[0]['lr'] == raw['optimizer']['lr']
+    scheduler = builders.build_scheduler(cfg['scheduler'])
+    assert scheduler is not None
+    callbacks = builders.build_callbacks(cfg.get('callbacks'))
+    assert len(callbacks) == len(raw.get('callbacks') or {})
+    loggers = builders.build_loggers(cfg.get('loggers'), str(tmp / 'run'))
+    assert len(loggers) == len(raw.get('loggers') or {})
+    Time.from_timestring(str(cfg['eval_interval']))
+    Time.from_timestring(str(cfg['save_interval']))
+
+    algorithms = _build_dwm(cfg, tokenizer, device_batch=4)
+    assert len(algorithms) == (0 if name == 'slimpajama-370m-random.yaml' else 1)
+
+    # The train and eval loaders build and yield a batch (one is enough).
+    train = builders.build_train_dataloader(cfg['train_loader'], 4)
+    batch = train.batch_transforms(next(iter(train.dataloader)))
+    assert batch['input_ids'].shape == (4, 256) and batch['input_ids'].dtype == torch.int64
+    if chosen is not None:
+        assert set(batch['uid'].tolist()) <= set(chosen.tolist())
+        assert not torch.all(batch['prior_weight'] == 1)
+    builders.build_train_dataloader({'drop_last': False, **cfg['eval_loader']}, 4, where='eval_loader')
+
+    if algorithms:
+        dwm = algorithms[0]
+        if dwm.refit:
+            # The refit loader (train distribution, its own seed) and the LAMBADA validation set build.
+            refit_batch = next(iter(_loader_of(dwm, 'refit')))
+            assert refit_batch['input_ids'].shape[0] == raw['algorithms']['dwm']['refit_loader']['batch_size']
+            if chosen is not None:
+                assert set(refit_batch['uid'].tolist()) <= set(chosen.tolist())
+            val_batch = next(iter(_loader_of(dwm, 'val')))
+            assert val_batch['input_ids'].shape[0] <= raw['algorithms']['dwm']['validation']['batch_size']
+            assert (val_batch['labels'] != -100).any()
+        else:
+            from algorithms.dwm.export import load_schedule
+            stages = load_schedule(dwm.schedule_path)
+            assert stages[0][1].config.vocab_size == len(tokenizer)
+
+
+def _loader_of(dwm, which: str):
+    """The refit / validation loader that ``ConfiguredDWM`` handed to ``DWM``."""
+    cycler = dwm.refit_batches if which == 'refit' else dwm.val_batches
+    return cycler._resolve()  # the loader itself (a re-iterable), as DWM will draw from it
+
+
+def _write_schedule(save_dir: str, tokenizer_dir: str) -> str:
+    """A small 2-stage weighter schedule, as a 370M DWM run writes it (for the transfer YAML)."""
+    from algorithms.dwm.export import save_weighter, write_schedule
+    from algorithms.dwm.weighter import Weighter, WeighterConfig
+    tokenizer = builders.build_tokenizer({'name': tokenizer_dir})
+    stages = []
+    for stage in range(2):
+        weighter = Weighter(WeighterConfig(vocab_size=len(tokenizer), d_model=16, n_layers=1, n_heads=2,
+                                           max_seq_len=64, seed=stage))
+        stem = os.path.join(save_dir, f'stage_{stage}')
+        save_weighter(weighter, stem, stage=stage, start=f'{stage * 100}ba')
+        stages.append({'stage': stage, 'start': f'{stage * 100}ba', 'weights': f'stage_{stage}.safetensors',
+                       'config': f'stage_{stage}.json'})
+    return str(write_schedule(save_dir, stages))
+
+
+def test_demo_yaml_builds_a_trainer(yaml_env, local_mds):
+    """demo-cpu.yaml is small enough to build the whole Composer Trainer (DWM's INIT included)."""
+    from composer.core import Time
+    name = 'demo-cpu.yaml'
+    raw = load_config(_path(name))
+    cfg = load_config(_path(name), [*_local_data_overrides(raw, local_mds), f'save_folder={yaml_env / "run"}'])
+    trainer = build_trainer(cfg, config_path=_path(name))
+    try:
+        dwm = [a for a in trainer.state.algorithms if isinstance(a, builders.ConfiguredDWM)]
+        assert len(dwm) == 1 and dwm[0].num_stages == raw['algorithms']['dwm']['num_stages']
+        assert dwm[0].weighter is not None  # built at Event.INIT
+        assert dwm[0].save_dir == str(yaml_env / 'run' / 'dwm_schedule')
+        assert trainer.state.max_duration == Time.from_timestring(raw['max_duration'])
+        assert trainer.state.device_train_microbatch_size == raw['device_train_microbatch_size']
+    finally:
+        trainer.close()
+
+
+# ------------------------------------------------------------------------------------------------ errors
+DWM_YAML = 'slimpajama-370m-random-dwm.yaml'
+
+
+def _build_section(cfg: dict, section: str, tokenizer):
+    if section == 'model':
+        return builders.build_model(cfg['model'], tokenizer)
+    if section == 'train_loader':
+        return builders.build_train_dataloader(cfg['train_loader'], 4)
+    if section == 'algorithms':
+        return _build_dwm(cfg, tokenizer, 4)
+    if section == 'optimizer':
+        return builders.build_optimizer(cfg['optimizer'], torch.nn.Linear(2, 2))
+    if section == 'scheduler':
+        return builders.build_scheduler(cfg['scheduler'])
+    if section == 'trainer':
+        return build_trainer(cfg, config_path=_path(DWM_YAML))
+    raise AssertionError(section)
+
+
+@pytest.mark.parametrize('override, section, where, valid_key', [
+    ('bogus=1', None, 'unknown top-level key', 'max_duration'),
+    ('model.bogus=1', 'model', 'model', 'config_overrides'),
+    ('model.config_overrides.hiden_size=8', 'model', 'model.config_overrides', 'hidden_size'),
+    ('train_loader.bogus=1', 'train_loader', 'train_loader', 'num_workers'),
+    ('train_loader.dataset.bogus=1', 'train_loader', 'train_loader.dataset', 'shuffle_seed'),
+    ('algorithms.dwm.bogus=1', 'algorithms', 'algorithms.dwm', 'num_stages'),
+    ('algorithms.dwm.refit_loader.bogus=1', 'algorithms', 'algorithms.dwm.refit_loader', 'dataset'),
+    ('algorithms.dwm.validation.bogus=1', 'algorithms', 'algorithms.dwm.validation', 'lambada'),
+    ('algorithms.dwm.weighter.bogus=1', 'algorithms', 'weighter', 'd_model'),
+    ('optimizer.bogus=1', 'optimizer', 'optimizer', 'weight_decay'),
+    ('scheduler.bogus=1', 'scheduler', 'scheduler', 't_warmup'),
+])
+def test_unknown_key_lists_valid_keys(override, section, where, valid_key, yaml_env, small_tokenizer):
+    tokenizer = builders.build_tokenizer({'name': small_tokenizer})
+    with pytest.raises(ValueError) as info:
+        cfg = load_config(_path(DWM_YAML), ['model.init_device=meta', override])
+        _build_section(cfg, section, tokenizer)
+    message = str(info.value)
+    assert where in message, message
+    assert override.split('.')[-1].split('=')[0] in message, f'the unknown key is not named: {message}'
+    assert valid_key in message, f'the valid keys are not listed: {message}'
+
+
+@pytest.mark.parametrize('override, section, key', [
+    ('seed=abc', 'trainer', 'seed'),
+    ('global_train_batch_size=lots', 'trainer', 'global_train_batch_size'),
+    ('model.config_overrides.hidden_size=big', 'model', 'hidden_size'),
+    ('model.config_overrides.tie_word_embeddings=sometimes', 'model', 'tie_word_embeddings'),
+    ('algorithms.dwm.num_stages=five', 'algorithms', 'num_stages'),
+    ('algorithms.dwm.refit_steps=many', 'algorithms', 'refit_steps'),
+    ('algorithms.dwm.refit_lr=fast', 'algorithms', 'refit_lr'),
+    ('algorithms.dwm.refit=maybe', 'algorithms', 'refit'),
+    ('optimizer.lr=fast', 'optimizer', 'lr'),
+    ('optimizer.betas=0.9', 'optimizer', 'betas'),
+    ('scheduler.t_warmup=soon', 'scheduler', 't_warmup'),
+    ('scheduler.alpha_f=low', 'scheduler', 'alpha_f'),
+])
+def test_wrong_type_names_the_key(override, section, key, yaml_env, small_tokenizer):
+    tokenizer = builders.build_tokenizer({'name': small_tokenizer})
+    cfg = load_config(_path(DWM_YAML), ['model.init_device=meta', override])
+    with pytest.raises(ValueError) as info:
+        _build_section(cfg, section, tokenizer)
+    assert key in str(info.value), str(info.value)
+
+
+def test_cli_rejects_unknown_dataset_key(yaml_env, local_mds):
+    """Through ``dwm-stream train``'s entry point: fails before any data is read."""
+    raw = load_config(_path('demo-cpu.yaml'))
+    with pytest.raises(ValueError, match=r"train_loader\.dataset: unknown key\(s\) \['shufle'\].*shuffle"):
+        main([_path('demo-cpu.yaml'), *_local_data_overrides(raw, local_mds), 'train_loader.dataset.shufle=true'])
+
+
+def test_not_key_value_override(yaml_env):
+    with pytest.raises(ValueError, match='key=value'):
+        load_config(_path('demo-cpu.yaml'), ['max_duration'])
