@@ -1,30 +1,52 @@
-"""DWM overhead on CPU: step time with vs without DWM, one refit step vs one plain step, and their peak memory.
+"""DWM overhead on CPU: step time with vs without DWM weighting, one refit step vs one plain step, and their memory.
 
-Everything runs in one process with a real Composer ``Trainer`` on a tiny Llama; the weighter is about 1/4 of the
-model's parameters. Step times alternate A (plain) / B (DWM weighting, no refit) over several repetitions.
+Everything runs with real Composer ``Trainer`` steps on a tiny Llama, for weighter/model parameter ratios 1/4 and 1
+and batch sizes 8 and 32 (issue 6). Every comparison is a ratio measured in the same run: A (plain step) and B
+(DWM step, or refit step) alternate, one ratio per repetition, reported as min/median/max over repetitions.
 
-Memory: Linux ``VmHWM`` (peak RSS) is reset through ``/proc/self/clear_refs`` before each measured operation, and
-the *transient* peak is ``VmHWM - VmRSS`` at the start of it (memory already resident, the model and the optimizer
-state, is not counted twice). Absolute peaks are reported too.
+* **Weighting overhead**: ``B/A - 1`` with B a step with DWM weighting (frozen weighter, no refit). The target is
+  the weighter's forward FLOPs share of a training step + 5% (FLOPs arithmetic in the JSON and the table).
+* **Refit step**: one weighter update (look-ahead fwd/bwd, validation fwd/bwd at theta', one forward-mode JVP,
+  weighter fwd/bwd; ``dwm/refit/step_time``) over one plain step. Target <= 4x.
+* **Memory**, in a child process (so the timing process's heap is not disturbed): glibc is told to serve every
+  allocation >= 64 KiB with its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``, which also turns off the dynamic
+  threshold) and ``malloc_trim(0)`` runs before each measured operation, so the resident set tracks live tensors
+  instead of the allocator's cache. Peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the RSS at
+  the start is the *transient* peak (the model, its gradients' absence and the optimizer state, resident in both
+  cases, are not counted); the absolute peak is reported too. A larger, activation-dominated case (batch 32 x 256
+  tokens) is measured beside the grid.
+* The main configuration (ratio 1/4, batch 8) also times, in the same alternation, DWM without ``single_loss_pass``
+  (the HF forward computing its own, discarded, cross-entropy) and the refit with eager attention for the JVP and
+  with ``hypergrad='fd'``, to show what each choice costs.
+
+Clocks: every timing records wall time and process CPU time. Torch runs on ``--threads`` threads (default 1), so CPU
+time is the work done; the ratios and targets use CPU time, because on a shared machine other jobs stretch wall time
+at random (two torch threads waiting for each other at every parallel region make it worse). Wall-clock ratios are
+reported beside them. A large-vocabulary case (where the cross-entropy matters) times the single loss pass against
+``single_loss_pass=False``.
 
 Usage::
 
-    python benchmarks/dwm_overhead.py            # full run, writes benchmarks/results/dwm_overhead.json and
-                                                 # the "## DWM overhead" section of benchmarks/RESULTS.md
-    python benchmarks/dwm_overhead.py --quick    # a smaller, faster run
+    python benchmarks/dwm_overhead.py            # full run (a few minutes): writes benchmarks/results/dwm_overhead.json
+                                                 # and the "DWM overhead" section of benchmarks/RESULTS.md
+    python benchmarks/dwm_overhead.py --quick    # smaller model, fewer repetitions (< ~1 min; CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -33,9 +55,15 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-__all__ = ['main', 'run_benchmark', 'update_results_section']
+__all__ = ['main', 'run_benchmark', 'render_section', 'update_results_section', 'BEGIN_MARK', 'END_MARK']
 
 SECTION = '## DWM overhead'
+BEGIN_MARK = '<!-- dwm-overhead:begin -->'
+END_MARK = '<!-- dwm-overhead:end -->'
+SCHEMA_VERSION = 2
+RATIOS = (0.25, 1.0)
+BATCHES = (8, 32)
+MAIN = (0.25, 8)
 
 
 class _RandomTokens(Dataset):
@@ -53,6 +81,227 @@ class _RandomTokens(Dataset):
         return {'input_ids': self.ids[i], 'labels': self.ids[i], 'domain': torch.tensor(i % 2)}
 
 
+# ---------------------------------------------------------------------------------------------------- sizes, FLOPs
+def _llm_shape(quick: bool) -> dict[str, int]:
+    if quick:
+        return {'hidden': 64, 'layers': 2, 'vocab': 256, 'seq_len': 64, 'heads': 4}
+    return {'hidden': 128, 'layers': 4, 'vocab': 512, 'seq_len': 128, 'heads': 4}
+
+
+def _llama_config(shape: dict[str, int], seq_len: Optional[int] = None):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=shape['vocab'], hidden_size=shape['hidden'], intermediate_size=4 * shape['hidden'],
+                       num_hidden_layers=shape['layers'], num_attention_heads=shape['heads'],
+                       num_key_value_heads=shape['heads'], max_position_embeddings=seq_len or shape['seq_len'],
+                       tie_word_embeddings=False, attn_implementation='sdpa')
+
+
+def _weighter_config(shape: dict[str, int], llm_params: int, ratio: float, seq_len: int):
+    """The weighter (own 2-layer transformer) whose parameter count is closest to ``ratio * llm_params``."""
+    from algorithms.dwm import Weighter, WeighterConfig
+    best = None
+    for d_model in range(16, 8 * shape['hidden'] + 1, 16):
+        cfg = WeighterConfig(vocab_size=shape['vocab'], d_model=d_model, n_heads=4, n_layers=2, max_seq_len=seq_len)
+        gap = abs(Weighter(cfg).num_parameters() - ratio * llm_params)
+        if best is None or gap < best[0]:
+            best = (gap, cfg)
+    assert best is not None
+    return best[1]
+
+
+def _flops(shape: dict[str, int], wcfg, batch: int, seq_len: int) -> dict[str, float]:
+    """FLOPs per token (PaLM convention: 2 FLOPs per multiply-add, attention scores and values counted in full).
+
+    LLM training step: ``6 * N_matmul + 12 * layers * seq * hidden`` (N_matmul: every weight matrix but the input
+    embedding, the LM head included). Weighter forward: ``2 * N_matmul + 4 * layers * seq * d`` for the per-sample
+    backbone, plus the batch layers once per sample (``(2 * N_batch + 4 * n * d) / seq`` per token).
+    A refit step: look-ahead fwd/bwd + validation fwd/bwd (2 training steps without the optimizer) + the JVP
+    (primal 2N + tangent 4N: about one more training step) + weighter fwd/bwd (3x its forward).
+    """
+    h, n_layers, vocab = shape['hidden'], shape['layers'], shape['vocab']
+    ffn = 4 * h
+    llm_matmul = n_layers * (4 * h * h + 3 * h * ffn) + h * vocab
+    llm_train = 6.0 * llm_matmul + 12.0 * n_layers * seq_len * h
+    d, w_layers = wcfg.d_model, wcfg.n_layers
+    w_ffn = wcfg.d_ff or 4 * d
+    block = 4 * d * d + 2 * d * w_ffn
+    w_fwd = 2.0 * w_layers * block + 4.0 * w_layers * seq_len * d
+    w_fwd += (2.0 * wcfg.batch_layers * block + 4.0 * wcfg.batch_layers * batch * d + 2.0 * d) / seq_len
+    share = w_fwd / llm_train
+    return {
+        'llm_matmul_params': float(llm_matmul), 'llm_train_per_token': llm_train,
+        'weighter_forward_per_token': w_fwd, 'weighter_forward_share': share,
+        'refit_over_plain_flops': 3.0 + 3.0 * share,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def _summary(xs: list[float]) -> dict[str, Any]:
+    return {'min': min(xs), 'median': statistics.median(xs), 'max': max(xs), 'n': len(xs), 'all': xs}
+
+
+class _Setup:
+    """A plain trainer and a DWM trainer (frozen weighter) on the same model and data, plus refit loaders."""
+
+    def __init__(self, shape: dict[str, int], ratio: float, batch: int, seq_len: Optional[int] = None,
+                 refit_steps: int = 1, single_loss_pass: bool = True, extra_dwm: bool = False,
+                 checkpoint_weighter: bool = False):
+        from composer import Trainer
+        from composer.models import HuggingFaceModel
+        from transformers import LlamaForCausalLM
+
+        from algorithms.dwm import DWM, Weighter
+
+        seq_len = seq_len or shape['seq_len']
+        config = _llama_config(shape, seq_len)
+        self.llm_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+        self.wcfg = _weighter_config(shape, self.llm_params, ratio, seq_len)
+        self.weighter_params = Weighter(self.wcfg).num_parameters()
+        self.seq_len, self.batch = seq_len, batch
+
+        def make_trainer(algorithms):
+            torch.manual_seed(0)
+            model = HuggingFaceModel(LlamaForCausalLM(config), use_logits=True)
+            data = DataLoader(_RandomTokens(4096, seq_len, shape['vocab'], seed=0), batch_size=batch, shuffle=False)
+            return Trainer(model=model, train_dataloader=data, max_duration=None, algorithms=algorithms, device='cpu',
+                           optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), seed=0, progress_bar=False,
+                           log_to_console=False, loggers=[])
+
+        refit_data = DataLoader(_RandomTokens(512, seq_len, shape['vocab'], seed=1), batch_size=batch, shuffle=False)
+        val_data = DataLoader(_RandomTokens(256, seq_len, shape['vocab'], seed=2), batch_size=batch, shuffle=False)
+        self.dwm = DWM(refit=False, weighter=self.wcfg, domain_names=['low', 'high'], refit_steps=refit_steps,
+                       lookahead='adam', refit_dataloader=refit_data, val_dataloader=val_data,
+                       single_loss_pass=single_loss_pass, refit_checkpoint_weighter=checkpoint_weighter)
+        self.plain = make_trainer([])
+        self.dwm_trainer = make_trainer([self.dwm])
+        self.two_ce_trainer = None
+        if extra_dwm:  # the same DWM without the single loss pass (HF computes its own, discarded, loss)
+            self.two_ce_dwm = DWM(refit=False, weighter=self.wcfg, domain_names=['low', 'high'],
+                                  single_loss_pass=False)
+            self.two_ce_trainer = make_trainer([self.two_ce_dwm])
+        for trainer in (self.plain, self.dwm_trainer, self.two_ce_trainer):  # warm-up: allocations, optimizer state
+            if trainer is not None:
+                trainer.fit(duration='2ba')
+
+    def step(self, trainer, steps: int) -> tuple[float, float]:
+        """``steps`` Composer steps; returns (wall, process CPU) seconds per step."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.fit(duration=f'{steps}ba')
+        return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+
+    def refit(self, hypergrad: str = 'jvp', eager: bool = False) -> tuple[float, float]:
+        """One ``_refit`` call; returns (wall, process CPU) seconds per weighter update.
+
+        Wall is DWM's own ``dwm/refit/step_time``; CPU is the call's CPU time minus the closing ``val_loss_after``
+        evaluation (a metric, once per refit), divided by the updates.
+        """
+        import algorithms.dwm.dwm as dwm_module
+        self.dwm.hypergrad = hypergrad
+        patch = _patched(dwm_module, '_jvp_attention', dwm_module._eager_attention) if eager else \
+            contextlib.nullcontext()
+        after_cpu = [0.0]
+        original_after = self.dwm._lookahead_val_loss
+
+        def timed_after(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return original_after(*args, **kwargs)
+            finally:
+                after_cpu[0] += time.process_time() - started
+
+        self.dwm.refit = True  # only while called by hand: the timed DWM steps never reach a stage boundary refit
+        self.dwm._lookahead_val_loss = timed_after
+        try:
+            with patch:
+                cpu = time.process_time()
+                self.dwm._refit(self.dwm_trainer.state, self.dwm_trainer.logger)
+                cpu = time.process_time() - cpu
+        finally:
+            self.dwm.hypergrad, self.dwm.refit = 'jvp', False
+            del self.dwm._lookahead_val_loss
+        wall = float(self.dwm.last_refit_metrics['dwm/refit/step_time'])
+        return wall, (cpu - after_cpu[0]) / self.dwm.refit_steps
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
+
+
+def _ratios(num: list[tuple[float, float]], den: list[tuple[float, float]], minus: float = 0.0) -> dict[str, Any]:
+    """Per-repetition ratios of (wall, CPU) pairs: ``{'cpu': summary, 'wall': summary}``."""
+    return {clock: _summary([a[i] / b[i] - minus for a, b in zip(num, den)]) for i, clock in enumerate(('wall', 'cpu'))}
+
+
+def _clocks(xs: list[tuple[float, float]]) -> dict[str, Any]:
+    return {'wall': _summary([x[0] for x in xs]), 'cpu': _summary([x[1] for x in xs])}
+
+
+def _time_config(shape, ratio: float, batch: int, reps: int, steps: int, refit_steps: int,
+                 ablations: bool) -> dict[str, Any]:
+    setup = _Setup(shape, ratio, batch, refit_steps=refit_steps, extra_dwm=ablations)
+    setup.refit()  # warm-up of the refit path (and its Adam state)
+    arms: dict[str, list[tuple[float, float]]] = {'plain': [], 'dwm': []}
+    if ablations:
+        arms['dwm_two_ce'] = []
+    for _ in range(reps):  # A/B(/C) alternated, one ratio per repetition
+        arms['plain'].append(setup.step(setup.plain, steps))
+        arms['dwm'].append(setup.step(setup.dwm_trainer, steps))
+        if ablations:
+            arms['dwm_two_ce'].append(setup.step(setup.two_ce_trainer, steps))
+    refit_arms: dict[str, list[tuple[float, float]]] = {'plain': [], 'jvp': []}
+    if ablations:
+        refit_arms.update({'jvp_eager': [], 'fd': []})
+    for _ in range(reps):
+        refit_arms['plain'].append(setup.step(setup.plain, steps))
+        refit_arms['jvp'].append(setup.refit())
+        if ablations:
+            refit_arms['jvp_eager'].append(setup.refit(eager=True))
+            refit_arms['fd'].append(setup.refit(hypergrad='fd'))
+    flops = _flops(shape, setup.wcfg, batch, setup.seq_len)
+    ratios = {'weighting_overhead': _ratios(arms['dwm'], arms['plain'], 1.0),
+              'refit_over_plain': _ratios(refit_arms['jvp'], refit_arms['plain'])}
+    if ablations:
+        ratios['weighting_overhead_two_ce'] = _ratios(arms['dwm_two_ce'], arms['plain'], 1.0)
+        ratios['refit_over_plain_jvp_eager'] = _ratios(refit_arms['jvp_eager'], refit_arms['plain'])
+        ratios['refit_over_plain_fd'] = _ratios(refit_arms['fd'], refit_arms['plain'])
+    return {
+        'name': f'ratio {ratio:g}, batch {batch}', 'ratio_target': ratio, 'batch': batch, 'seq_len': setup.seq_len,
+        'vocab': shape['vocab'], 'steps_per_timing': steps, 'llm_params': setup.llm_params,
+        'weighter': {**setup.wcfg.to_dict(), 'params': setup.weighter_params,
+                     'param_ratio': setup.weighter_params / setup.llm_params},
+        'flops': flops,
+        'step_time_s': {k: _clocks(v) for k, v in arms.items()},
+        'refit_time_s': {k: _clocks(v) for k, v in refit_arms.items()},
+        'ratios': ratios,
+    }
+
+
+def _time_vocab(shape, vocab: int, batch: int, reps: int, steps: int) -> dict[str, Any]:
+    """Plain / DWM / DWM without the single loss pass, with a large vocabulary (where the cross-entropy costs)."""
+    shape = {**shape, 'vocab': vocab}
+    setup = _Setup(shape, 0.25, batch, extra_dwm=True)
+    arms: dict[str, list[tuple[float, float]]] = {'plain': [], 'dwm': [], 'dwm_two_ce': []}
+    for _ in range(reps):
+        arms['plain'].append(setup.step(setup.plain, steps))
+        arms['dwm'].append(setup.step(setup.dwm_trainer, steps))
+        arms['dwm_two_ce'].append(setup.step(setup.two_ce_trainer, steps))
+    return {
+        'name': f'vocab {vocab}, batch {batch}', 'vocab': vocab, 'batch': batch, 'seq_len': setup.seq_len,
+        'llm_params': setup.llm_params, 'weighter_params': setup.weighter_params,
+        'flops': _flops(shape, setup.wcfg, batch, setup.seq_len),
+        'step_time_s': {k: _clocks(v) for k, v in arms.items()},
+        'ratios': {'weighting_overhead': _ratios(arms['dwm'], arms['plain'], 1.0),
+                   'weighting_overhead_two_ce': _ratios(arms['dwm_two_ce'], arms['plain'], 1.0)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- memory (child)
 def _status_kb(field: str) -> int:
     with open('/proc/self/status') as f:
         for line in f:
@@ -61,204 +310,308 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f'{field} not in /proc/self/status')
 
 
-def _peak_of(fn) -> dict[str, float]:
-    """Run ``fn`` and return its transient and absolute peak RSS (MiB) and its wall time."""
+def _peak_of(fn: Callable[[], Any], libc) -> dict[str, float]:
+    """Transient and absolute peak RSS (MiB) of ``fn`` (see the module docstring)."""
+    libc.malloc_trim(0)
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')  # reset VmHWM to the current RSS
-    start_rss = _status_kb('VmRSS')
-    started = time.perf_counter()
+    start = _status_kb('VmRSS')
     fn()
-    seconds = time.perf_counter() - started
     peak = _status_kb('VmHWM')
-    return {'transient_mib': (peak - start_rss) / 1024, 'peak_mib': peak / 1024, 'seconds': seconds}
+    return {'transient_mib': (peak - start) / 1024, 'peak_mib': peak / 1024, 'start_mib': start / 1024}
 
 
-def _llm_matmul_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and 'embed_tokens' not in n)
+def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    libc = ctypes.CDLL('libc.so.6')
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks get their own mapping, returned on free
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    torch.set_num_threads(spec['threads'])
+    shape = spec['shape']
+    out = []
+    for case in spec['cases']:
+        setup = _Setup(shape, case['ratio'], case['batch'], seq_len=case.get('seq_len'), refit_steps=1,
+                       checkpoint_weighter=case.get('checkpoint_weighter', False))
+        setup.refit()  # warm-up
+        plain, refit = [], []
+        for _ in range(spec['reps']):  # alternated
+            plain.append(_peak_of(lambda: setup.plain.fit(duration='1ba'), libc))
+            refit.append(_peak_of(setup.refit, libc))
+        out.append({'name': case['name'], 'ratio_target': case['ratio'], 'batch': case['batch'],
+                    'seq_len': setup.seq_len, 'llm_params': setup.llm_params,
+                    'weighter_params': setup.weighter_params, 'param_mib': setup.llm_params * 4 / 2**20,
+                    'plain_step': plain, 'refit_step': refit})
+        del setup
+    return {'cases': out}
 
 
-def run_benchmark(quick: bool = False, reps: Optional[int] = None, steps: Optional[int] = None) -> dict[str, Any]:
-    """Measure and return the figures (see the module docstring)."""
-    from composer import Trainer
-    from composer.models import HuggingFaceModel
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _measure_memory(shape, cases, reps: int, threads: int) -> list[dict[str, Any]]:
+    spec = {'shape': shape, 'cases': cases, 'reps': reps, 'threads': threads}
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), '--memory-child', json.dumps(spec)],
+                          capture_output=True, text=True, check=False, cwd=str(REPO))
+    if proc.returncode != 0:
+        raise RuntimeError(f'memory child failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+    result = json.loads(proc.stdout.strip().splitlines()[-1])['cases']
+    for case in result:
+        plain_t = [m['transient_mib'] for m in case['plain_step']]
+        refit_t = [m['transient_mib'] for m in case['refit_step']]
+        plain_p = [m['peak_mib'] for m in case['plain_step']]
+        refit_p = [m['peak_mib'] for m in case['refit_step']]
+        case['transient_ratio'] = _summary([r / max(p, 1e-9) for r, p in zip(refit_t, plain_t)])
+        case['peak_ratio'] = _summary([r / p for r, p in zip(refit_p, plain_p)])
+        case['plain_transient_mib'] = _summary(plain_t)
+        case['refit_transient_mib'] = _summary(refit_t)
+        case['plain_peak_mib'] = _summary(plain_p)
+        case['refit_peak_mib'] = _summary(refit_p)
+    return result
 
-    from algorithms.dwm import DWM, Weighter, WeighterConfig
 
-    hidden, layers, vocab, seq_len, batch = (64, 2, 256, 64, 8) if quick else (128, 4, 512, 128, 8)
-    reps = reps or (2 if quick else 5)
-    steps = steps or (3 if quick else 5)
-    refit_steps = 2 if quick else 3
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len,
-                         tie_word_embeddings=False)
-    llm_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
-    # Weighter width chosen for ~1/4 of the LLM's parameters.
-    weighter_cfg = None
-    for d_model in range(16, 4 * hidden + 1, 16):
-        candidate = WeighterConfig(vocab_size=vocab, d_model=d_model, n_heads=4, n_layers=2, max_seq_len=seq_len)
-        if Weighter(candidate).num_parameters() > llm_params / 4:
-            break
-        weighter_cfg = candidate
-    assert weighter_cfg is not None
-    weighter = Weighter(weighter_cfg)
-
-    def make_trainer(algorithms):
-        torch.manual_seed(0)
-        model = HuggingFaceModel(LlamaForCausalLM(config), use_logits=True)
-        data = DataLoader(_RandomTokens(4096, seq_len, vocab, seed=0), batch_size=batch, shuffle=False)
-        return Trainer(model=model, train_dataloader=data, max_duration=None, algorithms=algorithms, device='cpu',
-                       optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), seed=0, progress_bar=False,
-                       log_to_console=False, loggers=[])
-
-    refit_data = DataLoader(_RandomTokens(512, seq_len, vocab, seed=1), batch_size=batch, shuffle=False)
-    val_data = DataLoader(_RandomTokens(256, seq_len, vocab, seed=2), batch_size=batch, shuffle=False)
-    dwm = DWM(refit=False, weighter=weighter_cfg, domain_names=['low', 'high'])
-    plain_trainer, dwm_trainer = make_trainer([]), make_trainer([dwm])
-    for trainer in (plain_trainer, dwm_trainer):  # warm-up (allocations, optimizer state)
-        trainer.fit(duration='2ba')
-
-    plain_times, dwm_times = [], []
-    for _ in range(reps):
-        for trainer, times in ((plain_trainer, plain_times), (dwm_trainer, dwm_times)):
-            started = time.perf_counter()
-            trainer.fit(duration=f'{steps}ba')
-            times.append((time.perf_counter() - started) / steps)
-
-    # Refit: same DWM object, now with loaders; one call of `_refit` = refit_steps weighter updates.
-    dwm.refit, dwm.refit_steps, dwm.lookahead = True, refit_steps, 'adam'
-    dwm.refit_batches.__init__(refit_data, 'refit_dataloader')
-    dwm.val_batches.__init__(val_data, 'val_dataloader')
-    dwm._refit(dwm_trainer.state, dwm_trainer.logger)  # warm-up
-    refit_step_times = []
-    for _ in range(reps):
-        dwm._refit(dwm_trainer.state, dwm_trainer.logger)
-        refit_step_times.append(dwm.last_refit_metrics['dwm/refit/step_time'])
-
-    dwm.refit_steps = 1
-    plain_mem = [_peak_of(lambda: plain_trainer.fit(duration='1ba')) for _ in range(3)]
-    refit_mem = [_peak_of(lambda: dwm._refit(dwm_trainer.state, dwm_trainer.logger)) for _ in range(3)]
-
-    plain_med, dwm_med = statistics.median(plain_times), statistics.median(dwm_times)
-    refit_med = statistics.median(refit_step_times)
-    weighter_fwd_per_token = weighter.forward_flops_per_token()
-    llm_train_per_token = 6.0 * _llm_matmul_params(LlamaForCausalLM(config))
-    flops_share = weighter_fwd_per_token / llm_train_per_token
-    overhead = dwm_med / plain_med - 1.0
-    transient_plain = max(m['transient_mib'] for m in plain_mem)
-    transient_refit = max(m['transient_mib'] for m in refit_mem)
-    peak_plain = max(m['peak_mib'] for m in plain_mem)
-    peak_refit = max(m['peak_mib'] for m in refit_mem)
-
-    def summary(xs):
-        return {'min': min(xs), 'median': statistics.median(xs), 'max': max(xs), 'all': xs}
-
-    return {
-        'config': {
-            'quick': quick, 'reps': reps, 'steps_per_rep': steps, 'refit_steps_per_call': refit_steps,
-            'llm': {'hidden': hidden, 'layers': layers, 'vocab': vocab, 'seq_len': seq_len, 'batch': batch,
-                    'params': llm_params},
-            'weighter': {**weighter_cfg.to_dict(), 'params': weighter.num_parameters(),
-                         'param_ratio': weighter.num_parameters() / llm_params},
-            'lookahead': 'adam', 'hypergrad': 'jvp',
-        },
-        'machine': {
-            'nproc': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+# ---------------------------------------------------------------------------------------------------- driver
+def _machine(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    return {'nproc': os.cpu_count(), 'torch_threads': threads,
             'ram_gib': round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1),
-            'cpu': platform.processor() or platform.machine(), 'python': platform.python_version(),
-            'torch': torch.__version__, 'composer': __import__('composer').__version__,
-            'transformers': __import__('transformers').__version__,
-        },
-        'step_time_s': {'plain': summary(plain_times), 'dwm': summary(dwm_times)},
-        'refit_step_time_s': summary(refit_step_times),
-        'memory_mib': {'plain_step': plain_mem, 'refit_step': refit_mem},
-        'results': {
-            'weighting_overhead': overhead,
-            'weighter_flops_share': flops_share,
-            'overhead_target': flops_share + 0.05,
-            'overhead_ok': overhead <= flops_share + 0.05,
-            'refit_over_plain': refit_med / plain_med,
-            'refit_ok': refit_med / plain_med <= 4.0,
-            'transient_memory_ratio': transient_refit / max(transient_plain, 1e-9),
-            'absolute_peak_ratio': peak_refit / peak_plain,
-            'memory_ok': transient_refit / max(transient_plain, 1e-9) <= 1.5,
-        },
+            'cpu': cpu, 'os': f'{platform.system()} {platform.release()}', 'load_avg_start': list(os.getloadavg())}
+
+
+def _versions() -> dict[str, str]:
+    import composer
+    import transformers
+    return {'python': platform.python_version(), 'torch': torch.__version__, 'composer': composer.__version__,
+            'transformers': transformers.__version__}
+
+
+def run_benchmark(quick: bool = False, reps: Optional[int] = None, steps: Optional[int] = None,
+                  threads: int = 1) -> dict[str, Any]:
+    """Measure and return the figures (see the module docstring)."""
+    torch.set_num_threads(threads)
+    shape = _llm_shape(quick)
+    reps = reps or (2 if quick else 5)
+    steps = steps or (1 if quick else 3)
+    refit_steps = 1 if quick else 2
+    machine = _machine(threads)
+    started = time.perf_counter()
+    configs = []
+    for ratio in RATIOS:
+        for batch in BATCHES:
+            configs.append(_time_config(shape, ratio, batch, reps, max(1, round(steps * 8 / batch)), refit_steps,
+                                        ablations=(ratio, batch) == MAIN))
+    vocab_case = _time_vocab(shape, 4096 if quick else 16384, 8, reps, steps)
+    cases = [{'name': f'ratio {r:g}, batch {b}', 'ratio': r, 'batch': b} for r in RATIOS for b in BATCHES]
+    large = {'name': 'ratio 0.25, batch 32 x 256 tokens', 'ratio': 0.25, 'batch': 32,
+             'seq_len': 128 if quick else 256}
+    checkpointed = {'name': 'ratio 1, batch 32, `refit_checkpoint_weighter=True`', 'ratio': 1.0, 'batch': 32,
+                    'checkpoint_weighter': True}
+    memory = _measure_memory(shape, cases + [large, checkpointed], 2 if quick else 3, threads)
+    machine['load_avg_end'] = list(os.getloadavg())
+
+    targets = []
+    for cfg in configs:
+        share = cfg['flops']['weighter_forward_share']
+        overhead = cfg['ratios']['weighting_overhead']['cpu']['median']
+        refit = cfg['ratios']['refit_over_plain']['cpu']['median']
+        mem = next(m for m in memory if m['name'] == cfg['name'])
+        targets.append({
+            'name': cfg['name'],
+            'weighting_overhead': overhead, 'overhead_bound': share + 0.05, 'overhead_ok': overhead <= share + 0.05,
+            'refit_over_plain': refit, 'refit_bound': 4.0, 'refit_ok': refit <= 4.0,
+            'transient_memory_ratio': mem['transient_ratio']['median'], 'memory_bound': 1.5,
+            'memory_ok': mem['transient_ratio']['median'] <= 1.5,
+            'absolute_peak_ratio': mem['peak_ratio']['median'],
+            'weighting_overhead_wall': cfg['ratios']['weighting_overhead']['wall']['median'],
+            'refit_over_plain_wall': cfg['ratios']['refit_over_plain']['wall']['median'],
+        })
+    return {
+        'benchmark': 'dwm_overhead', 'schema_version': SCHEMA_VERSION, 'quick': quick,
+        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        'machine': machine, 'versions': _versions(),
+        'settings': {'reps': reps, 'steps_per_rep': steps, 'refit_steps_per_call': refit_steps, 'clock': 'cpu',
+                     'llm': shape, 'optimizer': 'AdamW', 'lookahead': 'adam', 'hypergrad': 'jvp',
+                     'attention': 'sdpa (JVP: SDPA math backend)', 'ratios': list(RATIOS), 'batches': list(BATCHES),
+                     'main': {'ratio': MAIN[0], 'batch': MAIN[1]}, 'memory_reps': 2 if quick else 3},
+        'configs': configs, 'vocab_ablation': vocab_case, 'memory': memory, 'targets': targets,
+        'wall_s': time.perf_counter() - started,
     }
 
 
-def _render(res: dict[str, Any], command: str) -> str:
-    c, m, r = res['config'], res['machine'], res['results']
-    st, rf = res['step_time_s'], res['refit_step_time_s']
-    pm = max(x['transient_mib'] for x in res['memory_mib']['plain_step'])
-    rm = max(x['transient_mib'] for x in res['memory_mib']['refit_step'])
-    pa = max(x['peak_mib'] for x in res['memory_mib']['plain_step'])
-    ra = max(x['peak_mib'] for x in res['memory_mib']['refit_step'])
+# ---------------------------------------------------------------------------------------------------- rendering
+def _mmm(s: dict[str, Any], fmt: str) -> str:
+    return ' / '.join(format(s[k], fmt) for k in ('min', 'median', 'max'))
+
+
+def _pct(s: dict[str, Any]) -> str:
+    return ' / '.join(f'{100 * s[k]:+.1f}%' for k in ('min', 'median', 'max'))
+
+
+def render_section(res: dict[str, Any], command: str) -> str:
+    """The RESULTS.md section (between its markers), made only from ``res``."""
+    m, v, st = res['machine'], res['versions'], res['settings']
+    llm = st['llm']
 
     def ok(flag):
         return 'met' if flag else '**missed**'
 
     lines = [
-        SECTION, '',
-        f'Machine: {m["nproc"]} CPUs ({m["torch_threads"]} torch threads), {m["ram_gib"]} GiB RAM, shared with other '
-        f'jobs; Python {m["python"]}, torch {m["torch"]}, composer {m["composer"]}, transformers '
-        f'{m["transformers"]}. Reproduce: `{command}` (JSON: `benchmarks/results/dwm_overhead.json`).', '',
-        f'Tiny Llama {c["llm"]["layers"]}x{c["llm"]["hidden"]}, vocab {c["llm"]["vocab"]}, '
-        f'{c["llm"]["params"] / 1e6:.2f}M params, batch {c["llm"]["batch"]}x{c["llm"]["seq_len"]} tokens, AdamW; '
-        f'weighter d_model {c["weighter"]["d_model"]}, {c["weighter"]["params"] / 1e6:.2f}M params '
-        f'({c["weighter"]["param_ratio"]:.2f} of the model). Composer `Trainer` steps, A/B alternated, '
-        f'{c["reps"]} reps x {c["steps_per_rep"]} steps; refit: Adam look-ahead, JVP hypergradient.', '',
-        '| measure | min | median | max |', '|---|---|---|---|',
-        f'| plain step (s) | {st["plain"]["min"]:.4f} | {st["plain"]["median"]:.4f} | {st["plain"]["max"]:.4f} |',
-        f'| step with DWM weighting (s) | {st["dwm"]["min"]:.4f} | {st["dwm"]["median"]:.4f} | '
-        f'{st["dwm"]["max"]:.4f} |',
-        f'| one refit step (s) | {rf["min"]:.4f} | {rf["median"]:.4f} | {rf["max"]:.4f} |', '',
-        '| target | measured | bound | status |', '|---|---|---|---|',
-        f'| weighting overhead (median) | {100 * r["weighting_overhead"]:+.1f}% | weighter fwd FLOPs share '
-        f'{100 * r["weighter_flops_share"]:.1f}% + 5% = {100 * r["overhead_target"]:.1f}% | {ok(r["overhead_ok"])} |',
-        f'| refit step / plain step (median) | {r["refit_over_plain"]:.2f}x | 4x | {ok(r["refit_ok"])} |',
-        f'| refit transient peak memory / plain step | {rm:.1f} / {pm:.1f} MiB = {r["transient_memory_ratio"]:.2f}x '
-        f'| 1.5x | {ok(r["memory_ok"])} |',
-        f'| absolute peak RSS, refit / plain | {ra:.0f} / {pa:.0f} MiB = {r["absolute_peak_ratio"]:.2f}x | - | - |',
-        '',
-        'Memory is the peak RSS during the operation (VmHWM reset via `/proc/self/clear_refs`) minus the RSS at its '
-        'start: the model and the optimizer state, resident in both cases, are not counted. On a CPU with a model '
-        'this small, fixed per-step costs (Python, Composer events, thread scheduling on shared cores) are a large '
-        'part of a step, so ratios are noisy; rerun to see the spread.',
+        BEGIN_MARK, SECTION, '',
+        f'_Generated by `{command}` on {res["date"]} into `benchmarks/results/dwm_overhead.json`; do not edit by '
+        f'hand._', '',
+        f'- **Machine:** {m["nproc"]} CPUs ({m["cpu"]}), {m["ram_gib"]} GiB RAM, {m["os"]}, shared with other jobs '
+        f'(load average {m["load_avg_start"][0]:.1f} at the start, {m["load_avg_end"][0]:.1f} at the end); torch on '
+        f'{m["torch_threads"]} thread(s).',
+        f'- **Libraries:** Python {v["python"]}, torch {v["torch"]}, composer {v["composer"]}, transformers '
+        f'{v["transformers"]}.',
+        f'- **Model:** Llama {llm["layers"]} x {llm["hidden"]}, vocab {llm["vocab"]}, {llm["seq_len"]} tokens per '
+        f'sample, SDPA attention, AdamW; weighter: own 2-layer transformer + 1 batch layer, width chosen for the '
+        f'parameter ratio. Refit: Adam look-ahead, exact JVP hypergradient (SDPA math backend), '
+        f'{st["refit_steps_per_call"]} weighter update(s) per call.',
+        f'- **Repetitions:** {st["reps"]}, A and B alternated, {st["steps_per_rep"]} Composer step(s) per timing at '
+        f'batch 8 (proportionally fewer at batch 32, at least 1); each cell is min / median / max of the '
+        f'per-repetition ratio. Memory: {st["memory_reps"]} alternated repetitions in a child process.',
+        '- **Clocks:** the ratios are of *process CPU time* (one torch thread, so CPU time is the work done): the '
+        'other jobs on this shared machine stretch wall time by up to 2x at random, which would swamp a 5-10% '
+        'effect. Wall-clock ratios (medians) are given beside them.', '',
+        '### Time', '',
+        '| config (weighter/model params, batch) | weighter params | plain step CPU (s) | weighting overhead | '
+        'bound (FLOPs share + 5%) | refit step / plain step | wall: overhead, refit |',
+        '|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    for cfg, tgt in zip(res['configs'], res['targets']):
+        r = cfg['ratios']
+        lines.append(
+            f'| {cfg["weighter"]["param_ratio"]:.2f}, batch {cfg["batch"]} | {cfg["weighter"]["params"] / 1e6:.2f}M '
+            f'of {cfg["llm_params"] / 1e6:.2f}M | {_mmm(cfg["step_time_s"]["plain"]["cpu"], ".3f")} | '
+            f'{_pct(r["weighting_overhead"]["cpu"])} | {100 * tgt["overhead_bound"]:.1f}% | '
+            f'{_mmm(r["refit_over_plain"]["cpu"], ".2f")}x | '
+            f'{100 * r["weighting_overhead"]["wall"]["median"]:+.1f}%, {r["refit_over_plain"]["wall"]["median"]:.2f}x |')
+    main = next(c for c in res['configs'] if 'weighting_overhead_two_ce' in c['ratios'])
+    r, voc = main['ratios'], res['vocab_ablation']
+    rv = voc['ratios']
+    lines += [
+        '', f'What the choices cost, same alternation ({main["name"]}; CPU time, wall median in brackets):', '',
+        '| variant | ratio to a plain step (min / median / max) |', '|---|---:|',
+        f'| DWM step, single loss pass (default) | {_pct(r["weighting_overhead"]["cpu"])} '
+        f'({100 * r["weighting_overhead"]["wall"]["median"]:+.1f}%) |',
+        f'| DWM step, HF also computes its own (discarded) loss, `single_loss_pass=False` | '
+        f'{_pct(r["weighting_overhead_two_ce"]["cpu"])} ({100 * r["weighting_overhead_two_ce"]["wall"]["median"]:+.1f}%) |',
+        f'| vocab {voc["vocab"]} ({voc["llm_params"] / 1e6:.1f}M params), batch {voc["batch"]}: DWM step, single loss '
+        f'pass | {_pct(rv["weighting_overhead"]["cpu"])} ({100 * rv["weighting_overhead"]["wall"]["median"]:+.1f}%) |',
+        f'| vocab {voc["vocab"]}, batch {voc["batch"]}: DWM step, `single_loss_pass=False` | '
+        f'{_pct(rv["weighting_overhead_two_ce"]["cpu"])} '
+        f'({100 * rv["weighting_overhead_two_ce"]["wall"]["median"]:+.1f}%) |',
+        f'| refit step, JVP with SDPA math backend (default) | {_mmm(r["refit_over_plain"]["cpu"], ".2f")}x '
+        f'({r["refit_over_plain"]["wall"]["median"]:.2f}x) |',
+        f'| refit step, JVP with HF eager attention | {_mmm(r["refit_over_plain_jvp_eager"]["cpu"], ".2f")}x '
+        f'({r["refit_over_plain_jvp_eager"]["wall"]["median"]:.2f}x) |',
+        f'| refit step, `hypergrad=\'fd\'` (2 no-grad forwards instead of the JVP; approximate) | '
+        f'{_mmm(r["refit_over_plain_fd"]["cpu"], ".2f")}x ({r["refit_over_plain_fd"]["wall"]["median"]:.2f}x) |',
+        '', 'FLOPs arithmetic (per token; PaLM convention, attention counted in full): a training step is '
+        '`6 N + 12 L T d` (N: weight matrices without the input embedding), the weighter forward `2 N_w + 4 L_w T d_w` '
+        '(+ its batch layer once per sample). A refit step is about 3 training steps (look-ahead fwd/bwd, validation '
+        'fwd/bwd, JVP = primal + tangent) + 3 weighter forwards:', '',
+        '| config | LLM train FLOPs/token | weighter fwd FLOPs/token | share | refit/plain by FLOPs |',
+        '|---|---:|---:|---:|---:|',
+    ]
+    for cfg in res['configs']:
+        f = cfg['flops']
+        lines.append(f'| {cfg["name"]} | {f["llm_train_per_token"] / 1e6:.2f}M | '
+                     f'{f["weighter_forward_per_token"] / 1e6:.3f}M | {100 * f["weighter_forward_share"]:.1f}% | '
+                     f'{f["refit_over_plain_flops"]:.2f}x |')
+    lines += [
+        '', '### Memory', '',
+        '| config | params (fp32) | plain step transient (MiB) | refit step transient (MiB) | transient ratio | '
+        'absolute peak RSS plain / refit (MiB) | absolute ratio |',
+        '|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    for mem in res['memory']:
+        lines.append(
+            f'| {mem["name"]} ({mem["seq_len"]} tokens) | {mem["param_mib"]:.1f} MiB | '
+            f'{_mmm(mem["plain_transient_mib"], ".1f")} | {_mmm(mem["refit_transient_mib"], ".1f")} | '
+            f'{_mmm(mem["transient_ratio"], ".2f")}x | {mem["plain_peak_mib"]["median"]:.0f} / '
+            f'{mem["refit_peak_mib"]["median"]:.0f} | {_mmm(mem["peak_ratio"], ".3f")}x |')
+    lines += [
+        '', 'Transient = peak RSS during the operation minus RSS at its start, in a child process where glibc maps '
+        'every block >= 64 KiB separately (`mallopt`) and `malloc_trim(0)` runs first, so freed tensors leave the '
+        'resident set and the figure is live memory, not the allocator cache. The model and the optimizer state '
+        'are resident in both cases and not counted; the absolute peak counts them (and the Python process).', '',
+        '### Targets (medians, CPU time)', '',
+        '| config | weighting overhead <= FLOPs share + 5% | refit step <= 4x plain | refit transient memory <= 1.5x |',
+        '|---|---|---|---|',
+    ]
+    for t in res['targets']:
+        lines.append(
+            f'| {t["name"]} | {100 * t["weighting_overhead"]:+.1f}% vs {100 * t["overhead_bound"]:.1f}%: '
+            f'{ok(t["overhead_ok"])} | {t["refit_over_plain"]:.2f}x: {ok(t["refit_ok"])} | '
+            f'{t["transient_memory_ratio"]:.2f}x (absolute {t["absolute_peak_ratio"]:.3f}x): '
+            f'{ok(t["memory_ok"])} |')
+    lines += [
+        '', 'On a CPU with a model this small, fixed per-step costs (Python, Composer events, DWM\'s metrics) are a '
+        'sizeable part of a step, and single ratios move by a few percent between runs: read the min/max columns. '
+        'A 125M-scale GPU measurement is not part of this section.', END_MARK,
     ]
     return '\n'.join(lines) + '\n'
 
 
 def update_results_section(path: str | os.PathLike, section: str) -> None:
-    """Replace (or append) the ``## DWM overhead`` section of ``path``, leaving every other section untouched."""
+    """Replace (or append) this benchmark's section of ``path`` between its markers; nothing else changes.
+
+    A section written before the markers existed (``## DWM overhead`` up to the next heading or marker comment) is
+    replaced too.
+    """
     path = Path(path)
     text = path.read_text() if path.exists() else '# Benchmark results\n'
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip('\n') + '\n\n' + section
+    body = section if section.endswith('\n') else section + '\n'
+    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
+    if begin >= 0 and end > begin:
+        after = text[end + len(END_MARK):]
+        text = text[:begin] + body.rstrip('\n') + after
     else:
-        end = text.find('\n## ', start + len(SECTION))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else '')
+        start = text.find(SECTION + '\n')
+        if start >= 0:
+            stops = [i for i in (text.find('\n## ', start + len(SECTION)), text.find('\n<!--', start)) if i >= 0]
+            stop = min(stops) + 1 if stops else len(text)
+            text = text[:start] + body + ('\n' if stop < len(text) else '') + text[stop:]
+        else:
+            text = text.rstrip('\n') + '\n\n' + body
     path.write_text(text)
+
+
+def read_section(path: str | os.PathLike) -> Optional[str]:
+    """This benchmark's section of ``path`` (markers included), or ``None``."""
+    text = Path(path).read_text()
+    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
+    if begin < 0 or end < begin:
+        return None
+    return text[begin:end + len(END_MARK)] + '\n'
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Command-line entry point; returns a process exit code (0 even when a target is missed: it is reported)."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--quick', action='store_true', help='smaller model and fewer repetitions')
+    parser.add_argument('--quick', action='store_true', help='smaller model and fewer repetitions (CI)')
     parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' / 'dwm_overhead.json'),
                         help='JSON output path (default: benchmarks/results/dwm_overhead.json)')
     parser.add_argument('--results-md', default=str(REPO / 'benchmarks' / 'RESULTS.md'),
-                        help='Markdown file whose "## DWM overhead" section is rewritten; "" to skip')
+                        help='Markdown file whose DWM-overhead section is rewritten; "" to skip')
     parser.add_argument('--reps', type=int, default=None, help='A/B repetitions (default: 5, quick: 2)')
-    parser.add_argument('--steps', type=int, default=None, help='steps per repetition (default: 5, quick: 3)')
+    parser.add_argument('--steps', type=int, default=None, help='steps per timing (default: 3, quick: 1)')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads (default: 1)')
+    parser.add_argument('--memory-child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    results = run_benchmark(quick=args.quick, reps=args.reps, steps=args.steps)
+    if args.memory_child is not None:
+        print(json.dumps(_memory_child(json.loads(args.memory_child))))
+        return 0
+    results = run_benchmark(quick=args.quick, reps=args.reps, steps=args.steps, threads=args.threads)
+    command = 'python benchmarks/dwm_overhead.py' + (' --quick' if args.quick else '')
+    results['command'] = command
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    command = 'python benchmarks/dwm_overhead.py' + (' --quick' if args.quick else '')
-    section = _render(results, command)
+    section = render_section(results, command)
     if args.results_md:
         update_results_section(args.results_md, section)
     print(section)

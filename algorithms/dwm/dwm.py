@@ -7,6 +7,9 @@ Events:
 * ``AFTER_DATALOADER``: weights of the whole device batch under ``no_grad`` (embeddings all-gathered under DDP,
   so the softmax spans the global batch), stored as ``batch['dwm_weight']`` for Composer's splitter; in
   ``mode='select'``, keep the top ``1/select_factor`` of the pool instead.
+* ``BEFORE_FORWARD`` / ``AFTER_FORWARD``: for a Composer ``HuggingFaceModel``, ``labels`` are held back from the
+  HF forward (so it does not compute a cross-entropy that DWM would discard) and restored right after it; the
+  weighted loss is computed there from the logits and handed to Composer as ``outputs['loss']``.
 * ``AFTER_LOSS``: ``state.loss`` becomes the weighted loss of the microbatch.
 * ``BATCH_END``: metrics; at a stage boundary, with the LLM frozen, ``refit_steps`` Adam updates of the weighter.
 """
@@ -149,7 +152,7 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def _eager_attention(lm: torch.nn.Module) -> Iterator[None]:
-    """Switch a HF model to eager attention (forward-mode AD is not implemented for SDPA kernels)."""
+    """Switch a HF model to eager attention (forward-mode AD is not implemented for fused attention kernels)."""
     config = getattr(lm, 'config', None)
     previous = getattr(config, '_attn_implementation', None)
     if config is None or previous in (None, 'eager'):
@@ -160,6 +163,25 @@ def _eager_attention(lm: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = previous
+
+
+@contextlib.contextmanager
+def _jvp_attention(lm: torch.nn.Module) -> Iterator[None]:
+    """Attention that forward-mode AD can differentiate, as cheaply as available.
+
+    SDPA's fused kernels (flash/memory-efficient, CPU flash) have no forward-mode rule, but its *math* backend is a
+    composite of differentiable ops: an ``sdpa`` model keeps SDPA restricted to that backend (measured faster than
+    HF's eager attention for the JVP on CPU, see ``benchmarks/RESULTS.md``). Any other implementation (flash
+    attention 2, flex...) is switched to eager for the JVP.
+    """
+    config = getattr(lm, 'config', None)
+    if getattr(config, '_attn_implementation', None) == 'sdpa':
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+        return
+    with _eager_attention(lm):
+        yield
 
 
 class _Cycler:
@@ -265,6 +287,16 @@ class DWM(Algorithm):
             Default: ``True``.
         seed (int): Seed of the Gumbel noise in ``'select'`` mode. Default: ``0``.
         log_every (int): Log weight/domain metrics every this many batches. Default: ``1``.
+        single_loss_pass (bool): For a Composer ``HuggingFaceModel`` (whose ``loss`` is HF's own), keep ``labels``
+            out of the HF forward and restore them right after it, so the cross-entropy over the vocabulary runs
+            once per step (DWM's per-sample loss) instead of twice (HF's discarded token mean, then DWM's). The loss,
+            the gradients and Composer's train metrics (computed from its own copy of the batch) are unchanged.
+            Set ``False`` if another algorithm reads ``state.batch['labels']`` during the forward. Default:
+            ``True``.
+        refit_checkpoint_weighter (bool): Activation-checkpoint the weighter's backbone in the refit: its activations
+            are not kept through the look-ahead, validation and JVP passes of the LLM but recomputed for the
+            weighter's backward (one more weighter forward per refit step; the same gradients). Worth it when the
+            weighter is large (ratio ~1) and refit memory matters. Default: ``False``.
     """
 
     def __init__(
@@ -295,6 +327,8 @@ class DWM(Algorithm):
         normalize_hypergradient: bool = True,
         seed: int = 0,
         log_every: int = 1,
+        single_loss_pass: bool = True,
+        refit_checkpoint_weighter: bool = False,
     ):
         if lookahead not in ('sgd', 'adam'):
             raise ValueError(f"DWM lookahead must be 'sgd' or 'adam', got {lookahead!r}")
@@ -329,6 +363,10 @@ class DWM(Algorithm):
         self.normalize_hypergradient = normalize_hypergradient
         self.seed = seed
         self.log_every = max(1, int(log_every))
+        self.single_loss_pass = single_loss_pass
+        self.refit_checkpoint_weighter = refit_checkpoint_weighter
+        self._held_batch: Optional[dict[str, Any]] = None  # the microbatch whose labels are held back
+        self._precomputed_loss: Optional[torch.Tensor] = None
 
         self.refit_batches = _Cycler(refit_dataloader, 'refit_dataloader')
         self.val_batches = _Cycler(val_dataloader, 'val_dataloader')
@@ -349,7 +387,8 @@ class DWM(Algorithm):
 
     # ------------------------------------------------------------------------------------------------------------
     def match(self, event: Event, state: State) -> bool:
-        return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.AFTER_LOSS, Event.BATCH_END)
+        return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.BEFORE_FORWARD,
+                         Event.AFTER_FORWARD, Event.AFTER_LOSS, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -358,6 +397,10 @@ class DWM(Algorithm):
             self._fit_start(state, logger)
         elif event == Event.AFTER_DATALOADER:
             self._after_dataloader(state, logger)
+        elif event == Event.BEFORE_FORWARD:
+            self._before_forward(state)
+        elif event == Event.AFTER_FORWARD:
+            self._after_forward(state)
         elif event == Event.AFTER_LOSS:
             self._after_loss(state)
         elif event == Event.BATCH_END:
@@ -404,7 +447,11 @@ class DWM(Algorithm):
         ids = batch['input_ids'].to(self._device)
         mask = batch.get('attention_mask')
         mask = mask.to(self._device) if mask is not None else None
-        embeddings = self.weighter.embed(ids, mask)
+        if grad and self.refit_checkpoint_weighter and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            embeddings = checkpoint(self.weighter.embed, ids, mask, use_reentrant=False)
+        else:
+            embeddings = self.weighter.embed(ids, mask)
         if grad:
             global_embeddings, offset = gather_with_local_grad(embeddings)
         else:
@@ -446,16 +493,55 @@ class DWM(Algorithm):
         digest = hashlib.sha256(f'dwm-select:{self.seed}:{batch_index}'.encode()).digest()
         return int.from_bytes(digest[:8], 'little') & ((1 << 63) - 1)
 
+    def _can_hold_labels(self, state: State) -> bool:
+        """Whether the HF forward may run without ``labels``: a Composer ``HuggingFaceModel`` whose ``loss`` is the
+        stock one (it returns ``outputs['loss']``, which DWM then provides) and that returns dict outputs."""
+        if not self.single_loss_pass:
+            return False
+        batch = state.batch
+        if not isinstance(batch, dict) or WEIGHT_KEY not in batch or 'labels' not in batch:
+            return False
+        from composer.models import HuggingFaceModel
+        model = _unwrap(state.model)
+        if not isinstance(model, HuggingFaceModel) or type(model).loss is not HuggingFaceModel.loss:
+            return False
+        if type(model).forward is not HuggingFaceModel.forward:
+            return False
+        return bool(getattr(model.config, 'use_return_dict', False))
+
+    def _before_forward(self, state: State) -> None:
+        self._held_batch, self._precomputed_loss = None, None
+        if self._can_hold_labels(state):
+            self._held_batch = state.batch
+            state.batch = {k: v for k, v in state.batch.items() if k != 'labels'}  # the microbatch is not mutated
+
+    def _after_forward(self, state: State) -> None:
+        if self._held_batch is None:
+            return
+        state.batch, self._held_batch = self._held_batch, None
+        outputs = state.outputs
+        if not hasattr(outputs, 'keys') or outputs.get('loss') is not None:  # pragma: no cover - defensive
+            return
+        loss = self._weighted_loss(state.batch, outputs['logits'])
+        outputs['loss'] = loss  # what HuggingFaceModel.loss returns
+        self._precomputed_loss = loss
+
+    def _weighted_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
+        loss_sum, token_count = per_sample_loss_sums(logits, batch['labels'])
+        contributions = loss_contributions(loss_sum, token_count, self.loss_normalization)
+        self._batch_losses.append((loss_sum / token_count.clamp(min=1)).detach().float().cpu())
+        return (batch[WEIGHT_KEY].to(contributions) * contributions).sum()
+
     def _after_loss(self, state: State) -> None:
+        if self._precomputed_loss is not None:
+            state.loss, self._precomputed_loss = self._precomputed_loss, None
+            return
         batch = state.batch
         if WEIGHT_KEY not in batch:
             return
         outputs = state.outputs
         logits = outputs['logits'] if isinstance(outputs, dict) or hasattr(outputs, 'keys') else outputs.logits
-        loss_sum, token_count = per_sample_loss_sums(logits, batch['labels'])
-        contributions = loss_contributions(loss_sum, token_count, self.loss_normalization)
-        state.loss = (batch[WEIGHT_KEY].to(contributions) * contributions).sum()
-        self._batch_losses.append((loss_sum / token_count.clamp(min=1)).detach().float().cpu())
+        state.loss = self._weighted_loss(batch, logits)
 
     # ------------------------------------------------------------------------------------------------------------
     def _reset_batch_buffers(self) -> None:
@@ -623,7 +709,7 @@ class DWM(Algorithm):
                 local_weights = weights[offset:offset + n_local].detach()
                 result = hypergradient(contributions_fn, val_loss_fn, params, local_weights, lr, precond,
                                        method=self.hypergrad, fd_eps=self.fd_eps, grad_reduce=grad_reduce,
-                                       jvp_context=lambda: _eager_attention(lm))
+                                       jvp_context=lambda: _jvp_attention(lm))
                 hyper, _ = all_gather_cat(result.hypergradient.to(weights.dtype))
                 hyper_norm = float(hyper.norm())
                 if self.normalize_hypergradient:

@@ -90,8 +90,9 @@ def adam_preconditioner(
         any_state = True
         beta2 = group['betas'][1]
         step = float(state['step'])
-        v_hat = state['exp_avg_sq'] / (1.0 - beta2**step)
-        precond[name] = 1.0 / (v_hat.sqrt() + group['eps'])
+        # 1 / (sqrt(exp_avg_sq / bias_correction) + eps), built in one buffer (no parameter-sized temporaries).
+        p_buf = state['exp_avg_sq'] / (1.0 - beta2**step)
+        precond[name] = p_buf.sqrt_().add_(group['eps']).reciprocal_()
     return precond if any_state else None
 
 
@@ -99,9 +100,34 @@ def _scale(tensors: ParamDict, precond: Optional[ParamDict]) -> ParamDict:
     return dict(tensors) if precond is None else {k: precond[k] * t for k, t in tensors.items()}
 
 
+def _scale_(tensors: ParamDict, precond: Optional[ParamDict]) -> ParamDict:
+    """``P * t`` in place (``tensors`` must be owned by the caller, e.g. fresh ``autograd.grad`` outputs)."""
+    if precond is not None:
+        for k, t in tensors.items():
+            t.mul_(precond[k])
+    return tensors
+
+
 def _grad(loss: torch.Tensor, params: ParamDict) -> ParamDict:
+    """``d loss / d params``, each gradient a buffer of its own (safe to modify in place).
+
+    ``autograd.grad`` may hand back expanded views (stride 0) or two gradients sharing one storage (e.g. the
+    two inputs of an addition); those few are cloned, every other gradient is used as returned (no copy).
+    """
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+    out: ParamDict = {}
+    seen: set[int] = set()
+    for (k, p), g in zip(params.items(), grads):
+        if g is None:
+            g = torch.zeros_like(p)
+        elif g.numel() > 0:
+            storage = g.untyped_storage().data_ptr()
+            if storage in seen or (g.numel() > 1 and 0 in g.stride()):
+                g = g.clone(memory_format=torch.contiguous_format)
+                storage = g.untyped_storage().data_ptr()
+            seen.add(storage)
+        out[k] = g
+    return out
 
 
 def _leaves(params: ParamDict) -> ParamDict:
@@ -135,10 +161,18 @@ def lookahead(
         contributions = contributions_fn(leaves)
         train_loss = (weights.detach().to(contributions) * contributions).sum()
         grads = _grad(train_loss, leaves)
+    del contributions, train_loss  # free the graph's saved activations before building theta'
     if grad_reduce is not None:
         grads = grad_reduce(grads)
-    step = _scale(grads, preconditioner)
-    return {k: (params[k].detach() - lr * step[k]).detach() for k in params}
+    # In place and one parameter at a time: at most one gradient buffer plus theta' are alive per parameter, instead
+    # of gradient, P * gradient, lr * P * gradient and theta'.
+    theta_prime = {}
+    for k in params:
+        step = grads.pop(k)
+        if preconditioner is not None:
+            step.mul_(preconditioner[k])
+        theta_prime[k] = step.mul_(-lr).add_(params[k].detach())
+    return theta_prime
 
 
 def directional_derivative_jvp(
@@ -212,7 +246,7 @@ def hypergradient(
         grad_reduce (Callable, optional): Sums a gradient dict over data-parallel ranks (applied to the
             look-ahead gradient and to ``grad L_val``). Default: ``None``.
         jvp_context (Callable, optional): Context manager factory entered around the JVP (e.g. switching a HF
-            model to eager attention, which supports forward-mode AD). Default: ``contextlib.nullcontext``.
+            model to an attention that supports forward-mode AD). Default: ``contextlib.nullcontext``.
 
     Returns:
         HypergradientResult: ``[n]`` hypergradient, the look-ahead validation loss and ``eta``.
@@ -223,11 +257,12 @@ def hypergradient(
         val_loss = val_loss_fn(leaves)
         val_grad = _grad(val_loss, leaves)
     val_loss_value = val_loss.detach()
+    del val_loss, theta_prime, leaves  # theta' is not needed past grad L_val(theta')
     if grad_reduce is not None:
         val_grad = grad_reduce(val_grad)
         val_loss_value = grad_reduce({'loss': val_loss_value.reshape(1)})['loss'][0]
-    direction = _scale(val_grad, preconditioner)  # u = P * grad L_val(theta')
-    del theta_prime, leaves, val_grad  # keep at most ~2 parameter-sized buffers alive through the JVP
+    direction = _scale_(val_grad, preconditioner)  # u = P * grad L_val(theta'), in place
+    del val_grad  # through the JVP only u (and P, owned by the caller) are parameter-sized
     if method == 'jvp':
         with jvp_context():
             derivative = directional_derivative_jvp(contributions_fn, params, direction)

@@ -39,8 +39,10 @@ def per_sample_loss_sums(
         float64 logits).
     """
     if not shifted:
-        logits = logits[:, :-1, :]
-        labels = labels[:, 1:]
+        # Shift the labels, not the logits (as HF's ``ForCausalLMLoss`` does): the target of the last position is
+        # -100, so its loss is exactly 0, and the logits stay a contiguous view (slicing them would copy the whole
+        # [B, L, V] tensor in the forward and allocate another in the backward).
+        labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     batch_size, seq_len, vocab_size = logits.shape
     logits = logits if logits.dtype == torch.float64 else logits.float()  # HF upcasts to float32; keep float64
     token_loss = F.cross_entropy(
@@ -48,7 +50,7 @@ def per_sample_loss_sums(
         labels.reshape(-1).to(logits.device),
         ignore_index=IGNORE_INDEX,
         reduction='none',
-    ).view(batch_size, seq_len)  # [B, L-1]; exactly 0 where ignored
+    ).view(batch_size, seq_len)  # [B, L] (shifted: exactly 0 at the last position and wherever ignored)
     token_count = (labels != IGNORE_INDEX).sum(dim=1).to(token_loss.dtype)
     return token_loss.sum(dim=1), token_count
 

@@ -205,3 +205,73 @@ def test_fsdp_is_refused_at_init():
 
     with pytest.raises(ValueError, match='FSDP'):
         DWM(refit=False)._init(FakeState())
+
+
+class _ForwardKwargs:
+    """Forward pre-hook that records which keyword arguments reach the HF model."""
+
+    def __init__(self, module):
+        self.calls = []
+        module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.calls.append(sorted(kwargs))
+
+
+@pytest.mark.parametrize('single_loss_pass', [True, False])
+def test_single_loss_pass_keeps_loss_and_train_metrics(single_loss_pass):
+    """With ``single_loss_pass`` the HF forward gets no ``labels`` (no discarded cross-entropy), yet the loss, the
+    update and Composer's train metrics (LanguageCrossEntropy from its own copy of the batch) equal plain Composer,
+    and the batch keeps its labels after the step; microbatched and with token accumulation."""
+    from composer.metrics.nlp import LanguageCrossEntropy
+    from composer.models import HuggingFaceModel
+    from dwm_testing import tiny_llama
+
+    def model():
+        return HuggingFaceModel(tiny_llama(), use_logits=True, metrics=[LanguageCrossEntropy()])
+
+    plain, plain_log = _trainer(model(), microbatch=4, tokens=True)
+    plain.fit()
+    dwm = DWM(refit=False, weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1}, single_loss_pass=single_loss_pass)
+    capture = _Capture()
+    weighted_model = model()
+    hook = _ForwardKwargs(weighted_model.model)
+    weighted, weighted_log = _trainer(weighted_model, [dwm], microbatch=4, tokens=True, callbacks=[capture])
+    weighted.fit()
+    assert len(hook.calls) == 4
+    assert all(('labels' in kw) != single_loss_pass for kw in hook.calls)
+    assert all('labels' in b for b in capture.batches) and 'labels' in weighted.state.batch
+    torch.testing.assert_close(_losses(weighted_log), _losses(plain_log), rtol=1e-6, atol=0)
+    key = 'metrics/train/LanguageCrossEntropy'
+    torch.testing.assert_close([float(v) for _, v in weighted_log.data[key]],
+                               [float(v) for _, v in plain_log.data[key]], rtol=1e-6, atol=0)
+    for (name, a), (_, b) in zip(weighted.state.model.named_parameters(), plain.state.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_refit_with_sdpa_model_uses_math_attention():
+    """A refit on an ``sdpa`` model runs (the JVP on SDPA's math backend) and leaves the attention setting alone."""
+    model = composer_llama(attn='sdpa')
+    dwm = DWM(num_stages=2, refit_steps=1, lookahead_lr=0.1, weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1},
+              refit_dataloader=_refit_loader(), val_dataloader=val_batches())
+    trainer, _ = _trainer(model, [dwm], max_duration='2ba')
+    trainer.fit()
+    assert dwm.refits_done == 2
+    assert model.model.config._attn_implementation == 'sdpa'
+    assert dwm.last_refit_metrics['dwm/refit/hypergradient_norm'] > 0
+
+
+def test_refit_checkpoint_weighter_gives_the_same_refit():
+    """Checkpointing the weighter's backbone in the refit changes memory, not the result."""
+    weighters = []
+    for checkpointed in (False, True):
+        dwm = DWM(num_stages=2, refit_steps=2, lookahead_lr=0.1, weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1},
+                  refit_dataloader=_refit_loader(), val_dataloader=val_batches(),
+                  refit_checkpoint_weighter=checkpointed)
+        trainer, _ = _trainer(composer_llama(), [dwm], max_duration='1ba')
+        trainer.fit()
+        assert dwm.refits_done >= 1
+        weighters.append(dwm.weighter.state_dict())
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weighters[0].items() if 'score_head' in k)
+    for name, value in weighters[0].items():
+        torch.testing.assert_close(weighters[1][name], value, rtol=1e-6, atol=1e-7, msg=name)

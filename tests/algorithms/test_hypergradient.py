@@ -163,3 +163,64 @@ def test_fd_zero_direction():
     _, params, contributions_fn, _, _ = _problem()
     zero = {k: torch.zeros_like(v) for k, v in params.items()}
     assert torch.equal(directional_derivative_fd(contributions_fn, params, zero), torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize('padded', [False, True])
+def test_jvp_through_sdpa_math_backend(padded):
+    """DWM's JVP on an ``sdpa`` Llama keeps SDPA on its math backend (the fused CPU kernel has no forward-mode rule),
+    with and without a padding mask; it equals the create_graph reference and the eager-attention JVP."""
+    from algorithms.dwm.dwm import _eager_attention, _jvp_attention
+
+    model = tiny_llama(hidden=16, layers=1, seed=3, dtype=torch.float64, attn='sdpa')
+    gen = torch.Generator().manual_seed(3)
+    train_ids = torch.stack([clean_sequence(gen, 8) if i % 2 else noisy_sequence(gen, 8) for i in range(4)])
+    mask = torch.ones_like(train_ids)
+    if padded:
+        mask[1, 5:] = 0
+        mask[3, 6:] = 0
+    labels = train_ids.masked_fill(mask == 0, -100)
+    val_ids = torch.stack([clean_sequence(gen, 8) for _ in range(3)])
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def contributions_fn(p):
+        logits = functional_call(model, p, args=(), kwargs={'input_ids': train_ids, 'attention_mask': mask}).logits
+        return loss_contributions(*per_sample_loss_sums(logits, labels))
+
+    def val_loss_fn(p):
+        logits = functional_call(model, p, args=(), kwargs={'input_ids': val_ids}).logits
+        return per_sample_loss_sums(logits, val_ids)[0].sum() / (val_ids.numel() - 3)
+
+    weights = torch.tensor([0.5, 1.5, 1.2, 0.8], dtype=torch.float64)
+    with pytest.raises(NotImplementedError):  # the fused kernel: why the context is needed at all
+        hypergradient(contributions_fn, val_loss_fn, params, weights, LR)
+    exact = hypergradient(contributions_fn, val_loss_fn, params, weights, LR,
+                          jvp_context=lambda: _jvp_attention(model)).hypergradient
+    eager = hypergradient(contributions_fn, val_loss_fn, params, weights, LR,
+                          jvp_context=lambda: _eager_attention(model)).hypergradient
+    with _jvp_attention(model):  # double backward through the fused kernel is not implemented either
+        reference = hypergradient_autograd(contributions_fn, val_loss_fn, params, weights, LR)
+    assert model.config._attn_implementation == 'sdpa'
+    assert reference.abs().max() > 1e-5
+    assert _rel(exact, reference) <= 1e-6
+    assert _rel(exact, eager) <= 1e-6
+
+
+def test_lookahead_in_place_buffers_with_aliased_gradients():
+    """Gradients that autograd returns as expanded views or shared storages are copied before the in-place look-ahead
+    step, so each parameter gets its own, correct, theta'."""
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    b = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    c = torch.tensor(5.0, dtype=torch.float64)
+
+    def contributions_fn(p):
+        shared = p['a'] + p['b']  # d/da and d/db may be the same tensor
+        return torch.stack([shared.sum(), p['c'].expand(3).sum()])  # d/dc of an expand: a stride-0 view
+
+    weights = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    precond = {'a': torch.full((2,), 0.5, dtype=torch.float64), 'b': torch.ones(2, dtype=torch.float64),
+               'c': torch.tensor(2.0, dtype=torch.float64)}
+    out = lookahead(contributions_fn, {'a': a, 'b': b, 'c': c}, weights, 0.1, precond)
+    torch.testing.assert_close(out['a'], a - 0.1 * 0.5 * 2.0)
+    torch.testing.assert_close(out['b'], b - 0.1 * 1.0 * 2.0)
+    torch.testing.assert_close(out['c'], c - 0.1 * 2.0 * 3.0)
+    assert torch.equal(a, torch.tensor([1.0, 2.0], dtype=torch.float64))  # theta itself untouched
