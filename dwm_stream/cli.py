@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 __all__ = ['main']
@@ -74,16 +75,25 @@ def _run_benchmark(module: str, argv: list[str]) -> int:
     return int(mod.main(argv) or 0)
 
 
-_BENCHES = {'loader': 'loader_throughput', 'overhead': 'dwm_overhead'}
+_BENCHES = {'loader': 'loader_throughput', 'overhead': 'dwm_overhead', 'convert': 'convert_throughput',
+            'quality': 'quality'}
+
+
+# `--out DIR` as each benchmark takes it (default: `--out DIR`); dwm_overhead takes a JSON path and its RESULTS.md.
+_OUT_ARGS = {'overhead': lambda out: ['--out', os.path.join(out, 'dwm_overhead.json'), '--results-md',
+                                      os.path.join(os.path.dirname(os.path.abspath(out)), 'RESULTS.md')]}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     which = list(_BENCHES) if 'all' in args.which else args.which
     rc = 0
     for name in which:
-        argv = (['--quick'] if args.quick else []) + (['--out', args.out] if args.out else [])
+        out = _OUT_ARGS.get(name, lambda o: ['--out', o])(args.out) if args.out else []
+        argv = (['--quick'] if args.quick else []) + out
         print(f'== bench {name} ==', flush=True)
+        started = time.perf_counter()
         rc |= _run_benchmark(_BENCHES[name], argv + list(args.extra or []))
+        print(f'== bench {name}: {time.perf_counter() - started:.0f}s ==', flush=True)
     return rc
 
 
@@ -291,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument('which', nargs='+', choices=[*_BENCHES, 'all'], help='which benchmarks')
     be.add_argument('--quick', action='store_true', help='small sizes, for CI')
     be.add_argument('--out', default=None, help='results directory (default: benchmarks/results)')
-    be.add_argument('extra', nargs=argparse.REMAINDER, help='further arguments passed to the benchmark')
-    be.set_defaults(func=_cmd_bench)
+    # Any other option (e.g. --device gpu, --seeds 0 1) is passed to the benchmark(s): see main().
+    be.set_defaults(func=_cmd_bench, extra=[])
 
     _add_selection_parsers(sub)
     return parser
@@ -300,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != 'bench':
+        parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+    if args.command == 'bench':
+        args.extra = unknown  # further options for the benchmark(s) themselves
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -1,0 +1,852 @@
+"""Quality proxy for the paper's claim: does DWM train a tiny Llama faster on the embedded corpus?
+
+Four methods train the same tiny Llama on the same data (the embedded SlimPajama-format corpus with its three
+degraded domains), from the same initialisation and in the same sample order for a given seed, for the same
+number of steps and hence the same token budget:
+
+* ``uniform``: plain training.
+* ``dwm``: DWM with 5 stages (``algorithms.dwm``; settings of ``yamls/demo-cpu.yaml``, not tuned here), refit
+  against the *fit* half of the LAMBADA-format file.
+* ``static_domain``: fixed per-domain weights from a short uniform proxy run (``algorithms.baselines``): each
+  domain's first-order effect on the same LAMBADA fit loss, ``<grad L_fit, grad L_domain>`` at the end of the proxy
+  run, clipped at 0, normalised to mean 1 over the training mix, mixed with uniform (λ = 0.1, as DWM's).
+* ``loss_reweighting``: Sow et al. 2025 (LinUpper, r = 1, 5% uniform warm-up), per-sample weights from the sample's
+  current loss, normalised within the batch.
+
+All four put their weights into the loss the same way (``batch['dwm_weight']``, DWM's loss terms). Reported:
+held-out loss curves (the validation shards of the real domains; per domain too), LAMBADA-format continuation
+loss and accuracy on the *report* half (never used to fit DWM or the static weights), the steps each method needs
+to reach uniform's final validation loss (linear interpolation between evaluations; per seed, then the mean), and
+the mean weight per domain per stage.
+
+    python benchmarks/quality.py [--quick] [--out DIR] [--seeds 0 1 2] [--jobs 2]
+
+Writes ``DIR/quality.json`` (default ``benchmarks/results``), ``quality_curves.png``, ``quality_weights.png``,
+and regenerates the section between the quality markers of ``benchmarks/RESULTS.md`` (beside ``DIR``).
+"""
+
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+if REPO not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, REPO)
+
+BEGIN_MARK = '<!-- quality:begin -->'
+END_MARK = '<!-- quality:end -->'
+METHODS = ('uniform', 'dwm', 'static_domain', 'loss_reweighting')
+LABELS = {'uniform': 'uniform', 'dwm': 'DWM (5 stages)', 'static_domain': 'static domain weights',
+          'loss_reweighting': 'loss-based (Sow et al.)'}
+PROXY_SEED = 1000  # the static baseline's proxy run: its own seed, shared by every main seed
+TARGET_STEP_FRACTION = 0.8
+TARGET_DEGRADED_WEIGHT = 0.5
+
+
+@dataclass
+class Budget:
+    """Everything that sets the size of the experiment (recorded in the JSON)."""
+    corpus_size: str
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    steps: int
+    evals: int                      # evaluations after step 0, evenly spaced
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    num_heads: int
+    lr: float
+    warmup_frac: float
+    num_stages: int
+    refit_steps: int
+    weighter_d_model: int
+    proxy_frac: float               # static baseline: proxy run length as a fraction of `steps`
+    proxy_batches_per_domain: int   # static baseline: batches per domain for its gradient
+    max_eval_batches: int
+    eval_batch_size: int = 32
+    # DWM settings: those of yamls/demo-cpu.yaml (not tuned to this benchmark)
+    refit_lr: float = 0.003
+    lookahead: str = 'sgd'
+    lookahead_lr: float = 0.003
+    tau: float = 1.0
+    mix_uniform: float = 0.1
+    val_batch_size: int = 16
+    # Sow et al.'s defaults
+    sow_r: float = 1.0
+    sow_warmup_frac: float = 0.05
+
+
+FULL = Budget(corpus_size='4MB', vocab_size=2048, seq_len=128, batch_size=16, steps=300, evals=15,
+              hidden_size=64, num_layers=2, intermediate_size=176, num_heads=4, lr=0.003, warmup_frac=0.05,
+              num_stages=5, refit_steps=12, weighter_d_model=64, proxy_frac=0.2, proxy_batches_per_domain=4,
+              max_eval_batches=8)
+QUICK = Budget(corpus_size='1MB', vocab_size=1024, seq_len=64, batch_size=8, steps=30, evals=3,
+               hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2, lr=0.003, warmup_frac=0.1,
+               num_stages=5, refit_steps=1, weighter_d_model=16, proxy_frac=0.34, proxy_batches_per_domain=1,
+               max_eval_batches=4)
+
+
+def _say(msg: str) -> None:
+    print(f'[quality] {msg}', flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def prepare_data(data_dir: str, budget: Budget) -> dict[str, str]:
+    """Corpus, tokenizer, MDS shards and the LAMBADA fit/report split, cached in ``data_dir``."""
+    from dwm_stream.convert import convert
+    from dwm_stream.corpus import build_corpus
+    from dwm_stream.tokenizer import train_tokenizer
+    key = f'{budget.corpus_size}-v{budget.vocab_size}-s{budget.seq_len}'
+    root = os.path.join(data_dir, key)
+    paths = {'root': root, 'corpus': os.path.join(root, 'corpus'), 'tokenizer': os.path.join(root, 'tokenizer'),
+             'train': os.path.join(root, 'mds', 'train'), 'validation': os.path.join(root, 'mds', 'validation'),
+             'lambada_fit': os.path.join(root, 'lambada_fit.jsonl'),
+             'lambada_report': os.path.join(root, 'lambada_report.jsonl')}
+    if not os.path.exists(os.path.join(paths['corpus'], 'dwm_corpus.json')):
+        if os.path.exists(paths['corpus']):
+            import shutil
+            shutil.rmtree(paths['corpus'])
+        _say(f'building the embedded corpus ({budget.corpus_size}) in {paths["corpus"]}')
+        build_corpus(paths['corpus'], size=budget.corpus_size, seed=0, progress=False)
+    train_tokenizer(paths['corpus'], paths['tokenizer'], vocab_size=budget.vocab_size, progress=False)
+    for split in ('train', 'validation'):
+        if not os.path.exists(os.path.join(paths[split], 'index.json')):
+            _say(f'converting {split}/ to MDS ({budget.seq_len} tokens per sample)')
+            convert(os.path.join(paths['corpus'], split), paths[split], tokenizer=paths['tokenizer'],
+                    seq_len=budget.seq_len, workers=1, overwrite=True, progress=False)
+    if not os.path.exists(paths['lambada_report']):
+        # First half: fits DWM's weighter and the static baseline's weights. Second half: reported only.
+        with open(os.path.join(paths['corpus'], 'lambada.jsonl')) as f:
+            lines = [line for line in f if line.strip()]
+        half = len(lines) // 2
+        with open(paths['lambada_fit'], 'w') as f:
+            f.writelines(lines[:half])
+        with open(paths['lambada_report'], 'w') as f:
+            f.writelines(lines[half:])
+    return paths
+
+
+def _count_lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _domain_names(mds_dir: str) -> list[str]:
+    with open(os.path.join(mds_dir, 'dwm.json')) as f:
+        return list(json.load(f)['domains'])
+
+
+def _eval_batches(paths: dict[str, str], budget: Budget) -> list[dict]:
+    """The fixed held-out batches every evaluation uses (validation shards, in order)."""
+    from dwm_stream.builders import WidenedLoader
+    loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, budget.eval_batch_size, 'validation')
+    batches = []
+    for batch in loader:
+        batches.append({k: batch[k].clone() for k in ('input_ids', 'labels', 'domain')})
+        if len(batches) >= budget.max_eval_batches:
+            break
+    return batches
+
+
+def evaluate(lm, batches: list[dict], domain_names: list[str]) -> dict[str, float]:
+    """Token-mean loss by domain, over the real domains (``clean``: the validation loss of this benchmark), and over
+    all domains (``all``)."""
+    import torch
+
+    from algorithms.dwm.loss import per_sample_loss_sums
+    from dwm_stream.corpus import DEGRADED_DOMAINS
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    was_training = lm.training
+    lm.eval()
+    with torch.no_grad():
+        for batch in batches:
+            loss_sum, count = per_sample_loss_sums(lm(input_ids=batch['input_ids']).logits, batch['labels'])
+            for d, s, n in zip(batch['domain'].tolist(), loss_sum.tolist(), count.tolist()):
+                name = domain_names[d]
+                group = 'degraded' if name in DEGRADED_DOMAINS else 'clean'
+                for key in (name, group, 'all'):
+                    sums[key] = sums.get(key, 0.0) + s
+                    counts[key] = counts.get(key, 0.0) + n
+    lm.train(was_training)
+    return {k: sums[k] / max(counts[k], 1.0) for k in sums}
+
+
+# ------------------------------------------------------------------------------------------------------- one run
+def _probe_callback(eval_batches, domain_names, budget: Budget):
+    """A Composer callback: evaluations at step 0 and every ``steps / evals`` batches, and the mean weight per
+    domain per stage (stages: ``num_stages`` equal parts of the run, DWM's stage boundaries)."""
+    from composer.core import Callback
+
+    from algorithms.dwm import WEIGHT_KEY
+
+    class QualityProbe(Callback):
+
+        def __init__(self):
+            self.curve: list[dict[str, Any]] = []
+            self.batches_done = 0
+            self.weight_sums: dict[tuple[int, str], float] = {}
+            self.weight_counts: dict[tuple[int, str], int] = {}
+            self.eval_seconds = 0.0
+
+        def _eval(self, state):
+            started = time.perf_counter()
+            losses = evaluate(state.model.model, eval_batches, domain_names)
+            self.eval_seconds += time.perf_counter() - started
+            self.curve.append({'step': self.batches_done, **losses})
+
+        def fit_start(self, state, logger):
+            self._eval(state)
+
+        def batch_end(self, state, logger):
+            stage = min(self.batches_done * budget.num_stages // budget.steps, budget.num_stages - 1)
+            batch = state.batch
+            domains = batch['domain'].tolist()
+            weights = batch[WEIGHT_KEY].tolist() if WEIGHT_KEY in batch else [1.0] * len(domains)
+            for d, w in zip(domains, weights):
+                key = (stage, domain_names[d])
+                self.weight_sums[key] = self.weight_sums.get(key, 0.0) + float(w)
+                self.weight_counts[key] = self.weight_counts.get(key, 0) + 1
+            self.batches_done += 1
+            every = max(1, budget.steps // budget.evals)
+            if self.batches_done % every == 0 or self.batches_done == budget.steps:
+                if not self.curve or self.curve[-1]['step'] != self.batches_done:
+                    self._eval(state)
+
+        def stage_weights(self) -> list[dict[str, float]]:
+            table = [{} for _ in range(budget.num_stages)]
+            for (stage, name), total in sorted(self.weight_sums.items()):
+                table[stage][name] = total / self.weight_counts[(stage, name)]
+            return table
+
+    return QualityProbe()
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one (method, seed) and evaluate it; returns plain JSON-able numbers (and, for the proxy, weights)."""
+    import torch
+    torch.set_num_threads(int(spec.get('threads', 1)))
+    from composer import Trainer
+    from composer.loggers import InMemoryLogger
+    from composer.utils import reproducibility
+
+    from algorithms.baselines import LossReweighting, StaticDomainWeighting
+    from algorithms.dwm import ValidationBatches
+    from dwm_stream import builders
+
+    budget = Budget(**spec['budget'])
+    paths, method, seed = spec['paths'], spec['method'], int(spec['seed'])
+    steps = int(spec.get('steps') or budget.steps)
+    run_budget = Budget(**{**asdict(budget), 'steps': steps})
+    domain_names = _domain_names(paths['train'])
+    reproducibility.seed_all(seed)
+    tokenizer = builders.build_tokenizer({'name': paths['tokenizer']})
+    model = builders.build_model({'name': 'llama', 'config_overrides': {
+        'hidden_size': budget.hidden_size, 'intermediate_size': budget.intermediate_size,
+        'num_hidden_layers': budget.num_layers, 'num_attention_heads': budget.num_heads,
+        'num_key_value_heads': budget.num_heads, 'max_position_embeddings': budget.seq_len,
+        'tie_word_embeddings': True}}, tokenizer)
+    train_dataset = {'local': paths['train'], 'shuffle': True, 'shuffle_seed': 17 + seed}
+    train_spec = builders.build_train_dataloader({'name': 'dwm', 'dataset': train_dataset}, budget.batch_size)
+    eval_batches = _eval_batches(paths, budget) if spec.get('evaluate', True) else []
+    probe = _probe_callback(eval_batches, domain_names, run_budget)
+    algorithms = []
+    if method == 'dwm':
+        algorithms.append(builders.ConfiguredDWM(
+            train_dataset=train_dataset, tokenizer=tokenizer, device_batch_size=budget.batch_size,
+            num_stages=budget.num_stages, refit_steps=budget.refit_steps, refit_lr=budget.refit_lr,
+            lookahead=budget.lookahead, lookahead_lr=budget.lookahead_lr, hypergrad='jvp', tau=budget.tau,
+            mix_uniform=budget.mix_uniform, domain_names=domain_names,
+            weighter={'d_model': budget.weighter_d_model, 'n_layers': 1, 'n_heads': 4,
+                      'max_seq_len': budget.seq_len, 'batch_layers': 1},
+            validation={'lambada': paths['lambada_fit'], 'batch_size': budget.val_batch_size,
+                        'max_length': budget.seq_len}))
+    elif method == 'static_domain':
+        algorithms.append(StaticDomainWeighting(spec['static_weights'], domain_names=domain_names))
+    elif method == 'loss_reweighting':
+        algorithms.append(LossReweighting(r=budget.sow_r, warmup=f'{budget.sow_warmup_frac}dur',
+                                          domain_names=domain_names))
+    elif method != 'uniform':
+        raise ValueError(f'unknown method {method!r}; one of {METHODS}')
+    memory = InMemoryLogger()
+    trainer = Trainer(
+        model=model, train_dataloader=train_spec, max_duration=f'{steps}ba',
+        optimizers=builders.build_optimizer({'name': 'decoupled_adamw', 'lr': budget.lr, 'betas': [0.9, 0.95],
+                                             'eps': 1e-8, 'weight_decay': 0.0}, model),
+        schedulers=builders.build_scheduler({'name': 'cosine_with_warmup',
+                                             't_warmup': f'{max(1, round(budget.warmup_frac * steps))}ba',
+                                             'alpha_f': 0.1}),
+        algorithms=algorithms, callbacks=[probe] if spec.get('evaluate', True) else [], loggers=[memory],
+        device='cpu', precision='fp32', seed=seed, device_train_microbatch_size=budget.batch_size,
+        progress_bar=False, log_to_console=False, python_log_level=None)
+    started = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - started
+    lm = trainer.state.model.model
+    result: dict[str, Any] = {'method': method, 'seed': seed, 'steps': steps,
+                              'tokens': steps * budget.batch_size * budget.seq_len, 'train_seconds': seconds}
+    if spec.get('evaluate', True):
+        report = ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32, max_length=budget.seq_len)
+        from dwm_stream.evaluation import lambada_metrics
+        result.update({'curve': probe.curve, 'final': evaluate(lm, eval_batches, domain_names),
+                       'lambada': lambada_metrics(lm, report), 'stage_weights': probe.stage_weights(),
+                       'eval_seconds': probe.eval_seconds})
+    if method == 'dwm':
+        refit = {}
+        for key in ('dwm/refit/val_loss_before', 'dwm/refit/val_loss_after', 'dwm/refit/wall_time'):
+            refit[key.split('/')[-1]] = [float(v) for _, v in memory.data.get(key, [])]
+        result['refit'] = refit
+    if spec.get('proxy'):
+        result['proxy'] = static_weights_from_proxy(lm, tokenizer, paths, budget, domain_names)
+    trainer.close()
+    return result
+
+
+def static_weights_from_proxy(lm, tokenizer, paths: dict[str, str], budget: Budget,
+                              domain_names: list[str]) -> dict[str, Any]:
+    """The static baseline's weights from the proxy model: per domain, ``<grad L_fit, grad L_domain>``."""
+    import torch
+
+    from algorithms.baselines import domain_weights_from_alignment
+    from algorithms.dwm import ValidationBatches
+    from algorithms.dwm.loss import per_sample_loss_sums
+    from dwm_stream.builders import WidenedLoader
+
+    params = [p for p in lm.parameters() if p.requires_grad]
+
+    def gradient(batches) -> torch.Tensor:
+        lm.zero_grad(set_to_none=True)
+        total = sum(int((b['labels'][:, 1:] != -100).sum()) for b in batches)
+        for b in batches:
+            loss_sum, _ = per_sample_loss_sums(lm(input_ids=b['input_ids'],
+                                                  attention_mask=b.get('attention_mask')).logits, b['labels'])
+            (loss_sum.sum() / max(total, 1)).backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        lm.zero_grad(set_to_none=True)
+        return flat
+
+    # Per-domain batches from the training set (its own shuffle seed) and the domain shares of the whole set.
+    need = budget.proxy_batches_per_domain * budget.batch_size
+    samples: dict[int, list[dict]] = {}
+    counts: dict[int, int] = {}
+    loader = WidenedLoader({'local': paths['train'], 'shuffle': True, 'shuffle_seed': PROXY_SEED + 1},
+                           budget.batch_size, 'train')
+    for batch in loader:
+        for i, d in enumerate(batch['domain'].tolist()):
+            counts[d] = counts.get(d, 0) + 1
+            if len(samples.setdefault(d, [])) < need:
+                samples[d].append({k: batch[k][i] for k in ('input_ids', 'labels')})
+    val = list(ValidationBatches(paths['lambada_fit'], tokenizer, batch_size=budget.val_batch_size,
+                                 max_length=budget.seq_len))
+    lm.train()
+    g_val = gradient(val)
+    alignment, cosine = {}, {}
+    for d, rows in sorted(samples.items()):
+        batches = [{k: torch.stack([r[k] for r in rows[i:i + budget.batch_size]]) for k in ('input_ids', 'labels')}
+                   for i in range(0, len(rows), budget.batch_size)]
+        g = gradient(batches)
+        alignment[domain_names[d]] = float(g_val @ g)
+        cosine[domain_names[d]] = float(g_val @ g / (g_val.norm() * g.norm()).clamp(min=1e-30))
+    total = sum(counts.values())
+    shares = {domain_names[d]: c / total for d, c in counts.items()}
+    weights = domain_weights_from_alignment(alignment, shares, mix_uniform=budget.mix_uniform)
+    return {'alignment': alignment, 'cosine': cosine, 'shares': shares, 'weights': weights,
+            'samples_per_domain': {domain_names[d]: len(r) for d, r in samples.items()},
+            'fit_examples': sum(int(b['input_ids'].shape[0]) for b in val)}
+
+
+# ------------------------------------------------------------------------------------------------------- running
+def _run_subprocess(spec: dict[str, Any], work: str) -> dict[str, Any]:
+    name = f'{spec["method"]}-{spec["seed"]}{"-proxy" if spec.get("proxy") else ""}'
+    spec_path = os.path.join(work, f'{name}.spec.json')
+    result_path = os.path.join(work, f'{name}.result.json')
+    with open(spec_path, 'w') as f:
+        json.dump(spec, f)
+    log_path = os.path.join(work, f'{name}.log')
+    with open(log_path, 'w') as log:
+        rc = subprocess.call([sys.executable, os.path.abspath(__file__), '--_worker', spec_path, result_path],
+                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if rc != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f'quality run {name} failed (exit {rc}); log {log_path}:\n{tail}')
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def run_all(paths: dict[str, str], budget: Budget, seeds: list[int], jobs: int, work: str) -> dict[str, Any]:
+    """The proxy run, then every (method, seed); ``jobs`` > 1 runs them in that many subprocesses."""
+    base = {'paths': paths, 'budget': asdict(budget), 'threads': 1}
+    proxy_spec = {**base, 'method': 'uniform', 'seed': PROXY_SEED, 'proxy': True, 'evaluate': False,
+                  'steps': max(2, round(budget.proxy_frac * budget.steps))}
+    specs = [{**base, 'method': m, 'seed': s} for s in seeds for m in METHODS if m != 'static_domain']
+    runs: list[dict[str, Any]] = []
+
+    def label(spec):
+        return f'{spec["method"]} seed {spec["seed"]}' + (' (proxy)' if spec.get('proxy') else '')
+
+    def execute(spec):
+        started = time.perf_counter()
+        result = run_one(spec) if jobs <= 1 else _run_subprocess(spec, work)
+        _say(f'{label(spec)}: {time.perf_counter() - started:.0f}s')
+        return result
+
+    if jobs <= 1:
+        proxy = execute(proxy_spec)
+        for spec in specs:
+            runs.append(execute(spec))
+        for s in seeds:
+            runs.append(execute({**base, 'method': 'static_domain', 'seed': s,
+                                 'static_weights': proxy['proxy']['weights']}))
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            proxy_future = pool.submit(execute, proxy_spec)
+            futures = [pool.submit(execute, spec) for spec in specs]
+            proxy = proxy_future.result()
+            futures += [pool.submit(execute, {**base, 'method': 'static_domain', 'seed': s,
+                                              'static_weights': proxy['proxy']['weights']}) for s in seeds]
+            runs = [f.result() for f in futures]
+    return {'proxy': {'seed': PROXY_SEED, 'steps': proxy['steps'], 'train_seconds': proxy['train_seconds'],
+                      **proxy['proxy']},
+            'runs': sorted(runs, key=lambda r: (METHODS.index(r['method']), r['seed']))}
+
+
+# ------------------------------------------------------------------------------------------------------- analysis
+def steps_to_reach(curve: list[dict[str, Any]], target: float, key: str = 'clean') -> Optional[float]:
+    """First step at which the eval curve reaches ``target`` (linear interpolation between evaluations), or
+    ``None`` if it never does."""
+    for i, point in enumerate(curve):
+        if point[key] <= target:
+            if i == 0:
+                return float(point['step'])
+            prev = curve[i - 1]
+            frac = (prev[key] - target) / (prev[key] - point[key])
+            return float(prev['step'] + frac * (point['step'] - prev['step']))
+    return None
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    import statistics
+    vals = sorted(values)
+    return {'mean': sum(vals) / len(vals), 'min': vals[0], 'median': statistics.median(vals), 'max': vals[-1],
+            'n': len(vals)}
+
+
+def analyse(raw: dict[str, Any], budget: Budget, domain_names: list[str]) -> dict[str, Any]:
+    """Per-method summaries, the steps-to-target figures and the two targets."""
+    from dwm_stream.corpus import DEGRADED_DOMAINS
+    runs = raw['runs']
+    by = {m: {r['seed']: r for r in runs if r['method'] == m} for m in METHODS}
+    seeds = sorted(by['uniform'])
+    methods = {}
+    for m in METHODS:
+        rs = [by[m][s] for s in seeds if s in by[m]]
+        reach = []
+        for s in seeds:
+            target = by['uniform'][s]['final']['clean']
+            step = steps_to_reach(by[m][s]['curve'], target)
+            reach.append({'seed': s, 'target': target, 'step': step,
+                          'fraction': None if step is None else step / by[m][s]['steps']})
+        fractions = [x['fraction'] for x in reach]
+        stage_weights = []  # mean over seeds of what each seed saw (a domain may be absent from a short stage)
+        for k in range(budget.num_stages):
+            row = {}
+            for d in domain_names:
+                seen = [r['stage_weights'][k][d] for r in rs if d in r['stage_weights'][k]]
+                if seen:
+                    row[d] = sum(seen) / len(seen)
+            stage_weights.append(row)
+        methods[m] = {
+            'label': LABELS[m],
+            'final_clean': _stats([r['final']['clean'] for r in rs]),
+            'final_all': _stats([r['final']['all'] for r in rs]),
+            'final_degraded': _stats([r['final']['degraded'] for r in rs]),
+            'final_by_domain': {d: sum(r['final'][d] for r in rs) / len(rs) for d in domain_names
+                                if all(d in r['final'] for r in rs)},
+            'lambada_accuracy': _stats([r['lambada']['accuracy'] for r in rs]),
+            'lambada_loss': _stats([r['lambada']['loss'] for r in rs]),
+            'lambada_examples': rs[0]['lambada']['examples'],
+            'train_seconds': _stats([r['train_seconds'] for r in rs]),
+            'reach_uniform_final': reach,
+            'reach_fraction_mean': (sum(fractions) / len(fractions)) if all(f is not None for f in fractions)
+                                   else None,
+            'seeds_reached': sum(f is not None for f in fractions),
+            'stage_weights': stage_weights,
+        }
+    degraded = [d for d in domain_names if d in DEGRADED_DOMAINS]
+    last = {d: w for d, w in methods['dwm']['stage_weights'][-1].items() if d in degraded}
+    frac = methods['dwm']['reach_fraction_mean']
+    targets = [
+        {'name': 'DWM reaches uniform\'s final validation loss in <= 80% of the steps (mean over seeds)',
+         'measured': frac, 'bound': TARGET_STEP_FRACTION,
+         'met': frac is not None and frac <= TARGET_STEP_FRACTION},
+        {'name': 'degraded domains\' mean DWM weight <= 0.5 in the last stage',
+         'measured': sum(last.values()) / max(len(last), 1), 'bound': TARGET_DEGRADED_WEIGHT,
+         'per_domain': last, 'met': bool(last) and sum(last.values()) / len(last) <= TARGET_DEGRADED_WEIGHT},
+    ]
+    return {'methods': methods, 'targets': targets, 'degraded_domains': degraded, 'seeds': seeds}
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def _f(x: Optional[float], fmt: str = '.3f') -> str:
+    return '-' if x is None else format(x, fmt)
+
+
+def _mmm(s: dict[str, float], fmt: str = '.3f') -> str:
+    return f'{format(s["mean"], fmt)} ({format(s["min"], fmt)}–{format(s["max"], fmt)})'
+
+
+def render_section(results: dict[str, Any], images: Optional[list[str]] = None) -> str:
+    """The RESULTS.md section, from the JSON alone."""
+    b = results['budget']
+    m = results['machine']
+    v = results['versions']
+    a = results['analysis']
+    seeds = a['seeds']
+    n = len(seeds)
+    degraded = a['degraded_domains']
+    label = 'QUICK RUN (CI size; not the full benchmark)' if results['quick'] else 'full run'
+    lines = [
+        BEGIN_MARK,
+        '## Quality proxy',
+        '',
+        f'_Generated by `benchmarks/quality.py{" --quick" if results["quick"] else ""}` on {results["date"]} from '
+        f'`results/quality.json` ({label}); do not edit by hand._',
+        '',
+        f'- **Machine:** {m["nproc"]} CPUs ({m["cpu"]}), {m["ram_gb"]} GB RAM, {m["platform"]}, Python {m["python"]}; '
+        f'each run on 1 torch thread, {results["jobs"]} run(s) at a time; wall time {results["seconds"] / 60:.1f} min.',
+        '- **Libraries:** ' + ', '.join(f'{k} {v[k]}' for k in sorted(v)) + '.',
+        f'- **Data:** the embedded corpus ({b["corpus_size"]}, {results["data"]["train_samples"]:,} train samples of '
+        f'{b["seq_len"]} tokens; degraded domains: {", ".join(degraded)}), BPE vocabulary {b["vocab_size"]}. '
+        f'Validation loss = token-mean loss on the validation shards of the real domains '
+        f'({results["data"]["eval_samples"]} samples, fixed); LAMBADA-format: {results["data"]["lambada_fit"]} '
+        f'passages fit DWM and the static weights, {results["data"]["lambada_report"]} others are reported.',
+        f'- **Model and budget:** Llama {b["num_layers"]}x{b["hidden_size"]} ({results["model_params"]:,} params), '
+        f'{b["steps"]} steps x {b["batch_size"]} samples x {b["seq_len"]} tokens = '
+        f'{b["steps"] * b["batch_size"] * b["seq_len"]:,} tokens for every method, AdamW lr {b["lr"]}, cosine; '
+        f'{b["evals"]} evaluations + step 0. **{n} seed(s)** ({", ".join(map(str, seeds))}): a seed fixes the '
+        f'initialisation and the sample order, identical across methods; figures are mean (min–max) over seeds.',
+        f'- **DWM:** {b["num_stages"]} stages, {b["refit_steps"]} refit steps per stage (Adam lr {b["refit_lr"]}), '
+        f'{b["lookahead"]} look-ahead lr {b["lookahead_lr"]}, weighter d_model {b["weighter_d_model"]}, '
+        f'τ {b["tau"]}, λ {b["mix_uniform"]} (the settings of `yamls/demo-cpu.yaml`, not tuned here).',
+        f'- **Static domain weights:** one uniform proxy run ({results["proxy"]["steps"]} steps, seed '
+        f'{results["proxy"]["seed"]}); per domain, `<∇L_fit, ∇L_domain>` on {b["proxy_batches_per_domain"]} '
+        f'batch(es) of that domain vs the {results["proxy"]["fit_examples"]} LAMBADA fit passages, clipped at 0, '
+        f'scaled to mean 1 over the training mix, mixed with uniform (λ {b["mix_uniform"]}); fixed for every seed.',
+        f'- **Loss-based (Sow et al. 2025):** LinUpper, r {b["sow_r"]}, uniform for the first '
+        f'{b["sow_warmup_frac"]:.0%} of steps; weights from the batch\'s own losses, mean 1 per batch.',
+        '',
+        '### Results',
+        '',
+        '| method | val loss (real domains) | val loss (degraded) | LAMBADA loss | LAMBADA acc | '
+        'steps to uniform\'s final val loss | train s |',
+        '|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    for key, s in a['methods'].items():
+        frac = s['reach_fraction_mean']
+        if frac is not None:
+            steps = f'{frac:.0%} ({", ".join(_f(x["step"], ".0f") for x in s["reach_uniform_final"])})'
+        else:
+            steps = (f'not reached in {n - s["seeds_reached"]} of {n} seed(s) '
+                     f'({", ".join(_f(x["step"], ".0f") for x in s["reach_uniform_final"])})')
+        lines.append(f'| {s["label"]} | {_mmm(s["final_clean"], ".4f")} | {_mmm(s["final_degraded"], ".4f")} | '
+                     f'{_mmm(s["lambada_loss"], ".4f")} | {_mmm(s["lambada_accuracy"], ".3f")} | {steps} | '
+                     f'{s["train_seconds"]["median"]:.0f} |')
+    lines += [
+        '',
+        f'Steps to uniform\'s final val loss: per seed, the first step at which the method\'s validation curve '
+        f'reaches the uniform run\'s final value of the same seed (linear interpolation between evaluations), as a '
+        f'share of the {b["steps"]} steps (mean over seeds), then the per-seed steps. Uniform itself reaches it at '
+        f'its last step by definition. LAMBADA acc: share of the {a["methods"]["uniform"]["lambada_examples"]} '
+        f'report passages whose final word is predicted exactly (greedy); tiny models score near 0, so the '
+        f'continuation loss is the more informative figure. Train time includes DWM\'s refits.',
+        '',
+        '### Targets',
+        '',
+        '| target | measured | bound | met |',
+        '|---|---:|---:|:---:|',
+    ]
+    for t in a['targets']:
+        measured = 'not reached' if t['measured'] is None else (
+            f'{t["measured"]:.0%}' if 'steps' in t['name'] else f'{t["measured"]:.3f}')
+        bound = f'{t["bound"]:.0%}' if 'steps' in t['name'] else f'{t["bound"]:.2f}'
+        lines.append(f'| {t["name"]} | {measured} | {bound} | {"yes" if t["met"] else "**no**"} |')
+    lines += ['', '### Mean weight per domain per stage (1 = uniform; mean over seeds)', '']
+    domains = results['data']['domains']
+    for key in ('dwm', 'static_domain', 'loss_reweighting'):
+        s = a['methods'][key]
+        k = len(s['stage_weights'])
+        lines += [f'**{s["label"]}**', '',
+                  '| domain | ' + ' | '.join(f'stage {i + 1}' for i in range(k)) + ' |',
+                  '|---|' + '---:|' * k]
+        for d in domains:
+            mark = ' (degraded)' if d in degraded else ''
+            lines.append(f'| {d}{mark} | ' + ' | '.join(_f(s['stage_weights'][i].get(d)) for i in range(k)) + ' |')
+        lines.append('')
+    p = results['proxy']
+    lines += ['**Static baseline, from the proxy run:** ' + ', '.join(
+        f'{d} {p["weights"][d]:.2f} (cos {p["cosine"][d]:+.2f})' for d in domains if d in p['weights']) + '.', '']
+    dwm_refit = results.get('dwm_refit')
+    if dwm_refit:
+        lines += ['**DWM refits** (look-ahead validation loss on the first refit pair, before -> after each refit; '
+                  'seed ' + str(seeds[0]) + '): ' + ', '.join(
+                      f'{x:.3f} -> {y:.3f}' for x, y in zip(dwm_refit['val_loss_before'], dwm_refit['val_loss_after']))
+                  + '.', '']
+    if results.get('notes'):
+        lines += ['### Notes', ''] + [f'- {x}' for x in results['notes']] + ['']
+    for image in images or []:
+        lines.append(f'![quality]({image})')
+    lines += ['', END_MARK]
+    return '\n'.join(lines)
+
+
+def notes(results: dict[str, Any]) -> list[str]:
+    """Plain statements of what the numbers say (generated, so they follow the JSON)."""
+    a = results['analysis']
+    out = []
+    for t in a['targets']:
+        if not t['met']:
+            out.append(f'Target missed: {t["name"]}: measured '
+                       f'{"not reached" if t["measured"] is None else format(t["measured"], ".3f")} against '
+                       f'{t["bound"]}.')
+    uni = a['methods']['uniform']['final_clean']['mean']
+    for key in ('dwm', 'static_domain', 'loss_reweighting'):
+        s = a['methods'][key]
+        diff = s['final_clean']['mean'] - uni
+        wins = sum(r['final']['clean'] < u['final']['clean'] for r, u in zip(
+            [r for r in results['runs'] if r['method'] == key],
+            [r for r in results['runs'] if r['method'] == 'uniform']))
+        out.append(f'{s["label"]}: final validation loss {diff:+.4f} vs uniform (mean over seeds; lower than uniform '
+                   f'in {wins} of {len(a["seeds"])} seed(s)).')
+    # What the validation signal itself says about the degraded domains (the proxy model's gradient alignment).
+    cos = results['proxy']['cosine']
+    helpful = [d for d in a['degraded_domains'] if cos.get(d, 0.0) > 0]
+    if helpful:
+        out.append('At the end of the proxy run the LAMBADA fit loss (the signal DWM and the static baseline both fit) '
+                   'is itself lowered by training on degraded domain(s) ' + ', '.join(
+                       f'{d} (cos {cos[d]:+.2f})' for d in helpful) + ': they carry the prose vocabulary, and a '
+                   'LAMBADA example scores one final word. At this scale, down-weighting them is not what that '
+                   'validation signal asks for.')
+    if results['quick']:
+        out.append('These are --quick figures (CI size): too few steps to mean anything about quality.')
+    out.extend(results.get('extra_notes', []))
+    return out
+
+
+def replace_section(path: str, section: str) -> None:
+    """Replace the text between the quality markers of ``path`` (appending it if absent)."""
+    text = ''
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    if BEGIN_MARK in text and END_MARK in text:
+        head, rest = text.split(BEGIN_MARK, 1)
+        _, tail = rest.split(END_MARK, 1)
+        text = head + section + tail
+    else:
+        if not text:
+            text = '# Benchmark results\n\nEach section is generated by its benchmark; do not edit them by hand.\n'
+        text = text.rstrip('\n') + '\n\n' + section + '\n'
+    with open(path, 'w') as f:
+        f.write(text)
+
+
+def read_section(path: str) -> str:
+    with open(path) as f:
+        text = f.read()
+    begin = text.index(BEGIN_MARK)
+    return text[begin:text.index(END_MARK, begin) + len(END_MARK)]
+
+
+def plot(results: dict[str, Any], curves_path: str, weights_path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    a = results['analysis']
+    colors = {'uniform': 'tab:gray', 'dwm': 'tab:blue', 'static_domain': 'tab:green', 'loss_reweighting': 'tab:orange'}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for ax, key, title in ((axes[0], 'clean', 'real domains'), (axes[1], 'degraded', 'degraded domains')):
+        for m in METHODS:
+            runs = [r for r in results['runs'] if r['method'] == m]
+            for i, r in enumerate(runs):
+                ax.plot([p['step'] for p in r['curve']], [p[key] for p in r['curve']], color=colors[m], alpha=0.8,
+                        lw=1.2, label=a['methods'][m]['label'] if i == 0 else None)
+        ax.set_xlabel('training step')
+        ax.set_ylabel('held-out loss (nats/token)')
+        ax.set_title(f'Validation loss, {title} (one line per seed)')
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(curves_path, dpi=100)
+    plt.close(fig)
+
+    domains = results['data']['domains']
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharey=True)
+    for ax, m in zip(axes, ('dwm', 'static_domain', 'loss_reweighting')):
+        sw = a['methods'][m]['stage_weights']
+        xs = list(range(1, len(sw) + 1))
+        for d in domains:
+            style = '--' if d in a['degraded_domains'] else '-'
+            ax.plot(xs, [sw[k].get(d, float('nan')) for k in range(len(sw))], style, marker='o',
+                    label=d + (' (degraded)' if d in a['degraded_domains'] else ''))
+        ax.axhline(1.0, color='grey', lw=0.8)
+        ax.axhline(TARGET_DEGRADED_WEIGHT, color='red', lw=0.6, ls=':')
+        ax.set_xticks(xs)
+        ax.set_xlabel('stage')
+        ax.set_title(f'{a["methods"][m]["label"]}: mean weight by domain')
+    axes[0].set_ylabel('mean weight (1 = uniform)')
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(weights_path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    cpu = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {'nproc': os.cpu_count(), 'cpu': cpu, 'ram_gb': round(ram, 1),
+            'platform': f'{platform.system()} {platform.release()}', 'python': platform.python_version(),
+            'load_avg_1min_at_start': load}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+    out = {}
+    for dist in ('torch', 'mosaicml', 'mosaicml-streaming', 'transformers', 'tokenizers'):
+        try:
+            out[dist] = version(dist)
+        except Exception:  # noqa: BLE001 - a missing library is simply not listed
+            pass
+    return out
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='benchmarks/quality.py', description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='CI size: 1 seed, a few steps (< ~2 min)')
+    parser.add_argument('--out', default=os.path.join(HERE, 'results'),
+                        help='results directory (default: benchmarks/results); RESULTS.md is its parent\'s')
+    parser.add_argument('--seeds', type=int, nargs='+', default=None,
+                        help='seeds (default: 0 1 2; --quick: 0)')
+    parser.add_argument('--steps', type=int, default=None, help='override the training steps of every run')
+    parser.add_argument('--jobs', type=int, default=None,
+                        help='runs at a time, each in its own process on 1 thread (default: 1 with --quick, else '
+                             'min(2, CPUs))')
+    parser.add_argument('--data-dir', default=os.path.join(REPO, '.cache', 'bench-quality'),
+                        help='cache of the corpus, tokenizer and shards (default: .cache/bench-quality)')
+    parser.add_argument('--results-md', default=None, help='RESULTS.md to update (default: OUT/../RESULTS.md)')
+    parser.add_argument('--render-only', action='store_true',
+                        help='only regenerate the plots and the RESULTS.md section from OUT/quality.json')
+    parser.add_argument('--_worker', nargs=2, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        spec_path, result_path = args._worker
+        with open(spec_path) as f:
+            result = run_one(json.load(f))
+        with open(result_path, 'w') as f:
+            json.dump(result, f)
+        return 0
+    if args.render_only:
+        with open(os.path.join(args.out, 'quality.json')) as f:
+            results = json.load(f)
+        write_report(results, args)
+        return 0
+    started = time.perf_counter()
+    budget = QUICK if args.quick else FULL
+    if args.steps:
+        budget = Budget(**{**asdict(budget), 'steps': args.steps})
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    jobs = args.jobs or (1 if args.quick else min(2, os.cpu_count() or 1))
+    machine = _machine()
+    os.makedirs(args.out, exist_ok=True)
+    paths = prepare_data(args.data_dir, budget)
+    domain_names = _domain_names(paths['train'])
+    with tempfile.TemporaryDirectory(prefix='dwm-bench-quality-') as work:
+        _say(f'{len(seeds)} seed(s) x {len(METHODS)} methods, {budget.steps} steps each, {jobs} at a time')
+        raw = run_all(paths, budget, seeds, jobs, work)
+    with open(os.path.join(paths['train'], 'dwm.json')) as f:
+        train_samples = json.load(f)['num_samples']
+    eval_samples = _eval_sample_count(paths, budget, domain_names)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(
+        hidden_size=budget.hidden_size, intermediate_size=budget.intermediate_size,
+        num_hidden_layers=budget.num_layers, num_attention_heads=budget.num_heads,
+        num_key_value_heads=budget.num_heads, vocab_size=_vocab(paths), max_position_embeddings=budget.seq_len,
+        tie_word_embeddings=True)).parameters())
+    results: dict[str, Any] = {
+        'benchmark': 'quality', 'quick': bool(args.quick),
+        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        'machine': machine, 'versions': _versions(), 'jobs': jobs, 'budget': asdict(budget),
+        'model_params': params,
+        'data': {'domains': domain_names, 'train_samples': train_samples, 'eval_samples': eval_samples,
+                 'lambada_fit': _count_lines(paths['lambada_fit']),
+                 'lambada_report': _count_lines(paths['lambada_report'])},
+        'proxy': raw['proxy'], 'runs': raw['runs'],
+    }
+    results['analysis'] = analyse(raw, budget, domain_names)
+    dwm_runs = [r for r in raw['runs'] if r['method'] == 'dwm']
+    if dwm_runs and dwm_runs[0].get('refit'):
+        results['dwm_refit'] = dwm_runs[0]['refit']
+    results['seconds'] = time.perf_counter() - started
+    write_report(results, args)
+    return 0
+
+
+def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Notes, JSON, plots and the RESULTS.md section, all from ``results``."""
+    results['notes'] = notes(results)
+    json_path = os.path.join(args.out, 'quality.json')
+    with open(json_path, 'w') as f:
+        json.dump(results, f, indent=1)
+    curves_png = os.path.join(args.out, 'quality_curves.png')
+    weights_png = os.path.join(args.out, 'quality_weights.png')
+    plot(results, curves_png, weights_png)
+    results_md = args.results_md or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'RESULTS.md')
+    images = [os.path.relpath(p, os.path.dirname(os.path.abspath(results_md))) for p in (curves_png, weights_png)]
+    replace_section(results_md, render_section(results, images))
+    _say(f'wrote {json_path}, {curves_png}, {weights_png} and the quality section of {results_md} '
+         f'({results["seconds"] / 60:.1f} min)')
+    for line in results['notes']:
+        _say(line)
+
+
+def _vocab(paths: dict[str, str]) -> int:
+    from dwm_stream.tokenizer import load_tokenizer
+    return len(load_tokenizer(paths['tokenizer']))
+
+
+def _eval_sample_count(paths: dict[str, str], budget: Budget, domain_names: list[str]) -> int:
+    from dwm_stream.corpus import DEGRADED_DOMAINS
+    return sum(sum(domain_names[d] not in DEGRADED_DOMAINS for d in b['domain'].tolist())
+               for b in _eval_batches(paths, budget))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The quality benchmark runs end to end (``--quick``), writes valid JSON, and RESULTS.md is made from it."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METHODS = ('uniform', 'dwm', 'static_domain', 'loss_reweighting')
+
+
+def _load_bench():
+    path = os.path.join(ROOT, 'benchmarks', 'quality.py')
+    spec = importlib.util.spec_from_file_location('quality_under_test', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+    bench = _load_bench()
+    root = tmp_path_factory.mktemp('bench')
+    results_md = root / 'RESULTS.md'
+    # Other sections, owned by other benchmarks, must survive the regeneration untouched.
+    other = '<!-- loader:begin -->\n## Loader\nkeep me 1.23\n<!-- loader:end -->\n'
+    results_md.write_text('# Benchmark results\n\n' + other + '\n' + bench.BEGIN_MARK + '\nstale 9.99\n' +
+                          bench.END_MARK + '\n\ntrailing text\n')
+    out = root / 'results'
+    assert bench.main(['--quick', '--out', str(out), '--data-dir', str(root / 'data')]) == 0
+    with open(out / 'quality.json') as f:
+        results = json.load(f)
+    return bench, results, out, results_md, other
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.mark.slow
+def test_json_schema(quick_run):
+    _, results, out, _, _ = quick_run
+    assert results['benchmark'] == 'quality' and results['quick'] is True
+    assert results['machine']['nproc'] > 0 and results['machine']['ram_gb'] > 0
+    assert {'torch', 'mosaicml', 'mosaicml-streaming', 'transformers'} <= set(results['versions'])
+    budget = results['budget']
+    for key in ('steps', 'batch_size', 'seq_len', 'num_stages', 'refit_steps', 'evals'):
+        assert budget[key] > 0, key
+    domains = results['data']['domains']
+    assert {'DegradedShuffledWords', 'DegradedRandomTokens', 'DegradedBoilerplate'} <= set(domains)
+    assert results['data']['lambada_fit'] > 0 and results['data']['lambada_report'] > 0
+    # The proxy run's static weights: one per domain, mean 1 over the training mix, at least lambda.
+    proxy = results['proxy']
+    assert set(proxy['weights']) == set(domains)
+    assert sum(proxy['shares'][d] * proxy['weights'][d] for d in domains) == pytest.approx(1.0, rel=1e-6)
+    assert min(proxy['weights'].values()) >= budget['mix_uniform'] - 1e-9
+    runs = results['runs']
+    assert sorted((r['method'], r['seed']) for r in runs) == sorted((m, 0) for m in METHODS)
+    for r in runs:
+        assert r['steps'] == budget['steps'] and r['tokens'] == budget['steps'] * budget['batch_size'] * budget['seq_len']
+        steps = [p['step'] for p in r['curve']]
+        assert steps[0] == 0 and steps[-1] == budget['steps'] and steps == sorted(set(steps))
+        assert all(_number(p['clean']) and _number(p['all']) for p in r['curve'])
+        assert r['curve'][-1]['clean'] < r['curve'][0]['clean']  # every method learns something
+        assert 0.0 <= r['lambada']['accuracy'] <= 1.0 and r['lambada']['examples'] == results['data']['lambada_report']
+        assert len(r['stage_weights']) == budget['num_stages']
+        for stage in r['stage_weights']:
+            assert all(w > 0 for w in stage.values())
+        if r['method'] == 'uniform':
+            assert all(w == 1.0 for stage in r['stage_weights'] for w in stage.values())
+    dwm = next(r for r in runs if r['method'] == 'dwm')
+    assert len(dwm['refit']['val_loss_before']) == budget['num_stages']
+    analysis = results['analysis']
+    assert set(analysis['methods']) == set(METHODS)
+    uniform_reach = analysis['methods']['uniform']['reach_uniform_final'][0]
+    assert uniform_reach['step'] == pytest.approx(budget['steps'])  # uniform reaches its own final loss at the end
+    assert [t['met'] for t in analysis['targets']] == [
+        analysis['targets'][0]['measured'] is not None and analysis['targets'][0]['measured'] <= 0.8,
+        analysis['targets'][1]['measured'] <= 0.5]
+    for png in ('quality_curves.png', 'quality_weights.png'):
+        assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_results_md_section_is_rendered_from_the_json(quick_run):
+    bench, results, out, results_md, other = quick_run
+    text = results_md.read_text()
+    images = [os.path.relpath(out / p, results_md.parent) for p in ('quality_curves.png', 'quality_weights.png')]
+    assert bench.read_section(str(results_md)) == bench.render_section(results, images)  # no hand-edited numbers
+    assert 'stale 9.99' not in text and text.count(bench.BEGIN_MARK) == 1
+    assert other in text and text.endswith('trailing text\n')  # other sections untouched
+    section = bench.read_section(str(results_md))
+    uni = results['analysis']['methods']['uniform']['final_clean']
+    assert f'{uni["mean"]:.4f}' in section
+    assert f'{results["machine"]["nproc"]} CPUs' in section and 'QUICK RUN' in section
+
+
+def test_steps_to_reach_interpolates():
+    bench = _load_bench()
+    curve = [{'step': 0, 'clean': 7.0}, {'step': 10, 'clean': 6.0}, {'step': 20, 'clean': 5.0}]
+    assert bench.steps_to_reach(curve, 5.5) == pytest.approx(15.0)
+    assert bench.steps_to_reach(curve, 6.0) == pytest.approx(10.0)
+    assert bench.steps_to_reach(curve, 7.5) == pytest.approx(0.0)
+    assert bench.steps_to_reach(curve, 4.0) is None
+
+
+def test_replace_section_creates_and_replaces(tmp_path):
+    bench = _load_bench()
+    path = tmp_path / 'RESULTS.md'
+    bench.replace_section(str(path), bench.BEGIN_MARK + '\nfirst\n' + bench.END_MARK)
+    assert bench.read_section(str(path)) == bench.BEGIN_MARK + '\nfirst\n' + bench.END_MARK
+    path.write_text(path.read_text() + '\n## Other\nkept\n')
+    bench.replace_section(str(path), bench.BEGIN_MARK + '\nsecond\n' + bench.END_MARK)
+    text = path.read_text()
+    assert 'first' not in text and 'second' in text and text.endswith('## Other\nkept\n')
