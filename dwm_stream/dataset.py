@@ -11,8 +11,12 @@ What it adds to its parent, and nothing more:
   count, so streaming's own partitioning, shuffling, exactly-once delivery and resumption operate on
   the selected subset; rows are mapped back to the shard at read time.
 * **A zero-copy read path** (:mod:`dwm_stream.shard_view`) and an iterator without the polling
-  consumer thread. Downloading still happens in streaming's background prepare thread; the consumer
-  blocks in ``prepare_shard`` only when the next sample's shard is not local yet.
+  ready-thread. Downloading still goes through streaming's ``prepare_shard`` in a background
+  thread, but that thread visits only the points where the partition enters a shard, not every
+  sample (streaming's takes a file lock per sample, which costs the consumer half its throughput
+  in GIL hand-offs); the consumer blocks in ``prepare_shard`` only when the next sample's shard is
+  not local yet. Per sample, the consumer does a few list and dict lookups and returns views into
+  the page cache. ``benchmarks/loader_throughput.py`` measures all of it.
 
 Everything else (arguments, streams and proportions, S3, caching, eviction, ``state_dict``) is the
 parent's, unchanged.
@@ -23,14 +27,19 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from threading import Event
+from time import sleep
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from streaming import Stream, StreamingDataset
-from streaming.base.dataset import _Iterator, _ShardState
+from streaming.base.constant import TICK
+from streaming.base.dataset import _Iterator, _IterState, _ShardState
 from streaming.base.util import wait_for_file_to_exist
 from streaming.base.world import World
 
+from dwm_stream import integrity
 from dwm_stream.selection import ResolvedSelection, read_selection, resolve_selection
 from dwm_stream.shard_format import (DOMAIN, META_BASENAME, NUM_TOKENS, SCORE_PREFIX, TOKENS, UID,
                                      UIDS_BASENAME, CorpusMeta)
@@ -40,6 +49,15 @@ from dwm_stream.storage import download_file
 __all__ = ['DWMDataset', 'DWMStream']
 
 _SIDECAR_WAIT_S = 300.0
+_LOCAL = int(_ShardState.LOCAL)  # plain ints: enum attribute lookups cost ~1 us each
+_ITERATING = int(_IterState.ITERATING)
+_CHUNK = 1 << 16  # samples per vectorised lookup, bounding per-epoch memory
+_MAX_MAPPED_SHARDS = 1024  # mmaps kept open per process (oldest unmapped first)
+
+
+def _dist_initialized() -> bool:
+    import torch.distributed as torch_dist
+    return torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def _stream_location(stream: Stream) -> str:
@@ -119,8 +137,32 @@ class DWMStream(Stream):
                                    f'{self.selection}: timed out waiting for local rank 0 to fetch it.')
         return filename
 
+    def _download_file(self, from_basename: str, to_basename: Optional[str] = None) -> str:
+        """Streaming's bounded-retry download; a final failure names the object and the endpoint."""
+        try:
+            return super()._download_file(from_basename, to_basename)
+        except Exception as e:  # noqa: BLE001 - re-raised with the object, endpoint and cause
+            if not self.remote:
+                raise
+            remote = os.path.join(self.remote, self.split, from_basename)
+            local = os.path.join(self.local, self.split, to_basename or from_basename)
+            if isinstance(e, OSError) and e.errno in integrity.CACHE_ERRNOS:
+                raise integrity.cache_error(os.path.join(self.local, self.split), f'downloading {remote}', e) from e
+            raise integrity.download_error(remote, local, self.download_retry, e) from e
+
     def get_shards(self, world: World, allow_unsafe_types: bool) -> list:
-        shards = super().get_shards(world, allow_unsafe_types)
+        # Reliability/safety checks (dwm_stream.integrity, RELIABILITY.md): pickle columns are refused
+        # with the index named, shard paths must stay in the cache, and downloads are hash-checked.
+        index_file = os.path.join(_stream_location(self), 'index.json')
+        try:
+            shards = super().get_shards(world, allow_unsafe_types)
+        except ValueError as e:
+            if 'unsafe type' not in str(e):
+                raise
+            raise integrity.unsafe_types_error(index_file, e) from e
+        integrity.check_shard_paths(shards, index_file)
+        if self.validate_hash is None:
+            self.validate_hash = integrity.default_validate_hash(shards)
         for shard in shards:  # the physical count, before a selection replaces `samples`
             shard.dwm_raw_samples = shard.samples
         meta_file = self._fetch_sidecar(META_BASENAME, world, required=False)
@@ -177,9 +219,23 @@ class DWMDataset(StreamingDataset):
             if not (remote or local):
                 raise ValueError('DWMDataset needs `streams`, or `remote` and/or `local`.')
             streams = [DWMStream(remote=remote, local=local, split=split, selection=selection)]
-        super().__init__(streams=streams, split=split, **kwargs)
+        for attempt in range(8):
+            try:
+                super().__init__(streams=streams, split=split, **kwargs)
+                break
+            except FileExistsError as e:
+                # Two jobs starting at once can pick the same shared-memory prefix (streaming checks,
+                # then creates): the loser retries and gets the next prefix. Single-process only.
+                if attempt == 7 or not str(e.filename or '').endswith('_locals') or _dist_initialized():
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+            except ValueError as e:  # name the cache when `cache_limit` cannot work
+                if 'cache limit' not in str(e).lower():
+                    raise
+                raise ValueError(f'local cache {[os.path.join(s.local, s.split or "") for s in streams]}: '
+                                 f'{e}') from e
         self._build_tables()
-        self._views: dict[int, ShardView] = {}
+        self._decoders: dict[int, _ShardDecoder] = {}
 
     # ------------------------------------------------------------------ tables built once
     def _build_tables(self) -> None:
@@ -246,49 +302,44 @@ class DWMDataset(StreamingDataset):
     # ------------------------------------------------------------------ pickling to workers
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state['_views'] = {}  # mmaps are per process; workers map shards themselves
+        state['_decoders'] = {}  # mmaps are per process; workers map shards themselves
         return state
 
     # ------------------------------------------------------------------ reading
-    def _open_view(self, shard_id: int) -> ShardView:
+    def _open_decoder(self, shard_id: int) -> '_ShardDecoder':
+        """Prepare shard ``shard_id`` (download/decompress if needed) and map it."""
         stream = self.streams[self.stream_per_shard[shard_id]]
         shard = self.shards[shard_id]
         filename = os.path.join(stream.local, stream.split, shard.raw_data.basename)
+        decoders = self._decoders
+        decoders.pop(shard_id, None)
+        if self.cache_limit:  # unmap evicted shards, so that their disk space is really freed
+            states = self._shard_states.numpy()
+            for stale in [k for k in decoders if states[k] != _LOCAL]:
+                del decoders[stale]
+        while len(decoders) >= _MAX_MAPPED_SHARDS:  # oldest first; bounds mmaps per process
+            del decoders[next(iter(decoders))]
         last_error: Optional[Exception] = None
         for _ in range(8):
             self.prepare_shard(shard_id, blocking=True)
             try:
-                view = ShardView(filename, self._shard_dtype[shard_id], self.shards[shard_id].dwm_raw_samples)
+                # Once per process and file: the raw shard's index hash (a flipped byte is named, never decoded).
+                integrity.verify_raw_shard(filename, shard.raw_data, _stream_location(stream))
+                view = ShardView(filename, self._shard_dtype[shard_id], shard.dwm_raw_samples)
             except FileNotFoundError as e:  # evicted between prepare and open; prepare again
                 last_error = e
                 continue
-            self._views[shard_id] = view
-            return view
+            decoder = _ShardDecoder(self, shard_id, view)
+            decoders[shard_id] = decoder
+            return decoder
         raise RuntimeError(f'shard {filename} of {_stream_location(stream)} could not be prepared: '
                            f'{last_error}. If `cache_limit` is set, raise it.')
 
-    def _decode(self, shard_id: int, row: int, vrow: int) -> dict[str, Any]:
-        """Decode one sample. ``row`` is the physical row in the shard, ``vrow`` the selected row."""
-        view = self._views.get(shard_id)
-        if view is None or self._shard_states[shard_id] != _ShardState.LOCAL:
-            view = self._open_view(shard_id)
-        cols = view.columns
-        sample: dict[str, Any] = {
-            'input_ids': cols[TOKENS][row],
-            'num_tokens': int(cols[NUM_TOKENS][row]) if NUM_TOKENS in cols else cols[TOKENS].shape[1],
-            'uid': int(cols[UID][row]),
-            'domain': int(self._domain_remap[self.stream_per_shard[shard_id]][cols[DOMAIN][row]])
-            if DOMAIN in cols else int(self._domain_remap[self.stream_per_shard[shard_id]][0]),
-            'prior_weight': float(self._shard_prior[shard_id][vrow]) if self._shard_prior[shard_id] is not None else 1.0,
-        }
-        if self.score_names:
-            scores = np.full(len(self.score_names), np.nan, np.float32)
-            for i, name in self._shard_score_cols[shard_id]:
-                scores[i] = cols[name][row]
-            for i, values in self._shard_sel_scores[shard_id]:
-                scores[i] = values[vrow]
-            sample['scores'] = scores
-        return sample
+    def _decoder(self, shard_id: int) -> '_ShardDecoder':
+        decoder = self._decoders.get(shard_id)
+        if decoder is None or self._shard_states[shard_id] != _LOCAL:
+            decoder = self._open_decoder(shard_id)
+        return decoder
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         """Get a sample by global (selected-space) index, preparing its shard if needed."""
@@ -305,27 +356,78 @@ class DWMDataset(StreamingDataset):
                 except FileNotFoundError:
                     self.prepare_shard(shard_id)
             raise RuntimeError(f'shard {shard_id} could not be prepared after {retry} retries.')
-        return self._decode(shard_id, row, vrow)
+        return self._decoder(shard_id).sample(row, vrow)
+
+    def on_exception(self, future: Any) -> None:
+        """The prepare thread failed: keep its error for the consumer to raise, and stop."""
+        error = future.exception()
+        if error is not None:
+            self._background_error = error
+            self._event.set()
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """Streaming's ``prepare_shard``, except when it fails (``RELIABILITY.md``).
+
+        Streaming leaves a shard whose download or decompression raised in the ``PREPARING`` state,
+        so every process waiting for it would spin forever; here it goes back to ``REMOTE`` (a later
+        attempt starts over) and the error names the shard, the stream and, for cache writes, the
+        path.
+        """
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as e:  # noqa: BLE001 - re-raised, named
+            stream = self.streams[self.stream_per_shard[shard_id]]
+            raise integrity.prepare_failed(self, shard_id, stream, _stream_location(stream), e)
+
+    def _prepare_ahead(self, it: _Iterator, run_starts: np.ndarray, run_shards: np.ndarray) -> None:
+        """The background prepare thread: download/decompress shards ahead of the consumer.
+
+        Replaces ``StreamingDataset._prepare_thread``, which calls ``prepare_shard`` (a file lock,
+        i.e. syscalls that hand the GIL back and forth with the consumer) for every sample. This
+        visits only the positions where the partition enters a shard (``run_starts``), skips
+        shards this process has already prepared and that are still local, and keeps the same
+        ``predownload`` window ahead of the consumer.
+        """
+        states = self._shard_states.numpy()
+        prepared: set[int] = set()
+        predownload = self.predownload
+        try:
+            for begin in range(0, len(run_starts), _CHUNK):
+                for pos, shard_id in zip(run_starts[begin:begin + _CHUNK].tolist(),
+                                         run_shards[begin:begin + _CHUNK].tolist()):
+                    if it._state != _ITERATING or self._event.is_set():
+                        return
+                    if shard_id in prepared and states[shard_id] == _LOCAL:
+                        continue
+                    while predownload is not None and pos - it.yield_index > predownload:
+                        if it._state != _ITERATING or self._event.is_set():
+                            return
+                        sleep(TICK)
+                    self.prepare_shard(shard_id, False)
+                    if states[shard_id] == _LOCAL:  # else another worker is preparing it
+                        prepared.add(shard_id)
+                    it.prepare_index = pos
+            it.prepare_index = it.total
+        finally:
+            it.on_exit()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Iterate this worker's partition, exactly as ``StreamingDataset`` orders it.
 
         Same partition, order and resumption as the parent (``_resume_incr_epoch``, ``_get_work``)
-        and the same background prepare thread; the consumer reads through the zero-copy views
-        and needs no polling ready-thread.
+        and the same ``predownload`` window; the consumer reads through the zero-copy views and
+        needs no polling ready-thread.
         """
         if hasattr(self, '_iterator'):
             self._iterator.exit()
-        from concurrent.futures import ThreadPoolExecutor
-        from threading import Event
         if not hasattr(self, '_executor'):
             self._executor = ThreadPoolExecutor()
         if not hasattr(self, '_event'):
             self._event = Event()
         elif self._event.is_set():
             raise RuntimeError('Background thread failed. Check other traceback.')
-        if not hasattr(self, '_views'):
-            self._views = {}
+        if not hasattr(self, '_decoders'):
+            self._decoders = {}
 
         self._unique_worker_world = self._unique_rank_world.detect_workers()
         self._parallel_worker_world = self._parallel_rank_world.detect_workers()
@@ -334,44 +436,125 @@ class DWMDataset(StreamingDataset):
         if not len(sample_ids):
             return
 
+        # Vectorised sample -> shard lookup for the whole partition (-1 marks padding).
+        shard_ids = np.full(len(sample_ids), -1, np.int64)
+        valid = sample_ids >= 0
+        shard_ids[valid] = np.searchsorted(self._shard_bounds, sample_ids[valid], side='right') - 1
+        # Where the partition enters a shard. Without a cache limit nothing is evicted, so a
+        # shard's first entry is the only one that can need preparing.
+        positions = np.flatnonzero(valid)
+        entered = shard_ids[positions]
+        change = np.ones(len(entered), bool)
+        change[1:] = entered[1:] != entered[:-1]
+        run_starts, run_shards = positions[change], entered[change]
+        if not self.cache_limit:
+            _, first = np.unique(run_shards, return_index=True)
+            first.sort()
+            run_starts, run_shards = run_starts[first], run_shards[first]
+
         it = _Iterator(sample_ids)
         it._num_threads_to_exit = 2  # the prepare thread and this consumer
         self._iterator = it
-        prepare_future = self._executor.submit(self._prepare_thread, it)
+        prepare_future = self._executor.submit(self._prepare_ahead, it, run_starts, run_shards)
         prepare_future.add_done_callback(self.on_exception)
-
-        # Vectorised sample -> (shard, row) lookup for the whole partition.
-        valid = sample_ids >= 0
-        shard_ids = np.full(len(sample_ids), -1, np.int64)
-        shard_ids[valid] = np.searchsorted(self._shard_bounds, sample_ids[valid], side='right') - 1
-        vrows = np.where(valid, sample_ids - self._shard_bounds[np.maximum(shard_ids, 0)], -1)
-        shard_list = shard_ids.tolist()
-        vrow_list = vrows.tolist()
-        last_shard = -1
         try:
-            for i in range(it.total):
-                if it.should_exit() or self._event.is_set():
-                    break
-                shard_id = shard_list[i]
-                if shard_id >= 0:
-                    vrow = vrow_list[i]
-                    rows = self._shard_rows[shard_id]
-                    row = int(rows[vrow]) if rows is not None else vrow
-                    if shard_id != last_shard:
-                        self._shard_access_times[shard_id] = time.time_ns()
-                        last_shard = shard_id
-                    if self._shard_dtype[shard_id] is None:
-                        sample = self.get_item(int(sample_ids[i]))
-                    else:
-                        sample = self._decode(shard_id, row, vrow)
-                    # Tell the prepare thread how far we are (it throttles on predownload).
-                    it.yield_index = i
-                    it.ready_index = i
-                    yield sample
-                it.yield_index = i + 1
-                it.ready_index = i + 1
+            yield from self._consume(it, sample_ids, shard_ids)
         finally:
+            it.non_blocking_exit()  # also stops the prepare thread if the consumer stopped early
             it.on_exit()
             if self._event.is_set():
-                raise RuntimeError('Background thread failed. Check other traceback.')
+                error = getattr(self, '_background_error', None)  # set by on_exception
+                raise RuntimeError(f'Background thread failed: {error}') from error
 
+    def _consume(self, it: _Iterator, sample_ids: np.ndarray, shard_ids: np.ndarray) -> Iterator[dict[str, Any]]:
+        """The consumer loop: per sample, a few list and dict lookups and one row view."""
+        decoders = self._decoders
+        states = self._shard_states.numpy()
+        access_times = self._shard_access_times.numpy()
+        event_is_set = self._event.is_set
+        bounds = self._shard_bounds
+        shard_rows = self._shard_rows
+        shard_dtype = self._shard_dtype
+        # A mapped shard stays readable even if its file is evicted (the mapping holds the inode).
+        # Only with a cache limit does streaming evict; then re-prepare and remap, so that the
+        # evicted file's space is freed and the shard comes back through streaming's accounting.
+        evicts = bool(self.cache_limit)
+        last_shard = -1
+        for begin in range(0, it.total, _CHUNK):
+            chunk_shards = shard_ids[begin:begin + _CHUNK]
+            vrows = sample_ids[begin:begin + _CHUNK] - bounds[np.maximum(chunk_shards, 0)]
+            rows = vrows.copy()
+            for shard_id in np.unique(chunk_shards).tolist():  # selected row -> physical row
+                if shard_id >= 0 and shard_rows[shard_id] is not None:
+                    mask = chunk_shards == shard_id
+                    rows[mask] = shard_rows[shard_id][vrows[mask]]
+            i = begin
+            for shard_id, row, vrow in zip(chunk_shards.tolist(), rows.tolist(), vrows.tolist()):
+                if it._state != _ITERATING or event_is_set():
+                    return
+                if shard_id >= 0:
+                    if shard_id != last_shard:
+                        access_times[shard_id] = time.time_ns()
+                        last_shard = shard_id
+                    it.yield_index = i  # the prepare thread keeps `predownload` ahead of this
+                    if shard_dtype[shard_id] is None:
+                        yield self.get_item(int(sample_ids[i]))
+                    else:
+                        decoder = decoders.get(shard_id)
+                        if decoder is None or (evicts and states[shard_id] != _LOCAL):
+                            decoder = self._open_decoder(shard_id)
+                        yield decoder.sample(row, vrow)
+                i += 1
+
+
+class _ShardDecoder:
+    """One mapped shard and what turning a row into a sample dict needs, as O(1) lookups.
+
+    Per process (never pickled). ``sample`` is the whole per-sample cost of the read path: a row
+    view of the token ids (zero-copy, into the page cache), four scalar reads and, when the
+    corpus has scores, a view of the adjacent ``score_*`` columns (or a small array when a
+    selection or another stream contributes scores).
+    """
+
+    __slots__ = ('view', 'tokens', 'num_tokens', 'seq_len', 'uid', 'domain', 'remap', 'prior',
+                 'num_scores', 'score_block', 'score_cols', 'sel_scores')
+
+    def __init__(self, dataset: DWMDataset, shard_id: int, view: ShardView) -> None:
+        cols = view.columns
+        self.view = view
+        self.tokens = cols[TOKENS]
+        self.seq_len = int(self.tokens.shape[1])
+        self.num_tokens = cols.get(NUM_TOKENS)
+        self.uid = cols[UID]
+        self.domain = cols.get(DOMAIN)
+        self.remap = dataset._domain_remap[dataset.stream_per_shard[shard_id]].tolist()
+        self.prior = dataset._shard_prior[shard_id]
+        self.num_scores = len(dataset.score_names)
+        self.score_cols = [(i, cols[name]) for i, name in dataset._shard_score_cols[shard_id]]
+        self.sel_scores = dataset._shard_sel_scores[shard_id]
+        self.score_block = None
+        if self.num_scores and not self.sel_scores and \
+                [i for i, _ in self.score_cols] == list(range(self.num_scores)):
+            self.score_block = view.column_block([name for _, name in dataset._shard_score_cols[shard_id]])
+
+    def sample(self, row: int, vrow: int) -> dict[str, Any]:
+        """The sample dict of physical row ``row`` (``vrow``: its index among the selected rows)."""
+        sample: dict[str, Any] = {
+            'input_ids': self.tokens[row],
+            'num_tokens': self.num_tokens.item(row) if self.num_tokens is not None else self.seq_len,
+            'uid': self.uid.item(row),
+            'domain': self.remap[self.domain.item(row) if self.domain is not None else 0],
+            'prior_weight': self.prior.item(vrow) if self.prior is not None else 1.0,
+        }
+        if self.num_scores:
+            if self.score_block is not None:
+                sample['scores'] = self.score_block[row]
+            else:
+                scores = np.empty(self.num_scores, np.float32)
+                scores.fill(np.nan)
+                for i, column in self.score_cols:
+                    scores[i] = column[row]
+                for i, values in self.sel_scores:
+                    scores[i] = values[vrow]
+                sample['scores'] = scores
+        return sample

@@ -99,9 +99,29 @@ class ShardView:
             raise ValueError(f'shard {filename}: sample region [{begin}, {end}) does not hold '
                              f'{num_samples} records of {dtype.itemsize} bytes (file size {size}); '
                              f'the shard is corrupt or not fixed-size.')
+        self._begin = begin
         self.records = np.frombuffer(self._mmap, dtype, num_samples, begin)
         # Per-column views, so that a sample's fields are O(1) strided lookups.
         self.columns = {name: self.records[name] for name in dtype.names}
+
+    def column_block(self, names: list[str]) -> Optional[np.ndarray]:
+        """A zero-copy ``[num_samples, len(names)]`` view of same-dtype columns stored side by side.
+
+        Returns ``None`` unless ``names`` are scalar columns of one dtype at consecutive offsets,
+        in that order (e.g. the ``score_*`` columns, which MDS stores adjacently in sorted order).
+        Then a sample's scores are ``block[row]``, a view, instead of a newly filled array.
+        """
+        if not names or any(name not in self.columns for name in names):
+            return None
+        fields = self.records.dtype.fields
+        dtype, offset = fields[names[0]][0], fields[names[0]][1]
+        if dtype.shape:
+            return None
+        for k, name in enumerate(names):
+            if fields[name][0] != dtype or fields[name][1] != offset + k * dtype.itemsize:
+                return None
+        return np.ndarray((len(self.records), len(names)), dtype, buffer=self._mmap,
+                          offset=self._begin + offset, strides=(self.records.dtype.itemsize, dtype.itemsize))
 
     def __len__(self) -> int:
         return len(self.records)
