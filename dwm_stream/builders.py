@@ -177,16 +177,29 @@ def build_scheduler(cfg: Optional[Mapping[str, Any]]):
     return cls(**cfg)
 
 
-def build_callbacks(cfg: Optional[Mapping[str, Any]]) -> list:
-    """``callbacks: {lr_monitor: {}, speed_monitor: {window_size: 10}, memory_monitor: {}, runtime_estimator: {}}``."""
+def build_callbacks(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str] = None) -> list:
+    """``callbacks: {lr_monitor: {}, speed_monitor: {window_size: 10}, memory_monitor: {}, runtime_estimator: {},
+    trained_samples: {filename, fsync}}``.
+
+    ``trained_samples`` (ours, :mod:`dwm_stream.trained_samples`) records the uids of every trained batch, by
+    default to ``<run_dir>/trained_samples-rank{rank}.jsonl``.
+    """
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+    from dwm_stream.trained_samples import TrainedSamples
     known = {'lr_monitor': LRMonitor, 'speed_monitor': SpeedMonitor, 'memory_monitor': MemoryMonitor,
-             'runtime_estimator': RuntimeEstimator}
+             'runtime_estimator': RuntimeEstimator, 'trained_samples': TrainedSamples}
     callbacks = []
     for name, kwargs in (cfg or {}).items():
         if name not in known:
             raise ValueError(f'callbacks.{name}: unknown callback; valid are {sorted(known)}.')
-        callbacks.append(known[name](**dict(kwargs or {})))
+        kwargs = dict(kwargs or {})
+        if name == 'trained_samples':
+            _check_keys(kwargs, {'filename', 'fsync'}, 'callbacks.trained_samples')
+            kwargs['run_dir'] = run_dir
+        try:
+            callbacks.append(known[name](**kwargs))
+        except TypeError as e:
+            raise ValueError(f'callbacks.{name}: {e}') from e
     return callbacks
 
 

@@ -60,6 +60,8 @@ COMPRESSION = 'zstd'
 SHARD_SIZE_LIMIT = 1 << 26
 _BATCH_DOCS = 256
 _BATCH_CHARS = 4 << 20
+_LONG_TEXT_CHARS = 1 << 20  # documents longer than this are tokenized piece by piece
+_PIECE_BOUNDARY = re.compile(r'\S (?=\S)')  # cut after the non-space: "x| y"
 _MAX_BAD_EXAMPLES = 20
 _PLAN_VERSION = 1
 
@@ -366,11 +368,38 @@ class _Encoder:
             self.backend.no_padding()
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        if any(len(t) > _LONG_TEXT_CHARS for t in texts):  # bounded memory for huge documents
+            return [self._encode_long(t) if len(t) > _LONG_TEXT_CHARS else self._encode([t])[0] for t in texts]
+        return self._encode(texts)
+
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
         if self.backend is not None:
             encode = getattr(self.backend, 'encode_batch_fast', self.backend.encode_batch)
             return [np.asarray(e.ids, dtype=np.uint32) for e in encode(texts, add_special_tokens=False)]
         ids = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)['input_ids']
         return [np.asarray(x, dtype=np.uint32) for x in ids]
+
+    def _encode_long(self, text: str) -> np.ndarray:
+        """Encode a very long document piece by piece, so that memory stays O(its length).
+
+        Tokenizing a 100 MB string in one call takes ~16 GB (every token becomes an object, then a
+        Python int). Pieces of ~1M characters are cut just before a single space between two
+        non-space characters (``x| y``), where byte-level BPE's pre-tokenizer (GPT-2's regex) splits
+        anyway, so the ids are the same as one call's; ``tests/reliability/test_hostile_input.py``
+        checks that. A document without such a boundary for 1M characters is cut there.
+        """
+        out = np.empty(0, np.uint32)
+        pieces: list[np.ndarray] = []
+        start, n = 0, len(text)
+        while start < n:
+            end = min(n, start + _LONG_TEXT_CHARS)
+            if end < n:
+                cut = _PIECE_BOUNDARY.search(text, end, min(n, end + _LONG_TEXT_CHARS))
+                end = cut.start() + 1 if cut else end
+            pieces.append(self._encode([text[start:end]])[0])
+            start = end
+        out = np.concatenate(pieces) if pieces else out
+        return out
 
 
 _ENCODERS: dict[str, _Encoder] = {}

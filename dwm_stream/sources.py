@@ -152,7 +152,7 @@ def _zst_lines(f: IO[bytes], name: str, skip_bad: bool, on_bad: OnBad) -> Iterat
     import zstandard
     dctx = zstandard.ZstdDecompressor()
     dobj = dctx.decompressobj()
-    pending = b''
+    pending: list[bytes] = []  # pieces of the current, unfinished line (joined once it ends)
     offset = 0  # compressed bytes consumed
     line_no = 0
     in_frame = False
@@ -174,9 +174,16 @@ def _zst_lines(f: IO[bytes], name: str, skip_bad: bool, on_bad: OnBad) -> Iterat
             if dobj.eof:
                 dobj = dctx.decompressobj()
             if out:
-                pending += out
-                lines = pending.split(b'\n')
-                pending = lines.pop()
+                # Only the new bytes are searched, so a 100 MB line costs O(its length), not O(length^2).
+                newline = out.find(b'\n')
+                if newline < 0:
+                    pending.append(out)
+                    continue
+                pending.append(out[:newline])
+                lines = out[newline + 1:].split(b'\n')
+                first, pending = b''.join(pending), [lines.pop()]
+                line_no += 1
+                yield first
                 for line in lines:
                     line_no += 1
                     yield line
@@ -185,8 +192,9 @@ def _zst_lines(f: IO[bytes], name: str, skip_bad: bool, on_bad: OnBad) -> Iterat
                             f'truncated zstd stream: it ends inside a frame after line {line_no} '
                             '(the file is incomplete; re-download or re-create it)'), skip_bad, on_bad)
         return
-    if pending:
-        yield pending
+    last = b''.join(pending)
+    if last:
+        yield last
 
 
 def read_jsonl_zst(path: str,

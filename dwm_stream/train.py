@@ -28,7 +28,7 @@ TOP_LEVEL_KEYS = {
     'algorithms': 'algorithms: {dwm: {...}}',
     'optimizer': 'name: decoupled_adamw|adamw, lr, betas, eps, weight_decay',
     'scheduler': 'name: cosine_with_warmup|linear_decay_with_warmup|constant_with_warmup, t_warmup, alpha_f',
-    'callbacks': 'lr_monitor, speed_monitor, memory_monitor, runtime_estimator',
+    'callbacks': 'lr_monitor, speed_monitor, memory_monitor, runtime_estimator, trained_samples',
     'loggers': 'metrics_jsonl, file, tensorboard',
     'max_duration': 'Composer time, e.g. 200ba or 30000000000tok',
     'eval_interval': 'Composer time between evaluations, e.g. 50ba',
@@ -97,6 +97,8 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config'):
     from composer.utils import dist, reproducibility
 
     from dwm_stream import builders
+    from dwm_stream.checkpoint_safety import install as load_checkpoints_weights_only
+    load_checkpoints_weights_only()  # Composer 0.32 unpickles checkpoints fully; see checkpoint_safety
 
     seed = cfg.get('seed', 17)
     if not isinstance(seed, int):
@@ -152,7 +154,7 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config'):
         optimizers=optimizer,
         schedulers=builders.build_scheduler(cfg.get('scheduler')),
         algorithms=algorithms,
-        callbacks=builders.build_callbacks(cfg.get('callbacks')),
+        callbacks=builders.build_callbacks(cfg.get('callbacks'), run_dir),
         loggers=loggers,
         device=device,
         device_train_microbatch_size=cfg.get('device_train_microbatch_size', device_batch),

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from algorithms.dwm.weighter import Weighter, WeighterConfig
@@ -66,13 +67,26 @@ def load_weighter(weights_path: str | os.PathLike, config_path: str | os.PathLik
     for p in (weights_path, config_path):
         if not p.is_file():
             raise FileNotFoundError(f'weighter file {p} not found')
-    with open(config_path) as f:
-        meta = json.load(f)
+    meta = _read_json(config_path, 'weighter config')
     if 'weighter_config' not in meta:
         raise ValueError(f'{config_path}: missing "weighter_config"')
     weighter = Weighter(WeighterConfig.from_any(meta['weighter_config']))
-    load_model(weighter, str(weights_path))
+    try:
+        load_model(weighter, str(weights_path))
+    except SafetensorError as e:  # e.g. a torch.save/pickle file: never unpickled here
+        raise ValueError(f'weighter file {weights_path} is not a safetensors file ({e}); weighters load '
+                         f'with safetensors only, never pickle (a pickle file can run arbitrary code).') from e
     return weighter.eval()
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON document, or a clear error (a pickle or other binary file is refused, never unpickled)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f'{what} {path} is not JSON ({type(e).__name__}); DWM schedules and weighter configs '
+                         f'are JSON + safetensors only, never pickle.') from e
 
 
 def write_schedule(save_dir: str | os.PathLike, stages: list[dict[str, Any]]) -> Path:
@@ -99,8 +113,7 @@ def load_schedule(path: str | os.PathLike) -> list[tuple[dict[str, Any], Weighte
         path = path / SCHEDULE_FILE
     if not path.is_file():
         raise FileNotFoundError(f'DWM schedule {path} not found')
-    with open(path) as f:
-        doc = json.load(f)
+    doc = _read_json(path, 'DWM schedule')
     if doc.get('format') != 'dwm-schedule' or not isinstance(doc.get('stages'), list) or not doc['stages']:
         raise ValueError(f'{path}: not a DWM schedule (expected format "dwm-schedule" with a non-empty "stages")')
     out = []
