@@ -84,9 +84,9 @@ class DWMStream(Stream):
         self.resolved: Optional[ResolvedSelection] = None
 
     @classmethod
-    def from_stream(cls, stream: Stream) -> 'DWMStream':
-        """Wrap a plain ``streaming.Stream`` (same arguments, no selection)."""
-        return cls(remote=stream.remote, local=stream.local, split=stream.split or None,
+    def from_stream(cls, stream: Stream, selection: Optional[str] = None) -> 'DWMStream':
+        """A new ``DWMStream`` with the constructor arguments of ``stream`` (and ``selection``)."""
+        return cls(selection=selection, remote=stream.remote, local=stream.local, split=stream.split or None,
                    proportion=stream._proportion, repeat=stream._repeat, choose=stream._choose,
                    download_retry=stream._download_retry, download_timeout=stream._download_timeout,
                    validate_hash=stream.validate_hash, keep_zip=stream._keep_zip)
@@ -221,7 +221,10 @@ class DWMDataset(StreamingDataset):
             streams = [DWMStream(remote=remote, local=local, split=split, selection=selection)]
         for attempt in range(8):
             try:
-                super().__init__(streams=streams, split=split, **kwargs)
+                # Fresh copies each attempt: streaming's apply_weights sets proportion/repeat/choose on
+                # the streams it is given, and a retry with mutated streams fails validate_weights.
+                super().__init__(streams=[DWMStream.from_stream(s, selection=s.selection) for s in streams],
+                                 split=split, **kwargs)
                 break
             except FileExistsError as e:
                 # Two jobs starting at once can pick the same shared-memory prefix (streaming checks,
