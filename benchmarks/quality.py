@@ -23,6 +23,13 @@ the mean weight per domain per stage.
 
 Writes ``DIR/quality.json`` (default ``benchmarks/results``), ``quality_curves.png``, ``quality_weights.png``,
 and regenerates the section between the quality markers of ``benchmarks/RESULTS.md`` (beside ``DIR``).
+
+    python benchmarks/quality.py --investigate heldout_val [adam_lookahead refit_4x] [--jobs 2]
+
+(issue 6) re-runs DWM only, one changed setting per variant, on the seeds, budget and data of ``DIR/quality.json``
+(uniform and the baselines are not re-run), merges the runs into ``DIR/quality_investigation.json`` (+ ``.png``)
+and renders its ``### Investigation`` subsection into the quality section. ``heldout_val`` fits DWM to the LM loss
+of the real domains' validation samples that the reported validation loss never reads (a uid selection overlay).
 """
 
 
@@ -200,6 +207,8 @@ def _probe_callback(eval_batches, domain_names, budget: Budget):
             self.weight_sums: dict[tuple[int, str], float] = {}
             self.weight_counts: dict[tuple[int, str], int] = {}
             self.eval_seconds = 0.0
+            self.spread_sums: dict[int, float] = {}  # per stage: sum over batches of the batch's weight std
+            self.spread_counts: dict[int, int] = {}
 
         def _eval(self, state):
             started = time.perf_counter()
@@ -215,6 +224,10 @@ def _probe_callback(eval_batches, domain_names, budget: Budget):
             batch = state.batch
             domains = batch['domain'].tolist()
             weights = batch[WEIGHT_KEY].tolist() if WEIGHT_KEY in batch else [1.0] * len(domains)
+            mean_w = sum(weights) / max(len(weights), 1)
+            std_w = (sum((w - mean_w) ** 2 for w in weights) / max(len(weights), 1)) ** 0.5
+            self.spread_sums[stage] = self.spread_sums.get(stage, 0.0) + float(std_w)
+            self.spread_counts[stage] = self.spread_counts.get(stage, 0) + 1
             for d, w in zip(domains, weights):
                 key = (stage, domain_names[d])
                 self.weight_sums[key] = self.weight_sums.get(key, 0.0) + float(w)
@@ -224,6 +237,11 @@ def _probe_callback(eval_batches, domain_names, budget: Budget):
             if self.batches_done % every == 0 or self.batches_done == budget.steps:
                 if not self.curve or self.curve[-1]['step'] != self.batches_done:
                     self._eval(state)
+
+        def stage_weight_std(self) -> list[Optional[float]]:
+            """Per stage, the mean over batches of the within-batch std of the weights (0 = uniform)."""
+            return [self.spread_sums[k] / self.spread_counts[k] if k in self.spread_counts else None
+                    for k in range(budget.num_stages)]
 
         def stage_weights(self) -> list[dict[str, float]]:
             table = [{} for _ in range(budget.num_stages)]
@@ -271,8 +289,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             mix_uniform=budget.mix_uniform, domain_names=domain_names,
             weighter={'d_model': budget.weighter_d_model, 'n_layers': 1, 'n_heads': 4,
                       'max_seq_len': budget.seq_len, 'batch_layers': 1},
-            validation={'lambada': paths['lambada_fit'], 'batch_size': budget.val_batch_size,
-                        'max_length': budget.seq_len}))
+            validation=_dwm_validation(spec, paths, budget)))
     elif method == 'static_domain':
         algorithms.append(StaticDomainWeighting(spec['static_weights'], domain_names=domain_names))
     elif method == 'loss_reweighting':
@@ -296,12 +313,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     lm = trainer.state.model.model
     result: dict[str, Any] = {'method': method, 'seed': seed, 'steps': steps,
+                              **({'variant': spec['variant']} if spec.get('variant') else {}),
                               'tokens': steps * budget.batch_size * budget.seq_len, 'train_seconds': seconds}
     if spec.get('evaluate', True):
         report = ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32, max_length=budget.seq_len)
         from dwm_stream.evaluation import lambada_metrics
         result.update({'curve': probe.curve, 'final': evaluate(lm, eval_batches, domain_names),
                        'lambada': lambada_metrics(lm, report), 'stage_weights': probe.stage_weights(),
+                       'stage_weight_std': probe.stage_weight_std(),
                        'eval_seconds': probe.eval_seconds})
     if method == 'dwm':
         refit = {}
@@ -312,6 +331,19 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         result['proxy'] = static_weights_from_proxy(lm, tokenizer, paths, budget, domain_names)
     trainer.close()
     return result
+
+
+def _dwm_validation(spec: dict[str, Any], paths: dict[str, str], budget: Budget) -> dict[str, Any]:
+    """DWM's upper-level validation: the LAMBADA fit half (default), or (``dwm_validation: heldout``, the
+    investigation) the held-out LM loss on the real domains' validation samples that evaluation never reads, through
+    a selection overlay on the validation shards (``ConfiguredDWM``'s ``validation: {dataset: ...}``)."""
+    kind = spec.get('dwm_validation', 'lambada')
+    if kind == 'lambada':
+        return {'lambada': paths['lambada_fit'], 'batch_size': budget.val_batch_size, 'max_length': budget.seq_len}
+    if kind == 'heldout':
+        return {'dataset': {'local': paths['validation'], 'selection': spec['heldout_selection'], 'shuffle': False},
+                'batch_size': budget.val_batch_size}
+    raise ValueError(f'unknown dwm_validation {kind!r}; lambada or heldout')
 
 
 def static_weights_from_proxy(lm, tokenizer, paths: dict[str, str], budget: Budget,
@@ -369,7 +401,8 @@ def static_weights_from_proxy(lm, tokenizer, paths: dict[str, str], budget: Budg
 
 # ------------------------------------------------------------------------------------------------------- running
 def _run_subprocess(spec: dict[str, Any], work: str) -> dict[str, Any]:
-    name = f'{spec["method"]}-{spec["seed"]}{"-proxy" if spec.get("proxy") else ""}'
+    name = (f'{spec["method"]}{"-" + spec["variant"] if spec.get("variant") else ""}-{spec["seed"]}'
+            f'{"-proxy" if spec.get("proxy") else ""}')
     spec_path = os.path.join(work, f'{name}.spec.json')
     result_path = os.path.join(work, f'{name}.result.json')
     with open(spec_path, 'w') as f:
@@ -508,8 +541,9 @@ def _mmm(s: dict[str, float], fmt: str = '.3f') -> str:
     return f'{format(s["mean"], fmt)} ({format(s["min"], fmt)}–{format(s["max"], fmt)})'
 
 
-def render_section(results: dict[str, Any], images: Optional[list[str]] = None) -> str:
-    """The RESULTS.md section, from the JSON alone."""
+def render_section(results: dict[str, Any], images: Optional[list[str]] = None,
+                   investigation: Optional[dict[str, Any]] = None) -> str:
+    """The RESULTS.md section, from the JSON alone (and the investigation JSON, when there is one)."""
     b = results['budget']
     m = results['machine']
     v = results['versions']
@@ -608,6 +642,8 @@ def render_section(results: dict[str, Any], images: Optional[list[str]] = None) 
         lines += ['### Notes', ''] + [f'- {x}' for x in results['notes']] + ['']
     for image in images or []:
         lines.append(f'![quality]({image})')
+    if investigation is not None:
+        lines += [''] + render_investigation(investigation, results)
     lines += ['', END_MARK]
     return '\n'.join(lines)
 
@@ -712,6 +748,353 @@ def plot(results: dict[str, Any], curves_path: str, weights_path: str) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------------------- investigation
+INVESTIGATION_JSON = 'quality_investigation.json'
+# Issue 6: DWM missed both targets; find out why by changing ONE factor at a time, for DWM only, on the same seeds,
+# budget, model and data as results/quality.json (uniform and the baselines are not re-run). Every setting change
+# applies to all seeds and is recorded in the JSON.
+VARIANTS: dict[str, dict[str, Any]] = {
+    'heldout_val': {
+        'label': 'V1: held-out LM validation',
+        'change': 'upper-level validation = token-mean LM loss on held-out validation samples of the real domains '
+                  '(those the reported validation loss never reads) instead of the 60 LAMBADA fit passages',
+        'dwm_validation': 'heldout', 'budget': {}},
+    'adam_lookahead': {
+        'label': 'V2a: Adam look-ahead',
+        'change': 'look-ahead preconditioned by the LLM optimizer\'s second moments (lookahead: adam) instead of '
+                  'sgd; LAMBADA validation kept',
+        'dwm_validation': 'lambada', 'budget': {'lookahead': 'adam'}},
+    'refit_4x': {
+        'label': 'V2b: 4x refit steps',
+        'change': '4x the refit steps per stage; LAMBADA validation kept',
+        'dwm_validation': 'lambada', 'budget': {'refit_steps': '4x'}},
+}
+
+
+def _variant_budget(budget: Budget, variant: str) -> Budget:
+    overrides = {}
+    for key, value in VARIANTS[variant]['budget'].items():
+        if isinstance(value, str) and value.endswith('x') and value[:-1].isdigit():
+            value = int(value[:-1]) * getattr(budget, key)
+        overrides[key] = value
+    return Budget(**{**asdict(budget), **overrides})
+
+
+def heldout_selection(paths: dict[str, str], budget: Budget) -> dict[str, Any]:
+    """The held-out DWM validation split: every validation sample of a real (non-degraded) domain that is NOT one
+    of the fixed evaluation samples (the first ``max_eval_batches x eval_batch_size`` of the validation shards in
+    order, see :func:`_eval_batches`). Written as a selection overlay (by uid) next to the shards; disjoint from the
+    reported validation loss by construction (checked)."""
+    import numpy as np
+
+    from dwm_stream.builders import WidenedLoader
+    from dwm_stream.corpus import DEGRADED_DOMAINS
+    from dwm_stream.selection import write_selection
+    names = _domain_names(paths['validation'])
+    eval_uids = {int(u) for b in _eval_batches_uids(paths, budget) for u in b}
+    uids, per_domain = [], {}
+    for batch in WidenedLoader({'local': paths['validation'], 'shuffle': False}, 1, 'validation'):
+        uid, d = int(batch['uid'][0]), names[int(batch['domain'][0])]
+        if uid in eval_uids or d in DEGRADED_DOMAINS:
+            continue
+        uids.append(uid)
+        per_domain[d] = per_domain.get(d, 0) + 1
+    assert not set(uids) & eval_uids
+    path = os.path.join(paths['root'], f'dwm_val_heldout-e{budget.max_eval_batches}x{budget.eval_batch_size}.parquet')
+    write_selection(path, np.asarray(uids, dtype=np.int64),
+                    info={'what': 'quality investigation: held-out DWM validation (real domains, not evaluated)'})
+    return {'path': path, 'samples': len(uids), 'per_domain': per_domain, 'eval_samples_excluded': len(eval_uids),
+            'batches_per_pass': len(uids) // budget.val_batch_size}
+
+
+def _eval_batches_uids(paths: dict[str, str], budget: Budget) -> list[list[int]]:
+    from dwm_stream.builders import WidenedLoader
+    loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, budget.eval_batch_size, 'validation')
+    out = []
+    for batch in loader:
+        out.append(batch['uid'].tolist())
+        if len(out) >= budget.max_eval_batches:
+            break
+    return out
+
+
+def _summarise_dwm_runs(runs: list[dict[str, Any]], uniform: dict[int, dict[str, Any]],
+                        degraded: list[str], domains: list[str], num_stages: int) -> dict[str, Any]:
+    """Per seed: final val loss against uniform's, the steps to uniform's final loss; and the weights by stage."""
+    per_seed = []
+    for r in sorted(runs, key=lambda r: r['seed']):
+        u = uniform[r['seed']]
+        step = steps_to_reach(r['curve'], u['final']['clean'])
+        per_seed.append({'seed': r['seed'], 'final_clean': r['final']['clean'], 'uniform_final_clean':
+                         u['final']['clean'], 'diff_vs_uniform': r['final']['clean'] - u['final']['clean'],
+                         'final_degraded': r['final']['degraded'], 'lambada_loss': r['lambada']['loss'],
+                         'reach_step': step, 'reach_fraction': None if step is None else step / r['steps'],
+                         'refit_before': r.get('refit', {}).get('val_loss_before', []),
+                         'refit_after': r.get('refit', {}).get('val_loss_after', []),
+                         'train_seconds': r['train_seconds']})
+    stage_weights = []
+    for k in range(num_stages):
+        row = {}
+        for d in domains:
+            seen = [r['stage_weights'][k][d] for r in runs if d in r['stage_weights'][k]]
+            if seen:
+                row[d] = sum(seen) / len(seen)
+        stage_weights.append(row)
+    fractions = [x['reach_fraction'] for x in per_seed]
+    spread = None  # within-batch weight std by stage (runs made before the probe recorded it have none)
+    if runs and all(r.get('stage_weight_std') for r in runs):
+        spread = [None if any(r['stage_weight_std'][k] is None for r in runs) else
+                  sum(r['stage_weight_std'][k] for r in runs) / len(runs) for k in range(num_stages)]
+    last_degraded = [stage_weights[-1][d] for d in degraded if d in stage_weights[-1]]
+    clean = [d for d in domains if d not in degraded]
+
+    def group(row, names):
+        vals = [row[d] for d in names if d in row]
+        return sum(vals) / len(vals) if vals else None
+
+    by_domain = {d: sum(r['final'][d] - uniform[r['seed']]['final'][d] for r in runs) / len(runs)
+                 for d in domains if all(d in r['final'] and d in uniform[r['seed']]['final'] for r in runs)}
+    return {
+        'per_seed': per_seed,
+        'final_by_domain_diff_vs_uniform': by_domain,
+        'diff_vs_uniform_mean': sum(x['diff_vs_uniform'] for x in per_seed) / len(per_seed),
+        'seeds_below_uniform': sum(x['diff_vs_uniform'] < 0 for x in per_seed),
+        'seeds_reached': sum(f is not None for f in fractions),
+        'reach_fraction_mean': (sum(fractions) / len(fractions)) if all(f is not None for f in fractions) else None,
+        'stage_weights': stage_weights,
+        'weight_std_by_stage': spread,
+        'degraded_weight_by_stage': [group(row, degraded) for row in stage_weights],
+        'clean_weight_by_stage': [group(row, clean) for row in stage_weights],
+        'last_stage_degraded_weight': sum(last_degraded) / len(last_degraded) if last_degraded else None,
+        'curves': {str(r['seed']): [{'step': p['step'], 'clean': p['clean']} for p in r['curve']] for r in runs},
+    }
+
+
+def analyse_investigation(quality: dict[str, Any], variant_runs: dict[str, list[dict[str, Any]]],
+                          variant_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The baseline DWM (from quality.json) and each variant, summarised the same way."""
+    a = quality['analysis']
+    degraded, domains = a['degraded_domains'], quality['data']['domains']
+    n = quality['budget']['num_stages']
+    uniform = {r['seed']: r for r in quality['runs'] if r['method'] == 'uniform'}
+    out = {'baseline': {'label': 'DWM as benchmarked (LAMBADA validation, sgd look-ahead)',
+                        'change': 'none (the DWM runs of results/quality.json)', 'settings': {},
+                        **_summarise_dwm_runs([r for r in quality['runs'] if r['method'] == 'dwm'], uniform,
+                                              degraded, domains, n)}}
+    for name, runs in variant_runs.items():
+        out[name] = {**variant_info[name], **_summarise_dwm_runs(runs, uniform, degraded, domains, n)}
+    return out
+
+
+def run_investigation(args: argparse.Namespace) -> int:
+    """Run the named DWM variants against ``OUT/quality.json``'s seeds, budget and data; merge them into
+    ``OUT/quality_investigation.json``; re-render the quality section of RESULTS.md (quality.json untouched)."""
+    started = time.perf_counter()
+    with open(os.path.join(args.out, 'quality.json')) as f:
+        quality = json.load(f)
+    budget = Budget(**quality['budget'])
+    seeds = args.seeds if args.seeds is not None else quality['analysis']['seeds']
+    missing = sorted(set(seeds) - {r['seed'] for r in quality['runs'] if r['method'] == 'uniform'})
+    if missing:
+        raise SystemExit(f'quality.json has no uniform run for seed(s) {missing}; run the benchmark first')
+    jobs = args.jobs or min(2, os.cpu_count() or 1)
+    paths = prepare_data(args.data_dir, budget)
+    inv_path = os.path.join(args.out, INVESTIGATION_JSON)
+    previous: dict[str, Any] = {}
+    if os.path.exists(inv_path):
+        with open(inv_path) as f:
+            previous = json.load(f)
+        if previous.get('quality_date') != quality['date']:
+            previous = {}  # made against another quality.json: start over
+    variant_runs: dict[str, list[dict[str, Any]]] = dict(previous.get('variant_runs', {}))
+    variant_info: dict[str, dict[str, Any]] = dict(previous.get('variant_info', {}))
+    selection = previous.get('heldout_selection')
+    specs = []
+    for name in args.investigate:
+        if name not in VARIANTS:
+            raise SystemExit(f'unknown variant {name!r}; one of {sorted(VARIANTS)}')
+        v = VARIANTS[name]
+        vb = _variant_budget(budget, name)
+        spec = {'paths': paths, 'budget': asdict(vb), 'threads': 1, 'method': 'dwm', 'variant': name,
+                'dwm_validation': v['dwm_validation']}
+        if v['dwm_validation'] == 'heldout':
+            selection = heldout_selection(paths, budget)
+            spec['heldout_selection'] = selection['path']
+        changed = {k: getattr(vb, k) for k in asdict(vb) if getattr(vb, k) != getattr(budget, k)}
+        variant_info[name] = {'label': v['label'], 'change': v['change'],
+                              'settings': {**changed, 'dwm_validation': v['dwm_validation']}}
+        specs += [{**spec, 'seed': s} for s in seeds]
+    _say(f'investigation: {len(specs)} DWM run(s) ({", ".join(args.investigate)}; seeds {seeds}), {jobs} at a time')
+    with tempfile.TemporaryDirectory(prefix='dwm-bench-quality-inv-') as work:
+        def execute(spec):
+            t = time.perf_counter()
+            if jobs <= 1:
+                result = run_one(spec)
+            else:
+                try:
+                    result = _run_subprocess(spec, work)
+                except RuntimeError as e:  # seen once: a start-up race of two streaming datasets; retry once
+                    _say(f'{spec["variant"]} seed {spec["seed"]} failed at start, retrying: {str(e)[-200:]}')
+                    time.sleep(5)
+                    result = _run_subprocess(spec, work)
+            _say(f'{spec["variant"]} seed {spec["seed"]}: {time.perf_counter() - t:.0f}s')
+            return result
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            results = list(pool.map(execute, specs))
+    for name in args.investigate:
+        variant_runs[name] = sorted([r for r in results if r.get('variant') == name], key=lambda r: r['seed'])
+    inv = {'benchmark': 'quality_investigation', 'quality_date': quality['date'], 'quick': quality['quick'],
+           'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+           'machine': _machine(), 'jobs': jobs, 'seeds': seeds,
+           'seconds': previous.get('seconds', 0.0) + time.perf_counter() - started,
+           'heldout_selection': selection, 'variant_info': variant_info, 'variant_runs': variant_runs,
+           'command': 'python benchmarks/quality.py --investigate ' + ' '.join(
+               n for n in VARIANTS if n in variant_runs)}
+    inv['analysis'] = analyse_investigation(quality, variant_runs, variant_info)
+    with open(inv_path, 'w') as f:
+        json.dump(inv, f, indent=1)
+    png = os.path.join(args.out, 'quality_investigation.png')
+    plot_investigation(quality, inv, png)
+    results_md = args.results_md or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'RESULTS.md')
+    replace_section(results_md, render_section(quality, _images(args.out, results_md), inv))
+    _say(f'wrote {inv_path}, {png} and the quality section of {results_md}')
+    for line in render_investigation(inv, quality):
+        if line.startswith('|') or line.startswith('- '):
+            _say(line)
+    return 0
+
+
+def _images(out: str, results_md: str) -> list[str]:
+    return [os.path.relpath(os.path.join(out, p), os.path.dirname(os.path.abspath(results_md)))
+            for p in ('quality_curves.png', 'quality_weights.png')]
+
+
+def _pct(x: Optional[float]) -> str:
+    return '-' if x is None else f'{x:.0%}'
+
+
+def render_investigation(inv: dict[str, Any], quality: dict[str, Any]) -> list[str]:
+    """The ``### Investigation`` subsection, from the investigation JSON alone (plus quality.json's date)."""
+    lines = ['### Investigation: why DWM misses (one factor at a time, DWM only)', '']
+    if inv.get('quality_date') != quality.get('date'):
+        return lines + [f'_`results/{INVESTIGATION_JSON}` was made against the quality run of '
+                        f'{inv.get("quality_date")}, not this one ({quality.get("date")}); re-run '
+                        f'`{inv.get("command", "benchmarks/quality.py --investigate ...")}`._', '']
+    a = inv['analysis']
+    b = quality['budget']
+    lines += [
+        f'_Generated by `benchmarks/quality.py --investigate` on {inv["date"]} from `results/{INVESTIGATION_JSON}` '
+        f'(wall time {inv["seconds"] / 60:.1f} min, {inv["jobs"]} run(s) at a time); do not edit by hand._',
+        '',
+        f'Same seeds ({", ".join(map(str, inv["seeds"]))}), model, data, sample order and {b["steps"]}-step budget as '
+        'above; uniform and the baselines are not re-run: every figure is compared with the uniform run of the same '
+        'seed in `results/quality.json`. Each variant changes one DWM setting, for every seed:',
+        '']
+    for key, s in a.items():
+        settings = ', '.join(f'{k} = {v}' for k, v in s.get('settings', {}).items())
+        lines.append(f'- **{s["label"]}**: {s["change"]}' + (f' ({settings})' if settings else '') + '.')
+    sel = inv.get('heldout_selection')
+    if sel and 'heldout_val' in a:
+        lines.append(f'- Held-out split (V1): the validation shards\' samples of the real domains that are not among '
+                     f'the {sel["eval_samples_excluded"]} evaluated ones (the first {b["max_eval_batches"]} x '
+                     f'{b["eval_batch_size"]} in shard order): {sel["samples"]} samples (' + ', '.join(
+                         f'{d} {c}' for d, c in sorted(sel['per_domain'].items())) + f'), a uid selection overlay, '
+                     f'{sel["batches_per_pass"]} batches of {b["val_batch_size"]} cycled in order; disjoint from the '
+                     'reported validation loss by construction.')
+    lines += ['', '| variant | final val loss − uniform, per seed | mean | below uniform | steps to uniform\'s final '
+              'val loss | degraded weight, last stage | LAMBADA loss |', '|---|---|---:|---:|---:|---:|---:|']
+    for key, s in a.items():
+        per = ', '.join(f'{x["diff_vs_uniform"]:+.4f}' for x in s['per_seed'])
+        steps = ', '.join(_f(x['reach_step'], '.0f') for x in s['per_seed'])
+        reach = (f'{_pct(s["reach_fraction_mean"])} ({steps})' if s['reach_fraction_mean'] is not None else
+                 f'{s["seeds_reached"]} of {len(s["per_seed"])} seeds ({steps})')
+        lam = sum(x['lambada_loss'] for x in s['per_seed']) / len(s['per_seed'])
+        lines.append(f'| {s["label"]} | {per} | {s["diff_vs_uniform_mean"]:+.4f} | {s["seeds_below_uniform"]} of '
+                     f'{len(s["per_seed"])} | {reach} | {_f(s["last_stage_degraded_weight"])} | {lam:.4f} |')
+    lines += ['', 'Per seed, the final validation loss (real domains) minus the uniform run\'s of the same seed; steps '
+              'to uniform\'s final val loss as above (per seed, "-" = not reached); targets: <= 80% of the steps and '
+              f'a degraded weight <= {TARGET_DEGRADED_WEIGHT}.', '',
+              '**Mean weight by stage (mean over seeds; 1 = uniform):** degraded domains / real domains', '',
+              '| variant | ' + ' | '.join(f'stage {i + 1}' for i in range(b['num_stages'])) + ' |',
+              '|---|' + '---:|' * b['num_stages']]
+    for key, s in a.items():
+        lines.append(f'| {s["label"]} | ' + ' | '.join(
+            f'{_f(d)} / {_f(c)}' for d, c in zip(s['degraded_weight_by_stage'], s['clean_weight_by_stage'])) + ' |')
+    evaluated = [d for d in quality['data']['domains'] if all(d in s['final_by_domain_diff_vs_uniform']
+                                                               for s in a.values())]
+    lines += ['', '**Final validation loss by evaluated domain, minus uniform\'s** (mean over seeds; the fixed '
+              'evaluation samples hold these domains only):', '',
+              '| variant | ' + ' | '.join(evaluated) + ' |', '|---|' + '---:|' * len(evaluated)]
+    for s in a.values():
+        lines.append(f'| {s["label"]} | ' + ' | '.join(f'{s["final_by_domain_diff_vs_uniform"][d]:+.3f}'
+                                                        for d in evaluated) + ' |')
+    spread = [(s['label'], s['weight_std_by_stage']) for s in a.values() if s.get('weight_std_by_stage')]
+    if spread:
+        lines += ['', '**Within-batch std of the weights by stage** (mean over batches and seeds; 0 = uniform; '
+                  'variants whose runs recorded it; a batch with weight std σ has an effective sample size of '
+                  '1/(1+σ²) of the batch):', '',
+                  '| variant | ' + ' | '.join(f'stage {i + 1}' for i in range(b['num_stages'])) + ' |',
+                  '|---|' + '---:|' * b['num_stages']]
+        for label, row in spread:
+            lines.append(f'| {label} | ' + ' | '.join(_f(x) for x in row) + ' |')
+    domains = quality['data']['domains']
+    degraded = quality['analysis']['degraded_domains']
+    for key, s in a.items():
+        if key == 'baseline':
+            continue  # its per-domain table is above
+        k = len(s['stage_weights'])
+        lines += ['', f'**{s["label"]}: mean weight per domain per stage**', '',
+                  '| domain | ' + ' | '.join(f'stage {i + 1}' for i in range(k)) + ' |', '|---|' + '---:|' * k]
+        for d in domains:
+            mark = ' (degraded)' if d in degraded else ''
+            lines.append(f'| {d}{mark} | ' + ' | '.join(_f(s['stage_weights'][i].get(d)) for i in range(k)) + ' |')
+    lines += ['', '**Refits** (look-ahead validation loss on the first refit pair, before -> after, per stage; '
+              f'seed {inv["seeds"][0]}):', '']
+    for key, s in a.items():
+        x = s['per_seed'][0]
+        lines.append(f'- {s["label"]}: ' + ', '.join(f'{p:.3f} -> {q:.3f}' for p, q in zip(x['refit_before'],
+                                                                                            x['refit_after'])) + '.')
+    lines += ['', f'![quality investigation]({"results/quality_investigation.png"})', '']
+    return lines
+
+
+def plot_investigation(quality: dict[str, Any], inv: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    a = inv['analysis']
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    uniform = {r['seed']: r for r in quality['runs'] if r['method'] == 'uniform'}
+    seeds = inv['seeds']
+
+    def mean_curve(curves):
+        steps = [p['step'] for p in curves[0]]
+        return steps, [sum(c[i]['clean'] for c in curves) / len(curves) for i in range(len(steps))]
+
+    xs, ys = mean_curve([uniform[s]['curve'] for s in seeds])
+    axes[0].plot(xs, ys, color='tab:gray', lw=2, label='uniform')
+    for key, s in a.items():
+        xs, ys = mean_curve([s['curves'][str(seed)] for seed in seeds])
+        axes[0].plot(xs, ys, lw=1.3, label=s['label'])
+        axes[1].plot(range(1, len(s['degraded_weight_by_stage']) + 1),
+                     [float('nan') if w is None else w for w in s['degraded_weight_by_stage']], marker='o',
+                     label=s['label'])
+    axes[0].set_ylim(top=min(axes[0].get_ylim()[1], 6.5))
+    axes[0].set_xlabel('training step')
+    axes[0].set_ylabel('held-out loss, real domains (mean over seeds)')
+    axes[0].set_title('Validation loss: DWM variants vs uniform')
+    axes[0].legend(fontsize=8)
+    axes[1].axhline(1.0, color='grey', lw=0.8)
+    axes[1].axhline(TARGET_DEGRADED_WEIGHT, color='red', lw=0.6, ls=':')
+    axes[1].set_xlabel('stage')
+    axes[1].set_ylabel('mean weight of the degraded domains')
+    axes[1].set_title('Degraded domains\' weight by stage (mean over seeds)')
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def _machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
@@ -760,6 +1143,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument('--results-md', default=None, help='RESULTS.md to update (default: OUT/../RESULTS.md)')
     parser.add_argument('--render-only', action='store_true',
                         help='only regenerate the plots and the RESULTS.md section from OUT/quality.json')
+    parser.add_argument('--investigate', nargs='+', default=None, metavar='VARIANT',
+                        help='issue 6: re-run DWM only, one changed setting per variant (' + ', '.join(VARIANTS) +
+                             '), on OUT/quality.json\'s seeds, budget and data; writes OUT/' + INVESTIGATION_JSON +
+                             ' and its subsection of the quality section')
     parser.add_argument('--_worker', nargs=2, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -773,9 +1160,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         with open(result_path, 'w') as f:
             json.dump(result, f)
         return 0
+    if args.investigate:
+        return run_investigation(args)
     if args.render_only:
         with open(os.path.join(args.out, 'quality.json')) as f:
             results = json.load(f)
+        refresh_investigation(args.out, results)
         write_report(results, args)
         return 0
     started = time.perf_counter()
@@ -830,11 +1220,30 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
     plot(results, curves_png, weights_png)
     results_md = args.results_md or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'RESULTS.md')
     images = [os.path.relpath(p, os.path.dirname(os.path.abspath(results_md))) for p in (curves_png, weights_png)]
-    replace_section(results_md, render_section(results, images))
+    replace_section(results_md, render_section(results, images, _load_investigation(args.out)))
     _say(f'wrote {json_path}, {curves_png}, {weights_png} and the quality section of {results_md} '
          f'({results["seconds"] / 60:.1f} min)')
     for line in results['notes']:
         _say(line)
+
+
+def _load_investigation(out: str) -> Optional[dict[str, Any]]:
+    path = os.path.join(out, INVESTIGATION_JSON)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def refresh_investigation(out: str, quality: dict[str, Any]) -> None:
+    """Recompute the investigation's analysis and plot from its stored runs (``--render-only``)."""
+    inv = _load_investigation(out)
+    if inv is None or inv.get('quality_date') != quality.get('date'):
+        return
+    inv['analysis'] = analyse_investigation(quality, inv['variant_runs'], inv['variant_info'])
+    with open(os.path.join(out, INVESTIGATION_JSON), 'w') as f:
+        json.dump(inv, f, indent=1)
+    plot_investigation(quality, inv, os.path.join(out, 'quality_investigation.png'))
 
 
 def _vocab(paths: dict[str, str]) -> int:

@@ -115,3 +115,47 @@ def test_replace_section_creates_and_replaces(tmp_path):
     bench.replace_section(str(path), bench.BEGIN_MARK + '\nsecond\n' + bench.END_MARK)
     text = path.read_text()
     assert 'first' not in text and 'second' in text and text.endswith('## Other\nkept\n')
+
+
+@pytest.mark.slow
+def test_investigation_runs_dwm_only_and_is_rendered_from_its_json(quick_run, tmp_path):
+    """``--investigate`` re-runs DWM only (same seeds/budget), fits V1 on held-out samples the evaluation never reads,
+    and its subsection of RESULTS.md is the one its JSON produces."""
+    import shutil
+    bench, results, out, _, _ = quick_run
+    inv_out = tmp_path / 'results'
+    shutil.copytree(out, inv_out)
+    results_md = tmp_path / 'RESULTS.md'
+    data_dir = out.parent / 'data'
+    assert bench.main(['--investigate', 'heldout_val', '--out', str(inv_out), '--data-dir', str(data_dir),
+                       '--results-md', str(results_md), '--jobs', '1']) == 0
+    with open(inv_out / bench.INVESTIGATION_JSON) as f:
+        inv = json.load(f)
+    with open(inv_out / 'quality.json') as f:
+        assert json.load(f) == results  # quality.json is not rewritten
+    assert inv['quality_date'] == results['date'] and inv['seeds'] == results['analysis']['seeds']
+    runs = inv['variant_runs']['heldout_val']
+    assert [r['seed'] for r in runs] == inv['seeds'] and all(r['method'] == 'dwm' for r in runs)
+    assert all(r['steps'] == results['budget']['steps'] for r in runs)
+    assert inv['variant_info']['heldout_val']['settings'] == {'dwm_validation': 'heldout'}
+    # The held-out split is disjoint from the evaluated samples.
+    budget = bench.Budget(**results['budget'])
+    paths = bench.prepare_data(str(data_dir), budget)
+    eval_uids = {u for b in bench._eval_batches_uids(paths, budget) for u in b}
+    from dwm_stream.selection import read_selection
+    sel = read_selection(inv['heldout_selection']['path'])
+    assert len(sel) == inv['heldout_selection']['samples'] > 0 and not set(sel.uids.tolist()) & eval_uids
+    a = inv['analysis']
+    assert set(a) == {'baseline', 'heldout_val'}
+    assert a['baseline']['per_seed'][0]['final_clean'] == pytest.approx(
+        results['analysis']['methods']['dwm']['final_clean']['mean'])
+    section = bench.read_section(str(results_md))
+    assert section == bench.render_section(results, bench._images(str(inv_out), str(results_md)), inv)
+    assert '### Investigation' in section and f'{a["heldout_val"]["diff_vs_uniform_mean"]:+.4f}' in section
+    assert (inv_out / 'quality_investigation.png').stat().st_size > 1000
+
+
+def test_investigation_is_not_rendered_against_another_quality_run():
+    bench = _load_bench()
+    lines = bench.render_investigation({'quality_date': 'then', 'command': 'x'}, {'date': 'now'})
+    assert any('not this one' in line for line in lines) and not any(line.startswith('|') for line in lines)
