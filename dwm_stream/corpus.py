@@ -70,7 +70,7 @@ from typing import Callable, Iterator, Optional, Union
 
 __all__ = [
     'build_corpus', 'CorpusInfo', 'parse_size', 'REAL_DOMAINS', 'DEGRADED_DOMAINS', 'DOMAINS',
-    'DOMAIN_SHARES', 'FILES_PER_CHUNK', 'HOLDOUT_EVERY', 'MAX_DOC_CHARS', 'EOS_TEXT',
+    'DOMAIN_SHARES', 'FILES_PER_CHUNK', 'HOLDOUT_EVERY', 'MAX_DOC_CHARS', 'EOS_TEXT', 'split_lambada',
 ]
 
 REAL_DOMAINS = ('RedPajamaBook', 'RedPajamaWikipedia', 'RedPajamaGithub', 'RedPajamaCommonCrawl')
@@ -601,3 +601,16 @@ def build_corpus(out_dir: str,
         f.write(json.dumps(record, indent=2, sort_keys=True) + '\n')
     info.seconds = time.perf_counter() - start
     return info
+
+
+def split_lambada(lambada_path: str, fit_path: str, report_path: str) -> tuple[int, int]:
+    """Split a LAMBADA-format file in two halves, in file order: the first fits a data selector or
+    weighter (DWM's validation), the second is only ever reported. Returns the two sizes."""
+    with open(lambada_path) as f:
+        lines = [line if line.endswith('\n') else line + '\n' for line in f if line.strip()]
+    half = len(lines) // 2
+    with open(fit_path, 'w') as f:
+        f.writelines(lines[:half])
+    with open(report_path, 'w') as f:
+        f.writelines(lines[half:])
+    return half, len(lines) - half

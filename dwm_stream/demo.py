@@ -50,7 +50,7 @@ def _say(msg: str) -> None:
 def _prepare_data(data_dir: str, budget: _Budget, seed: int) -> dict[str, str]:
     """Corpus, tokenizer, MDS shards and the LAMBADA fit/report split, each cached."""
     from dwm_stream.convert import convert
-    from dwm_stream.corpus import build_corpus
+    from dwm_stream.corpus import build_corpus, split_lambada
     from dwm_stream.tokenizer import train_tokenizer
     paths = {
         'corpus': os.path.join(data_dir, 'corpus'),
@@ -77,13 +77,7 @@ def _prepare_data(data_dir: str, budget: _Budget, seed: int) -> dict[str, str]:
             _say(f'[2/6] {split} shards: cached in {out}')
     # LAMBADA-format examples: the first half fits DWM's weighter, the second half is only reported.
     if not os.path.exists(paths['lambada_report']):
-        with open(os.path.join(paths['corpus'], 'lambada.jsonl')) as f:
-            lines = [line for line in f if line.strip()]
-        half = len(lines) // 2
-        with open(paths['lambada_fit'], 'w') as f:
-            f.writelines(lines[:half])
-        with open(paths['lambada_report'], 'w') as f:
-            f.writelines(lines[half:])
+        split_lambada(os.path.join(paths['corpus'], 'lambada.jsonl'), paths['lambada_fit'], paths['lambada_report'])
     return paths
 
 
