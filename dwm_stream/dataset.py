@@ -25,6 +25,7 @@ parent's, unchanged.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,8 @@ from dwm_stream.shard_view import ShardView, record_dtype
 from dwm_stream.storage import download_file
 
 __all__ = ['DWMDataset', 'DWMStream']
+
+logger = logging.getLogger(__name__)
 
 _SIDECAR_WAIT_S = 300.0
 _LOCAL = int(_ShardState.LOCAL)  # plain ints: enum attribute lookups cost ~1 us each
@@ -376,11 +379,22 @@ class DWMDataset(StreamingDataset):
         attempt starts over) and the error names the shard, the stream and, for cache writes, the
         path.
         """
-        try:
-            super().prepare_shard(shard_id, blocking)
-        except Exception as e:  # noqa: BLE001 - re-raised, named
-            stream = self.streams[self.stream_per_shard[shard_id]]
-            raise integrity.prepare_failed(self, shard_id, stream, _stream_location(stream), e)
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        # A shard fetched from a remote that fails its hash or does not decompress was most likely
+        # damaged in transfer (a truncated body that the HTTP stack did not catch): prepare_failed
+        # deletes the bad copy, so download it again, up to the stream's download_retry. A copy that
+        # is bad on the remote itself still fails, naming the shard.
+        attempts = 1 + (int(stream.download_retry or 0) if stream.remote else 0)
+        for attempt in range(attempts):
+            try:
+                super().prepare_shard(shard_id, blocking)
+                return
+            except Exception as e:  # noqa: BLE001 - re-raised, named
+                error = integrity.prepare_failed(self, shard_id, stream, _stream_location(stream), e)
+                if isinstance(error, integrity.ShardIntegrityError) and attempt + 1 < attempts:
+                    logger.warning('%s; downloading it again (attempt %d of %d).', error, attempt + 2, attempts)
+                    continue
+                raise error
 
     def _prepare_ahead(self, it: _Iterator, run_starts: np.ndarray, run_shards: np.ndarray) -> None:
         """The background prepare thread: download/decompress shards ahead of the consumer.
