@@ -40,7 +40,6 @@ import gc
 import itertools
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -532,29 +531,11 @@ def plot(results: dict[str, Any], path: str) -> None:
 
 # ---------------------------------------------------------------------------- main
 def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9
-    return {'nproc': os.cpu_count(), 'cpu': cpu, 'ram_gb': round(ram, 1),
-            'platform': f'{platform.system()} {platform.release()}', 'python': platform.python_version()}
+    return _sections.machine_info()
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-    out = {}
-    for dist in ('mosaicml-streaming', 'webdataset', 'torch', 'numpy', 'zstandard', 'moto'):
-        try:
-            out[dist] = version(dist)
-        except Exception:  # noqa: BLE001 - a missing optional library is simply not listed
-            pass
-    return out
+    return _sections.library_versions(('mosaicml-streaming', 'webdataset', 'torch', 'numpy', 'zstandard', 'moto'))
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -37,7 +37,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -1077,34 +1076,11 @@ def plot_investigation(quality: dict[str, Any], inv: dict[str, Any], path: str) 
 
 # ------------------------------------------------------------------------------------------------------- main
 def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    return {'nproc': os.cpu_count(), 'cpu': cpu, 'ram_gb': round(ram, 1),
-            'platform': f'{platform.system()} {platform.release()}', 'python': platform.python_version(),
-            'load_avg_1min_at_start': load}
+    return _sections.machine_info()
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
-    out = {}
-    for dist in ('torch', 'mosaicml', 'mosaicml-streaming', 'transformers', 'tokenizers'):
-        try:
-            out[dist] = version(dist)
-        except Exception:  # noqa: BLE001 - a missing library is simply not listed
-            pass
-    return out
+    return _sections.library_versions(('torch', 'mosaicml', 'mosaicml-streaming', 'transformers', 'tokenizers'))
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
