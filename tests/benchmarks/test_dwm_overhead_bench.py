@@ -1,24 +1,19 @@
 """The DWM overhead benchmark runs end to end (``--quick``), writes valid JSON, and its RESULTS.md section is the one
 the JSON produces (no hand-edited numbers); other sections of RESULTS.md are left alone."""
 
-import importlib.util
 import json
 import math
 import os
 
 import pytest
+from bench_module import load_bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LOADER_SECTION = '<!-- loader:begin -->\n## Loader throughput\n\nkeep me 1.23\n<!-- loader:end -->\n'
 
 
 def _load_bench():
-    path = os.path.join(ROOT, 'benchmarks', 'dwm_overhead.py')
-    spec = importlib.util.spec_from_file_location('dwm_overhead_under_test', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('dwm_overhead')
 
 
 @pytest.fixture(scope='module')

@@ -1,21 +1,16 @@
 """The loader benchmark runs end to end (``--quick``), writes valid JSON, and RESULTS.md is made from it."""
 
-import importlib.util
 import json
 import os
 import re
 
 import pytest
+from bench_module import load_bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load_bench():
-    path = os.path.join(ROOT, 'benchmarks', 'loader_throughput.py')
-    spec = importlib.util.spec_from_file_location('loader_throughput_under_test', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('loader_throughput')
 
 
 @pytest.fixture(scope='module')

@@ -1,22 +1,17 @@
 """The quality benchmark runs end to end (``--quick``), writes valid JSON, and RESULTS.md is made from it."""
 
-import importlib.util
 import json
 import math
 import os
 
 import pytest
+from bench_module import load_bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ('uniform', 'dwm', 'static_domain', 'loss_reweighting')
 
 
 def _load_bench():
-    path = os.path.join(ROOT, 'benchmarks', 'quality.py')
-    spec = importlib.util.spec_from_file_location('quality_under_test', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench('quality')
 
 
 @pytest.fixture(scope='module')
