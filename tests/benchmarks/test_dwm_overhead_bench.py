@@ -3,7 +3,6 @@ the JSON produces (no hand-edited numbers); other sections of RESULTS.md are lef
 
 import json
 import math
-import os
 
 import pytest
 from bench_module import load_bench
