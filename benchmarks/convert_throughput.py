@@ -34,7 +34,7 @@ import tempfile
 import time
 from typing import Any, Optional
 
-from dwm_stream import results_md as _sections
+from benchmarks import common as _sections
 
 os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one core per process, in this process too
 
@@ -46,7 +46,7 @@ if REPO not in sys.path:  # run as a script from anywhere
 BEGIN_MARK = '<!-- convert:begin -->'
 END_MARK = '<!-- convert:end -->'
 TARGET = 0.8
-ENCODE_BATCH_DOCS = 256  # convert's batch (dwm_stream.convert._BATCH_DOCS)
+ENCODE_BATCH_DOCS = 256  # convert's batch (dwm_stream.convert.pipeline._BATCH_DOCS)
 
 
 def _say(msg: str) -> None:
@@ -152,7 +152,7 @@ def measure_tokenizer(tokenizer_dir: str, texts_by_file: list[list[str]], proces
 
 
 def measure_convert(train_dir: str, tokenizer_dir: str, out: str, seq_len: int, workers: int) -> dict[str, float]:
-    from dwm_stream.convert import convert
+    from dwm_stream.convert.pipeline import convert
     if os.path.exists(out):
         shutil.rmtree(out)
     started = time.perf_counter()
@@ -168,8 +168,8 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def run_benchmark(args: argparse.Namespace, work: str) -> dict[str, Any]:
-    from dwm_stream.corpus import build_corpus
-    from dwm_stream.tokenizer import train_tokenizer
+    from dwm_stream.demo.corpus import build_corpus
+    from dwm_stream.convert.tokenizer import train_tokenizer
     import streaming  # noqa: F401 - imported before the timings
     corpus_dir = os.path.join(work, 'corpus')
     if not os.path.exists(os.path.join(corpus_dir, 'dwm_corpus.json')):

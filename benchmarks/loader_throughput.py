@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from dwm_stream import results_md as _sections
+from benchmarks import common as _sections
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.dirname(HERE) not in sys.path:  # run as a script from a source checkout
@@ -173,7 +173,7 @@ def _shard_bytes(num_samples: int, seq_len: int) -> int:
 
 
 def build_mds(directory: str, num_samples: int, seq_len: int, seed: int) -> str:
-    from dwm_stream.synthetic import write_synthetic_corpus
+    from dwm_stream.testing.synthetic import write_synthetic_corpus
     write_synthetic_corpus(directory, num_samples, seq_len=seq_len, vocab_size=VOCAB_SIZE, seed=seed,
                            size_limit=_shard_bytes(num_samples, seq_len), score_names=(SCORE,))
     return directory
@@ -235,8 +235,8 @@ def build_selection(mds_dir: str, selection_path: str, subset_dir: str, seed: in
     """A 50% selection file over ``mds_dir``, and the same samples written as their own corpus."""
     from streaming import MDSWriter
 
-    from dwm_stream.selection import write_selection
-    from dwm_stream.shard_format import META_BASENAME, UIDS_BASENAME, CorpusMeta
+    from dwm_stream.data.selection import write_selection
+    from dwm_stream.format.shards import META_BASENAME, UIDS_BASENAME, CorpusMeta
     uids = np.load(os.path.join(mds_dir, UIDS_BASENAME))
     chosen = np.random.default_rng(seed).permutation(uids)[:len(uids) // 2]
     write_selection(selection_path, chosen, info={'selector': 'loader benchmark: random half'})
@@ -334,7 +334,7 @@ class Config:
                 return _time_pass(dataset, touch, min_seconds=self.min_seconds)
             from torch.utils.data import DataLoader
 
-            from dwm_stream.loader import collate_samples
+            from dwm_stream.data.loader import collate_samples
             loader = DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=self.workers,
                                 collate_fn=self.collate or collate_samples, drop_last=False)
             return _time_pass(loader, lambda batch: len(batch['uid']), warmup=max(1, 2 * self.workers))
@@ -584,7 +584,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warnings.filterwarnings('ignore', module='webdataset')
     warnings.filterwarnings('ignore', message='This DataLoader will create')  # 4 workers on 2 CPUs: on purpose
 
-    from dwm_stream.dataset import DWMDataset
+    from dwm_stream.data.dataset import DWMDataset
     PlainStreamingDataset = _plain_streaming_class()
     MemmapDataset, NothingDataset = _torch_iterable()
     seed = args.seed
@@ -678,7 +678,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             sl_configs, reps, log)
 
         if not args.no_s3:
-            from dwm_stream.loopback_s3 import LoopbackS3
+            from dwm_stream.demo.loopback_s3 import LoopbackS3
             log('loopback S3, cold and warm cache')
             with LoopbackS3(buckets=['bench']) as s3:
                 remote = upload_dir(s3, mds, 'bench', 'mds')

@@ -42,10 +42,10 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from dwm_stream import results_md as _sections
+from benchmarks import common as _sections
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -113,9 +113,9 @@ def _say(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------------- data
 def prepare_data(data_dir: str, budget: Budget) -> dict[str, str]:
     """Corpus, tokenizer, MDS shards and the LAMBADA fit/report split, cached in ``data_dir``."""
-    from dwm_stream.convert import convert
-    from dwm_stream.corpus import build_corpus, split_lambada
-    from dwm_stream.tokenizer import train_tokenizer
+    from dwm_stream.convert.pipeline import convert
+    from dwm_stream.demo.corpus import build_corpus, split_lambada
+    from dwm_stream.convert.tokenizer import train_tokenizer
     key = f'{budget.corpus_size}-v{budget.vocab_size}-s{budget.seq_len}'
     root = os.path.join(data_dir, key)
     paths = {'root': root, 'corpus': os.path.join(root, 'corpus'), 'tokenizer': os.path.join(root, 'tokenizer'),
@@ -152,7 +152,7 @@ def _domain_names(mds_dir: str) -> list[str]:
 
 def _eval_batches(paths: dict[str, str], budget: Budget) -> list[dict]:
     """The fixed held-out batches every evaluation uses (validation shards, in order)."""
-    from dwm_stream.builders import WidenedLoader
+    from dwm_stream.train.builders import WidenedLoader
     loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, budget.eval_batch_size, 'validation')
     batches = []
     for batch in loader:
@@ -168,7 +168,7 @@ def evaluate(lm, batches: list[dict], domain_names: list[str]) -> dict[str, floa
     import torch
 
     from algorithms.dwm.loss import per_sample_loss_sums
-    from dwm_stream.corpus import DEGRADED_DOMAINS
+    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     was_training = lm.training
@@ -257,7 +257,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     from algorithms.baselines import LossReweighting, StaticDomainWeighting
     from algorithms.dwm import ValidationBatches
-    from dwm_stream import builders
+    from dwm_stream.train import builders
 
     budget = Budget(**spec['budget'])
     paths, method, seed = spec['paths'], spec['method'], int(spec['seed'])
@@ -312,7 +312,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                               'tokens': steps * budget.batch_size * budget.seq_len, 'train_seconds': seconds}
     if spec.get('evaluate', True):
         report = ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32, max_length=budget.seq_len)
-        from dwm_stream.evaluation import lambada_metrics
+        from dwm_stream.train.evaluation import lambada_metrics
         result.update({'curve': probe.curve, 'final': evaluate(lm, eval_batches, domain_names),
                        'lambada': lambada_metrics(lm, report), 'stage_weights': probe.stage_weights(),
                        'stage_weight_std': probe.stage_weight_std(),
@@ -349,7 +349,7 @@ def static_weights_from_proxy(lm, tokenizer, paths: dict[str, str], budget: Budg
     from algorithms.baselines import domain_weights_from_alignment
     from algorithms.dwm import ValidationBatches
     from algorithms.dwm.loss import per_sample_loss_sums
-    from dwm_stream.builders import WidenedLoader
+    from dwm_stream.train.builders import WidenedLoader
 
     params = [p for p in lm.parameters() if p.requires_grad]
 
@@ -474,7 +474,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def analyse(raw: dict[str, Any], budget: Budget, domain_names: list[str]) -> dict[str, Any]:
     """Per-method summaries, the steps-to-target figures and the two targets."""
-    from dwm_stream.corpus import DEGRADED_DOMAINS
+    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
     runs = raw['runs']
     by = {m: {r['seed']: r for r in runs if r['method'] == m} for m in METHODS}
     seeds = sorted(by['uniform'])
@@ -766,9 +766,9 @@ def heldout_selection(paths: dict[str, str], budget: Budget) -> dict[str, Any]:
     reported validation loss by construction (checked)."""
     import numpy as np
 
-    from dwm_stream.builders import WidenedLoader
-    from dwm_stream.corpus import DEGRADED_DOMAINS
-    from dwm_stream.selection import write_selection
+    from dwm_stream.train.builders import WidenedLoader
+    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
+    from dwm_stream.data.selection import write_selection
     names = _domain_names(paths['validation'])
     eval_uids = {int(u) for b in _eval_batches_uids(paths, budget) for u in b}
     uids, per_domain = [], {}
@@ -787,7 +787,7 @@ def heldout_selection(paths: dict[str, str], budget: Budget) -> dict[str, Any]:
 
 
 def _eval_batches_uids(paths: dict[str, str], budget: Budget) -> list[list[int]]:
-    from dwm_stream.builders import WidenedLoader
+    from dwm_stream.train.builders import WidenedLoader
     loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, budget.eval_batch_size, 'validation')
     out = []
     for batch in loader:
@@ -1203,12 +1203,12 @@ def refresh_investigation(out: str, quality: dict[str, Any]) -> None:
 
 
 def _vocab(paths: dict[str, str]) -> int:
-    from dwm_stream.tokenizer import load_tokenizer
+    from dwm_stream.convert.tokenizer import load_tokenizer
     return len(load_tokenizer(paths['tokenizer']))
 
 
 def _eval_sample_count(paths: dict[str, str], budget: Budget, domain_names: list[str]) -> int:
-    from dwm_stream.corpus import DEGRADED_DOMAINS
+    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
     return sum(sum(domain_names[d] not in DEGRADED_DOMAINS for d in b['domain'].tolist())
                for b in _eval_batches(paths, budget))
 

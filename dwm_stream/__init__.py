@@ -12,9 +12,9 @@ __version__ = '0.1.0'
 
 def __getattr__(name: str) -> Any:
     if name in ('DWMDataset', 'DWMStream'):
-        from dwm_stream import dataset
+        from dwm_stream.data import dataset
         return getattr(dataset, name)
     if name == 'build_dataloader':
-        from dwm_stream.loader import build_dataloader
+        from dwm_stream.data.loader import build_dataloader
         return build_dataloader
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

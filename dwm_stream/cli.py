@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import sys
 import time
@@ -22,21 +22,21 @@ typical flow:
 
 
 def _cmd_corpus(args: argparse.Namespace) -> int:
-    from dwm_stream.corpus import build_corpus
+    from dwm_stream.demo.corpus import build_corpus
     info = build_corpus(args.out, size=args.size, seed=args.seed, progress=not args.no_progress)
     print(info)
     return 0
 
 
 def _cmd_tokenizer(args: argparse.Namespace) -> int:
-    from dwm_stream.tokenizer import train_tokenizer
+    from dwm_stream.convert.tokenizer import train_tokenizer
     path = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size, progress=not args.no_progress)
     print(f'tokenizer saved to {path} (load it with AutoTokenizer.from_pretrained({path!r}))')
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from dwm_stream.convert import convert
+    from dwm_stream.convert.pipeline import convert
     report = convert(args.src, args.out, tokenizer=args.tokenizer, seq_len=args.seq_len, workers=args.workers,
                      skip_bad=args.skip_bad, overwrite=args.overwrite, resume=args.resume,
                      progress=not args.no_progress)
@@ -45,33 +45,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dwm_stream.train import main as train_main
+    from dwm_stream.train.entry import main as train_main
     return train_main([args.config, *args.overrides])
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dwm_stream.demo import run_demo
+    from dwm_stream.demo.run import run_demo
     run_demo(out_dir=args.out, quick=args.quick, seed=args.seed)
     return 0
 
 
-def _benchmarks_dir() -> str:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, 'benchmarks')
-    if not os.path.isdir(path):
-        raise SystemExit(f'benchmarks/ not found next to the package ({path}); run from a source checkout '
-                         f'(pip install -e .).')
-    return path
+def _checkout_root() -> str:
+    """The source checkout that holds ``benchmarks/`` (they are scripts, not part of the installed package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, 'benchmarks', '__init__.py')):
+        raise SystemExit('dwm-stream bench needs a source checkout: benchmarks/ is not installed with the package '
+                         f'(looked in {root}). Clone the repository and `pip install -e .` from it, or run '
+                         '`python -m benchmarks.<name>` from its root.')
+    return root
 
 
 def _run_benchmark(module: str, argv: list[str]) -> int:
-    path = os.path.join(_benchmarks_dir(), f'{module}.py')
-    if not os.path.exists(path):
-        raise SystemExit(f'benchmark {path} does not exist.')
-    spec = importlib.util.spec_from_file_location(f'benchmarks.{module}', path)
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
+    root = _checkout_root()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    mod = importlib.import_module(f'benchmarks.{module}')
     return int(mod.main(argv) or 0)
 
 
@@ -108,7 +106,7 @@ def _token_count(text: str) -> int:
 
 
 def _cmd_select_dsir(args: argparse.Namespace) -> int:
-    from dwm_stream.dsir import select_dsir
+    from dwm_stream.select.dsir import select_dsir
     report = select_dsir(args.raw, args.target, args.out, budget_tokens=args.budget_tokens, sample=args.sample,
                          seed=args.seed, prior_weight=args.prior_weight, min_words=args.min_words,
                          materialize=args.materialize, overwrite=args.overwrite, tokenizer=args.tokenizer,
@@ -120,7 +118,7 @@ def _cmd_select_dsir(args: argparse.Namespace) -> int:
 
 
 def _cmd_select_qurating(args: argparse.Namespace) -> int:
-    from dwm_stream.qurating import select_qurating
+    from dwm_stream.select.qurating import select_qurating
     report = select_qurating(args.corpus, args.criterion, args.out, args.budget_tokens, tau=args.tau,
                              sample=not args.no_sample, per_domain=args.per_domain, zscore=args.zscore,
                              annotations=args.annotations, seed=args.seed, workers=args.workers,
@@ -130,7 +128,7 @@ def _cmd_select_qurating(args: argparse.Namespace) -> int:
 
 
 def _cmd_annotate(args: argparse.Namespace) -> int:
-    from dwm_stream.qurating import annotate_qurating
+    from dwm_stream.select.qurating import annotate_qurating
     report = annotate_qurating(args.model, args.corpus, args.out, labels=args.labels, tokenizer=args.tokenizer,
                                window=args.window, batch_size=args.batch_size, device=args.device,
                                overwrite=args.overwrite, progress=not args.no_progress)
@@ -139,7 +137,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dwm_stream.report import write_report
+    from dwm_stream.train.report import write_report
     text, png = write_report(args.run_dir, out=args.out)
     print(text)
     print(f'plot written to {png}')

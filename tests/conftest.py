@@ -20,7 +20,7 @@ SMALL_SEQ_LEN = 256
 @pytest.fixture(scope='session')
 def loopback_s3():
     """moto's S3 server on 127.0.0.1 with a ``dwm-test`` bucket; S3_ENDPOINT_URL points at it."""
-    from dwm_stream.loopback_s3 import LoopbackS3
+    from dwm_stream.demo.loopback_s3 import LoopbackS3
     with LoopbackS3(buckets=['dwm-test']) as s3:
         yield s3
 
@@ -28,7 +28,7 @@ def loopback_s3():
 @pytest.fixture(scope='session')
 def small_corpus(tmp_path_factory):
     """A ~1.5 MB embedded SlimPajama-format corpus (``CorpusInfo``; ``.out_dir`` is its root)."""
-    from dwm_stream.corpus import build_corpus
+    from dwm_stream.demo.corpus import build_corpus
     return build_corpus(str(tmp_path_factory.mktemp('corpus') / 'slimpajama'),
                         size=SMALL_CORPUS_SIZE, seed=0, progress=False)
 
@@ -36,7 +36,7 @@ def small_corpus(tmp_path_factory):
 @pytest.fixture(scope='session')
 def small_tokenizer(small_corpus, tmp_path_factory) -> str:
     """A byte-level BPE (vocab 2048) trained on ``small_corpus``; the path of its directory."""
-    from dwm_stream.tokenizer import train_tokenizer
+    from dwm_stream.convert.tokenizer import train_tokenizer
     return train_tokenizer(small_corpus.out_dir, str(tmp_path_factory.mktemp('tokenizer') / 'bpe'),
                            vocab_size=SMALL_VOCAB, progress=False)
 
@@ -44,7 +44,7 @@ def small_tokenizer(small_corpus, tmp_path_factory) -> str:
 @pytest.fixture(scope='session')
 def converted_mds(small_corpus, small_tokenizer, tmp_path_factory) -> str:
     """``small_corpus``'s train split converted to MDS (seq_len 256, 1 worker); the directory."""
-    from dwm_stream.convert import convert
+    from dwm_stream.convert.pipeline import convert
     out = str(tmp_path_factory.mktemp('mds') / 'train')
     convert(small_corpus.train_dir, out, small_tokenizer, SMALL_SEQ_LEN, progress=False)
     return out

@@ -137,7 +137,7 @@ def test_investigation_runs_dwm_only_and_is_rendered_from_its_json(quick_run, tm
     budget = bench.Budget(**results['budget'])
     paths = bench.prepare_data(str(data_dir), budget)
     eval_uids = {u for b in bench._eval_batches_uids(paths, budget) for u in b}
-    from dwm_stream.selection import read_selection
+    from dwm_stream.data.selection import read_selection
     sel = read_selection(inv['heldout_selection']['path'])
     assert len(sel) == inv['heldout_selection']['samples'] > 0 and not set(sel.uids.tolist()) & eval_uids
     a = inv['analysis']

@@ -23,8 +23,8 @@ def main() -> None:
     if world_size > 1:
         import torch.distributed as dist
         dist.init_process_group('gloo')
-    from dwm_stream.dataset import DWMDataset
-    from dwm_stream.loader import collate_samples
+    from dwm_stream.data.dataset import DWMDataset
+    from dwm_stream.data.loader import collate_samples
     dataset = DWMDataset(**cfg['dataset'])
     if cfg.get('state_in'):
         with open(cfg['state_in']) as f:

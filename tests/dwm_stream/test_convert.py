@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import zstandard
 
-from dwm_stream.convert import PART_BASENAME, PARTS_DIR, convert, part_slug
-from dwm_stream.shard_format import (META_BASENAME, UID_ORDINAL_BITS, UIDS_BASENAME, CorpusMeta,
+from dwm_stream.convert.pipeline import PART_BASENAME, PARTS_DIR, convert, part_slug
+from dwm_stream.format.shards import (META_BASENAME, UID_ORDINAL_BITS, UIDS_BASENAME, CorpusMeta,
                                      make_uid)
-from dwm_stream.sources import BadRecordError, iter_documents, write_tar_shards
+from dwm_stream.convert.sources import BadRecordError, iter_documents, write_tar_shards
 
 SEQ_LEN = 256
 

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from dwm_stream.corpus import (DEGRADED_DOMAINS, DOMAINS, REAL_DOMAINS, build_corpus, parse_size)
-from dwm_stream.sources import read_jsonl_zst
+from dwm_stream.demo.corpus import (DEGRADED_DOMAINS, DOMAINS, REAL_DOMAINS, build_corpus, parse_size)
+from dwm_stream.convert.sources import read_jsonl_zst
 
 
 def _docs(root: str, split: str):

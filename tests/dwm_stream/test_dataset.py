@@ -10,11 +10,11 @@ import pytest
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
-from dwm_stream.dataset import DWMDataset, DWMStream
-from dwm_stream.loader import collate_samples, widen_batch
-from dwm_stream.loopback_s3 import LoopbackS3
-from dwm_stream.selection import read_selection, write_selection
-from dwm_stream.synthetic import SYNTHETIC_DOMAINS, expected_tokens, write_synthetic_corpus
+from dwm_stream.data.dataset import DWMDataset, DWMStream
+from dwm_stream.data.loader import collate_samples, widen_batch
+from dwm_stream.demo.loopback_s3 import LoopbackS3
+from dwm_stream.data.selection import read_selection, write_selection
+from dwm_stream.testing.synthetic import SYNTHETIC_DOMAINS, expected_tokens, write_synthetic_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, 'dataset_worker.py')

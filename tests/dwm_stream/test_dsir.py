@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from dwm_stream.cli import main as cli_main
-from dwm_stream.corpus import DEGRADED_DOMAINS
-from dwm_stream.dsir import (NgramHasher, compute_dsir, hashed_ngram_counts, log_importance, log_ratio,
+from dwm_stream.demo.corpus import DEGRADED_DOMAINS
+from dwm_stream.select.dsir import (NgramHasher, compute_dsir, hashed_ngram_counts, log_importance, log_ratio,
                              per_token_score, select_dsir)
-from dwm_stream.selection import read_selection
-from dwm_stream.sources import Document, write_jsonl_zst
+from dwm_stream.data.selection import read_selection
+from dwm_stream.convert.sources import Document, write_jsonl_zst
 
 PROSE = ['RedPajamaBook', 'RedPajamaWikipedia']
 _WORDS = ('the cat sat on a mat , dog ran ! Über café naïve 42 x_y foo-bar don\'t ... (a) [b] '
@@ -97,7 +97,7 @@ def test_dsir_toward_prose_raises_the_prose_share(converted_mds, prose_target, t
 
 
 def test_jsonl_documents_select_and_materialize(small_corpus, prose_target, tmp_path):
-    from dwm_stream.sources import read_jsonl_zst
+    from dwm_stream.convert.sources import read_jsonl_zst
     out = str(tmp_path / 'docs.parquet')
     report = select_dsir(small_corpus.train_dir, [prose_target], out, budget_tokens=50_000, target_domains=PROSE,
                          materialize=str(tmp_path / 'subset'))

@@ -28,8 +28,8 @@ def test_entry_points_are_registered():
     """Installed (editable) dwm-stream exposes both entry points to LLM Foundry's registries."""
     groups = {g: {e.name: e.value for e in importlib.metadata.entry_points(group=g)}
               for g in ('llmfoundry_algorithms', 'llmfoundry_dataloaders')}
-    assert groups['llmfoundry_algorithms'].get('dwm') == 'dwm_stream.foundry:DWMAlgorithm'
-    assert groups['llmfoundry_dataloaders'].get('dwm') == 'dwm_stream.foundry:build_dwm_dataloader'
+    assert groups['llmfoundry_algorithms'].get('dwm') == 'dwm_stream.train.foundry:DWMAlgorithm'
+    assert groups['llmfoundry_dataloaders'].get('dwm') == 'dwm_stream.train.foundry:build_dwm_dataloader'
     for value in (groups['llmfoundry_algorithms']['dwm'], groups['llmfoundry_dataloaders']['dwm']):
         importlib.metadata.EntryPoint(name='dwm', value=value, group='').load()
 

@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dwm_stream.dataset import DWMDataset
-from dwm_stream.materialize import PRIOR_BASENAME, materialize
-from dwm_stream.selection import read_selection, write_selection
+from dwm_stream.data.dataset import DWMDataset
+from dwm_stream.select.materialize import PRIOR_BASENAME, materialize
+from dwm_stream.data.selection import read_selection, write_selection
 
 
 @pytest.fixture()

@@ -5,12 +5,12 @@ import os
 import numpy as np
 import pytest
 
-from dwm_stream.budget import domain_budgets, select_to_budget
+from dwm_stream.select.budget import domain_budgets, select_to_budget
 from dwm_stream.cli import main as cli_main
-from dwm_stream.qurating import (CRITERIA, annotate_qurating, qurating_logits, select_qurating,
+from dwm_stream.select.qurating import (CRITERIA, annotate_qurating, qurating_logits, select_qurating,
                                  token_weighted_mean, window_bounds)
-from dwm_stream.selection import read_selection, write_selection
-from dwm_stream.synthetic import SYNTHETIC_DOMAINS, write_synthetic_corpus
+from dwm_stream.data.selection import read_selection, write_selection
+from dwm_stream.testing.synthetic import SYNTHETIC_DOMAINS, write_synthetic_corpus
 
 N = 400
 SEQ_LEN = 32
@@ -92,7 +92,7 @@ def tiny_rater(small_tokenizer, tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from dwm_stream.tokenizer import load_tokenizer
+    from dwm_stream.convert.tokenizer import load_tokenizer
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
@@ -110,7 +110,7 @@ def test_annotate_then_select(tiny_rater, converted_mds, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from dwm_stream.corpus_reader import CorpusReader
+    from dwm_stream.format.reader import CorpusReader
     annotations = str(tmp_path / 'ratings.parquet')
     assert cli_main(['annotate', 'qurating', '--model', tiny_rater, '--corpus', converted_mds, '--out',
                      annotations, '--window', '100', '--batch-size', '64', '--device', 'cpu', '--no-progress']) == 0

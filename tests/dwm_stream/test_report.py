@@ -6,8 +6,8 @@ import math
 import pytest
 
 from dwm_stream.cli import main as cli_main
-from dwm_stream.metrics_log import read_metrics
-from dwm_stream.report import preference_tables, write_report
+from dwm_stream.train.loggers import read_metrics
+from dwm_stream.train.report import preference_tables, write_report
 
 
 def _write_run(path):

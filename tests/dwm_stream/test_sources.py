@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from dwm_stream import sources
-from dwm_stream.sources import (BadRecordError, Document, iter_documents, read_jsonl_zst,
+from dwm_stream.convert import sources
+from dwm_stream.convert.sources import (BadRecordError, Document, iter_documents, read_jsonl_zst,
                                 read_parquet, read_tar, write_jsonl_zst, write_tar_shards)
 
 

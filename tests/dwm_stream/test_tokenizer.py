@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from dwm_stream.sources import read_jsonl_zst
-from dwm_stream.tokenizer import (EOS_TOKEN, FINGERPRINT_BASENAME, corpus_train_files,
+from dwm_stream.convert.sources import read_jsonl_zst
+from dwm_stream.convert.tokenizer import (EOS_TOKEN, FINGERPRINT_BASENAME, corpus_train_files,
                                   load_tokenizer, train_tokenizer)
 
 

@@ -75,7 +75,7 @@ def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 
 
 def _metrics(run_dir) -> list[dict]:
-    from dwm_stream.metrics_log import read_metrics
+    from dwm_stream.train.loggers import read_metrics
     return read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
 
 

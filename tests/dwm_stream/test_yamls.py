@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from dwm_stream import builders
-from dwm_stream.train import build_trainer, load_config, main
+from dwm_stream.train import builders
+from dwm_stream.train.entry import build_trainer, load_config, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 YAML_DIR = os.path.join(REPO, 'yamls')
@@ -100,7 +100,7 @@ def _build_dwm(cfg: dict, tokenizer, device_batch: int) -> list:
 
 
 def _write_selection(local_mds: str, path: str, score: str) -> np.ndarray:
-    from dwm_stream.selection import write_selection
+    from dwm_stream.data.selection import write_selection
     uids = np.load(os.path.join(local_mds, 'uids.npy'))
     rng = np.random.default_rng(0)
     chosen = np.sort(rng.choice(uids, size=len(uids) // 2, replace=False))
@@ -202,7 +202,7 @@ def test_lambada_path_is_required(name, yaml_env, monkeypatch):
 def test_paper_yaml_builds(name, yaml_env, local_mds, small_tokenizer, monkeypatch):
     """Tokenizer, meta-device model, DWM, optimizer, scheduler, callbacks, loggers; data from a local copy."""
     from composer.core import Time
-    from dwm_stream.train import TOP_LEVEL_KEYS
+    from dwm_stream.train.entry import TOP_LEVEL_KEYS
     tmp = yaml_env
     selection = None
     chosen = None

@@ -17,12 +17,12 @@ import uuid
 
 import pytest
 
-from dwm_stream.dataset import DWMDataset
-from train_runs import REPO, run_train, train_args, train_env, upload_dir
+from dwm_stream.data.dataset import DWMDataset
+from train_runs import REPO, train_args, train_env
 
 _PROBE = '''
 import sys
-from dwm_stream.dataset import DWMDataset
+from dwm_stream.data.dataset import DWMDataset
 try:
     n = sum(1 for _ in DWMDataset(remote=sys.argv[1], local=sys.argv[2], batch_size=4, download_retry=1))
     print('OK', n)
@@ -115,7 +115,7 @@ def _listening_addresses(port: int) -> list[str]:
 
 
 def test_loopback_servers_bind_127_0_0_1_only(loopback_s3):
-    from dwm_stream.fault_proxy import FaultProxy, FaultProxyServer
+    from dwm_stream.testing.fault_proxy import FaultProxy, FaultProxyServer
     if not os.path.exists('/proc/net/tcp'):
         pytest.skip('needs /proc/net/tcp')
     assert loopback_s3.endpoint_url.startswith('http://127.0.0.1:')
@@ -128,7 +128,7 @@ def test_loopback_servers_bind_127_0_0_1_only(loopback_s3):
 
 @pytest.mark.parametrize('host', ['0.0.0.0', '192.168.1.10', '::'])
 def test_loopback_s3_refuses_a_non_loopback_host(host):
-    proc = subprocess.run([sys.executable, '-m', 'dwm_stream.loopback_s3', '--host', host],
+    proc = subprocess.run([sys.executable, '-m', 'dwm_stream.demo.loopback_s3', '--host', host],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and 'is not a loopback address' in proc.stderr, proc.stderr
 

@@ -1,4 +1,4 @@
-"""A flaky object store: the fault-injecting proxy (``dwm_stream.fault_proxy``) in front of loopback S3.
+"""A flaky object store: the fault-injecting proxy (``dwm_stream.testing.fault_proxy``) in front of loopback S3.
 
 * Each fault kind (500, 503, slow, connection reset, truncated body), injected at a high rate, still
   yields the exact sample sequence of a clean read.
@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
-from dwm_stream.dataset import DWMDataset
-from dwm_stream.fault_proxy import FAULTS, FaultProxy
-from dwm_stream.trained_samples import committed_batches
+from dwm_stream.data.dataset import DWMDataset
+from dwm_stream.testing.fault_proxy import FAULTS, FaultProxy
+from dwm_stream.train.callbacks import committed_batches
 from train_runs import TRAINED_SAMPLES, final_weighter, run_train, train_args, train_env
 
 SEED = 7

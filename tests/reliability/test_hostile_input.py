@@ -20,8 +20,8 @@ import time
 import numpy as np
 import pytest
 
-from dwm_stream.dataset import DWMDataset
-from dwm_stream.integrity import ShardIntegrityError, UnsafeIndexError, verify_raw_shard
+from dwm_stream.data.dataset import DWMDataset
+from dwm_stream.format.integrity import ShardIntegrityError, UnsafeIndexError, verify_raw_shard
 
 
 def _flip_byte(path: str, where: float = 0.5) -> None:
@@ -87,8 +87,8 @@ def test_flipped_byte_in_the_local_cache_is_named_never_decoded(converted_mds, r
 
 def test_raw_hash_check_cost(tmp_path):
     """The once-per-process raw-shard hash costs a small fraction of one pass of the loader."""
-    from dwm_stream import integrity
-    from dwm_stream.synthetic import write_synthetic_corpus
+    from dwm_stream.format import integrity
+    from dwm_stream.testing.synthetic import write_synthetic_corpus
     root = str(tmp_path / 'syn')
     write_synthetic_corpus(root, num_samples=8192, seq_len=2048, size_limit=8 << 20, compression=None)
     index = _index(root)
@@ -147,7 +147,7 @@ def test_pickle_columns_are_refused_unless_opted_in(tmp_path):
 
 
 def test_pickle_columns_are_refused_from_a_yaml_dataset(tmp_path):
-    from dwm_stream.loader import build_dataset
+    from dwm_stream.data.loader import build_dataset
     root = str(tmp_path / 'pkl')
     _write_pickle_corpus(root)
     with pytest.raises(UnsafeIndexError, match='allow_unsafe_types'):
@@ -196,7 +196,7 @@ def test_composer_checkpoints_load_weights_only(tmp_path):
     """
     from composer.utils import checkpoint as composer_checkpoint
 
-    from dwm_stream.checkpoint_safety import UnsafeCheckpointError, install, installed
+    from dwm_stream.train.checkpoint_safety import UnsafeCheckpointError, install, installed
     evil, marker = _evil_file(tmp_path, 'ep0-ba1-rank0.pt')
     install()
     assert installed()
@@ -257,7 +257,7 @@ def test_long_document_pieces_tokenize_exactly_as_one_call(small_tokenizer, monk
     """The piecewise tokenization of long documents (bounded memory) gives the same ids as one call."""
     import random
 
-    from dwm_stream import convert
+    from dwm_stream.convert import pipeline as convert
     encoder = convert._Encoder(small_tokenizer)
     rng = random.Random(3)
     alphabet = ['word', 'Word', "it's", '  ', ' ', '\n', '3.14', 'naïve', '—', '"q"', 'x' * 40, '\t', 'é', '😀']
@@ -271,7 +271,7 @@ def test_long_document_pieces_tokenize_exactly_as_one_call(small_tokenizer, monk
 def test_non_utf8_bytes_deep_in_a_large_file_name_file_and_line(tmp_path):
     import zstandard
 
-    from dwm_stream.sources import BadRecordError, iter_documents
+    from dwm_stream.convert.sources import BadRecordError, iter_documents
     path = str(tmp_path / 'example_train_0.jsonl.zst')
     bad_line = 150_000
     with open(path, 'wb') as f, zstandard.ZstdCompressor().stream_writer(f) as w:

@@ -1,7 +1,7 @@
 """``kill -9`` a ``dwm-stream train`` run (DWM on, 2 DataLoader workers) at 3 seeded random points, resume
 each time with ``autoresume=true``; nothing is lost and nothing repeated, and the weighter ends identical.
 
-How the trained multiset is derived (``dwm_stream.trained_samples``): the ``trained_samples`` callback
+How the trained multiset is derived (``dwm_stream.train.callbacks``): the ``trained_samples`` callback
 appends ``{"event": "batch", "batch": b, "uids": [...]}`` at every ``BATCH_END`` (before any checkpoint
 that includes batch ``b`` is written; here ``save_interval=3ba``) and ``{"event": "fit_start", "batch": B}`` when a
 run starts at batch ``B``. Records after a killed run's last checkpoint were lost with the process; the
@@ -27,7 +27,7 @@ from collections import Counter
 import pytest
 import torch
 
-from dwm_stream.trained_samples import committed_batches, read_records
+from dwm_stream.train.callbacks import committed_batches, read_records
 from train_runs import (NUM_BATCHES, TRAINED_SAMPLES, final_weighter, latest_checkpoint_weighter, run_train,
                         train_args, train_env)
 

@@ -84,6 +84,6 @@ def final_weighter(run_root: str) -> dict:
 
 def latest_checkpoint_weighter(run_root: str) -> dict:
     """The DWM weighter state in ``latest-rank0.pt`` (loaded with weights_only=True)."""
-    from dwm_stream.checkpoint_safety import safe_load
+    from dwm_stream.train.checkpoint_safety import safe_load
     state = safe_load(os.path.join(run_root, 'run', 'latest-rank0.pt'))
     return dict(state['state']['algorithms'])['ConfiguredDWM']['weighter']

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ['run_demo']
 
@@ -49,9 +49,9 @@ def _say(msg: str) -> None:
 
 def _prepare_data(data_dir: str, budget: _Budget, seed: int) -> dict[str, str]:
     """Corpus, tokenizer, MDS shards and the LAMBADA fit/report split, each cached."""
-    from dwm_stream.convert import convert
-    from dwm_stream.corpus import build_corpus, split_lambada
-    from dwm_stream.tokenizer import train_tokenizer
+    from dwm_stream.convert.pipeline import convert
+    from dwm_stream.demo.corpus import build_corpus, split_lambada
+    from dwm_stream.convert.tokenizer import train_tokenizer
     paths = {
         'corpus': os.path.join(data_dir, 'corpus'),
         'tokenizer': os.path.join(data_dir, 'tokenizer'),
@@ -93,7 +93,7 @@ def _upload_dir(client, local_dir: str, bucket: str, prefix: str) -> int:
 
 
 def _train(name: str, overrides: list[str], with_dwm: bool) -> dict[str, Any]:
-    from dwm_stream.train import build_trainer, load_config
+    from dwm_stream.train.entry import build_trainer, load_config
     if not with_dwm:
         overrides = overrides + ['algorithms=null']
     cfg = load_config(DEMO_YAML, overrides)
@@ -111,7 +111,7 @@ def _train(name: str, overrides: list[str], with_dwm: bool) -> dict[str, Any]:
 
 def _stage_table(metrics_file: str, domain_names: list[str]) -> dict[int, dict[str, float]]:
     """Mean DWM weight per domain per stage, from the run's metrics.jsonl."""
-    from dwm_stream.metrics_log import read_metrics
+    from dwm_stream.train.loggers import read_metrics
     values: dict[tuple[int, str], list[float]] = {}
     stage = None
     for rec in read_metrics(metrics_file):  # chronological: a record belongs to the latest stage logged
@@ -130,7 +130,7 @@ def _stage_table(metrics_file: str, domain_names: list[str]) -> dict[int, dict[s
 
 
 def _eval_curve(metrics_file: str) -> list[tuple[int, float]]:
-    from dwm_stream.metrics_log import read_metrics
+    from dwm_stream.train.loggers import read_metrics
     curve = []
     for rec in read_metrics(metrics_file):
         v = rec['metrics'].get('metrics/eval/LanguageCrossEntropy')
@@ -171,10 +171,10 @@ def _plot(path: str, stages: dict[int, dict[str, float]], domain_names: list[str
 def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the demo; returns the numbers it printed. See the module docstring."""
     from algorithms.dwm import ValidationBatches
-    from dwm_stream.builders import WidenedLoader, build_tokenizer
-    from dwm_stream.corpus import DEGRADED_DOMAINS
-    from dwm_stream.evaluation import heldout_loss, lambada_metrics
-    from dwm_stream.loopback_s3 import LoopbackS3
+    from dwm_stream.train.builders import WidenedLoader, build_tokenizer
+    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
+    from dwm_stream.train.evaluation import heldout_loss, lambada_metrics
+    from dwm_stream.demo.loopback_s3 import LoopbackS3
 
     budget = QUICK if quick else FULL
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """Convert source documents into tokenized, packed MDS shards (the layout of ``shard_format``).
 
 Pipeline, per source file (a ``.jsonl.zst``, WebDataset ``.tar`` or QuRatedPajama ``.parquet``
-under SRC, see ``dwm_stream.sources``):
+under SRC, see ``dwm_stream.convert.sources``):
 
 1. documents are streamed, tokenized in batches with the fast tokenizer (special-token strings in
    the text are encoded as plain text), and EOS is appended to each;
@@ -44,10 +44,10 @@ from typing import IO, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from dwm_stream.shard_format import (DOMAIN, META_BASENAME, NUM_TOKENS, TOKENS, UID,
+from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, TOKENS, UID,
                                      UID_ORDINAL_BITS, UIDS_BASENAME, CorpusMeta, make_uid,
                                      mds_columns, score_column, token_dtype_for)
-from dwm_stream.sources import BadRecordError, Document, is_source_file, iter_documents
+from dwm_stream.convert.sources import BadRecordError, Document, is_source_file, iter_documents
 
 __all__ = ['convert', 'ConvertReport', 'PARTS_DIR', 'PLAN_BASENAME', 'PART_BASENAME', 'HASHES',
            'part_slug']
@@ -232,7 +232,7 @@ _TOKENIZER_CACHE: dict[str, Any] = {}
 
 def _load(name: str):
     if name not in _TOKENIZER_CACHE:
-        from dwm_stream.tokenizer import load_tokenizer
+        from dwm_stream.convert.tokenizer import load_tokenizer
         _TOKENIZER_CACHE[name] = load_tokenizer(name)
     return _TOKENIZER_CACHE[name]
 

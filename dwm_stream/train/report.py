@@ -1,6 +1,6 @@
 """What DWM prefers as training goes on: by score criterion and by domain, per stage.
 
-Reads a run's ``metrics.jsonl`` (:mod:`dwm_stream.metrics_log`), in which the DWM algorithm logs
+Reads a run's ``metrics.jsonl`` (:mod:`dwm_stream.train.loggers`), in which the DWM algorithm logs
 
 * ``dwm/stage``: the current stage, when a stage begins and periodically;
 * ``dwm/spearman/<score>``: at each stage end, the Spearman correlation of the stage's DWM weights
@@ -143,7 +143,7 @@ def write_report(run_dir: str, out: Optional[str] = None) -> tuple[str, str]:
         FileNotFoundError: If there is no ``metrics.jsonl``.
         ValueError: If it holds no DWM preference metrics.
     """
-    from dwm_stream.metrics_log import read_metrics
+    from dwm_stream.train.loggers import read_metrics
     metrics_file = run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, 'metrics.jsonl')
     if not os.path.exists(metrics_file):
         raise FileNotFoundError(f'{metrics_file} does not exist; give a run directory trained with the '

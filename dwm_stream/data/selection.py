@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dwm_stream.shard_format import SCORE_PREFIX
+from dwm_stream.format.shards import SCORE_PREFIX
 
 __all__ = ['Selection', 'read_selection', 'write_selection', 'resolve_selection', 'ResolvedSelection']
 
@@ -104,7 +104,7 @@ def read_selection(path: str) -> Selection:
         raise FileNotFoundError(f'selection file {path} does not exist.') from None
     except Exception as e:  # pyarrow raises ArrowInvalid for non-parquet input
         raise ValueError(f'{path}: not a Parquet selection file ({e}). Selection files are written by '
-                         f'`dwm-stream select` or dwm_stream.selection.write_selection.') from e
+                         f'`dwm-stream select` or dwm_stream.data.selection.write_selection.') from e
     _validate_table(table, path)
     keep = np.ones(table.num_rows, dtype=bool)
     if 'keep' in table.column_names:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from dwm_stream.shard_format import (DOMAIN, META_BASENAME, NUM_TOKENS, TOKENS, UID, UIDS_BASENAME,
+from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, TOKENS, UID, UIDS_BASENAME,
                                      CorpusMeta, make_uid, mds_columns, score_column)
 
 __all__ = ['write_synthetic_corpus', 'expected_tokens', 'SYNTHETIC_DOMAINS']

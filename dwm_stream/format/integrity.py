@@ -1,6 +1,6 @@
 """Integrity and safety checks on the read path: hostile indexes, corrupt shards, failed downloads.
 
-``DWMDataset`` / ``DWMStream`` (:mod:`dwm_stream.dataset`) call these; they are kept here so that the
+``DWMDataset`` / ``DWMStream`` (:mod:`dwm_stream.data.dataset`) call these; they are kept here so that the
 rules are in one place and testable on their own. ``RELIABILITY.md`` lists the faults each one covers
 and the tests that pin them.
 

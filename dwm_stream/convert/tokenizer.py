@@ -62,7 +62,7 @@ def _fingerprint(files: list[str], root: str, vocab_size: int, max_train_bytes: 
 
 
 def _texts(files: list[str], max_bytes: int) -> Iterator[str]:
-    from dwm_stream.sources import read_jsonl_zst
+    from dwm_stream.convert.sources import read_jsonl_zst
     seen = 0
     for path in files:
         for doc in read_jsonl_zst(path):

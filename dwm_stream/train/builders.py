@@ -1,8 +1,8 @@
 """Build each training component from its config section, one small function each.
 
 The YAML layout is LLM Foundry's (``model``, ``tokenizer``, ``train_loader``, ``eval_loader``,
-``algorithms``, ``optimizer``, ``scheduler``, ``callbacks``, ``loggers``); ``dwm_stream.train``
-assembles the pieces into a Composer ``Trainer``, and ``dwm_stream.foundry`` exposes the same
+``algorithms``, ``optimizer``, ``scheduler``, ``callbacks``, ``loggers``); ``dwm_stream.train.entry``
+assembles the pieces into a Composer ``Trainer``, and ``dwm_stream.train.foundry`` exposes the same
 dataloader and algorithm to LLM Foundry's registries.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from algorithms.dwm import DWM
-from dwm_stream.loader import build_dataloader, build_dataset, collate_samples, widen_batch
+from dwm_stream.data.loader import build_dataloader, build_dataset, collate_samples, widen_batch
 
 __all__ = ['build_tokenizer', 'build_model', 'build_optimizer', 'build_scheduler', 'build_callbacks',
            'build_loggers', 'build_train_dataloader', 'ConfiguredDWM', 'WidenedLoader']
@@ -65,7 +65,7 @@ def _check_types(cfg: Mapping[str, Any], kinds: Mapping[str, Any], where: str) -
 def build_tokenizer(cfg: Mapping[str, Any]):
     """``tokenizer: {name: PATH_OR_HF_NAME, kwargs: {...}}``."""
     _check_keys(cfg, {'name', 'kwargs'}, 'tokenizer')
-    from dwm_stream.tokenizer import load_tokenizer
+    from dwm_stream.convert.tokenizer import load_tokenizer
     if 'name' not in cfg:
         raise ValueError('tokenizer.name is required: a local tokenizer directory or an HF tokenizer name.')
     tokenizer = load_tokenizer(cfg['name'], **dict(cfg.get('kwargs') or {}))
@@ -181,11 +181,11 @@ def build_callbacks(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str] = N
     """``callbacks: {lr_monitor: {}, speed_monitor: {window_size: 10}, memory_monitor: {}, runtime_estimator: {},
     trained_samples: {filename, fsync}}``.
 
-    ``trained_samples`` (ours, :mod:`dwm_stream.trained_samples`) records the uids of every trained batch, by
+    ``trained_samples`` (ours, :mod:`dwm_stream.train.callbacks`) records the uids of every trained batch, by
     default to ``<run_dir>/trained_samples-rank{rank}.jsonl``.
     """
     from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
-    from dwm_stream.trained_samples import TrainedSamples
+    from dwm_stream.train.callbacks import TrainedSamples
     known = {'lr_monitor': LRMonitor, 'speed_monitor': SpeedMonitor, 'memory_monitor': MemoryMonitor,
              'runtime_estimator': RuntimeEstimator, 'trained_samples': TrainedSamples}
     callbacks = []
@@ -210,7 +210,7 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str]) -> l
     ``dwm-stream report`` and the demo read.
     """
     from composer.loggers import FileLogger
-    from dwm_stream.metrics_log import MetricsJSONLLogger
+    from dwm_stream.train.loggers import MetricsJSONLLogger
     loggers = []
     for name, kwargs in (cfg or {}).items():
         kwargs = dict(kwargs or {})
@@ -327,7 +327,7 @@ class ConfiguredDWM(DWM):
                 from algorithms.dwm import ValidationBatches
                 tok = tokenizer
                 if val_cfg.get('tokenizer'):
-                    from dwm_stream.tokenizer import load_tokenizer
+                    from dwm_stream.convert.tokenizer import load_tokenizer
                     tok = load_tokenizer(val_cfg['tokenizer'])
                 if tok is None:
                     raise ValueError('algorithms.dwm.validation.tokenizer is required (the LLM tokenizer).')

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Optional, Sequence
 
 __all__ = ['load_config', 'build_trainer', 'main', 'TOP_LEVEL_KEYS']
@@ -96,8 +95,8 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config'):
     from composer import Trainer
     from composer.utils import dist, reproducibility
 
-    from dwm_stream import builders
-    from dwm_stream.checkpoint_safety import install as load_checkpoints_weights_only
+    from dwm_stream.train import builders
+    from dwm_stream.train.checkpoint_safety import install as load_checkpoints_weights_only
     load_checkpoints_weights_only()  # Composer 0.32 unpickles checkpoints fully; see checkpoint_safety
 
     seed = cfg.get('seed', 17)
@@ -190,6 +189,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     trainer.close()
     return 0
 
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -71,7 +71,7 @@ class LoopbackS3:
 
     def start(self) -> 'LoopbackS3':
         self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'dwm_stream.loopback_s3', '--host', LOOPBACK_HOST],
+            [sys.executable, '-m', 'dwm_stream.demo.loopback_s3', '--host', LOOPBACK_HOST],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

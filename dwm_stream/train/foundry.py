@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from dwm_stream.builders import ConfiguredDWM, build_train_dataloader
+from dwm_stream.train.builders import ConfiguredDWM, build_train_dataloader
 
 __all__ = ['DWMAlgorithm', 'build_dwm_dataloader']
 

@@ -13,7 +13,7 @@ checks this module against, weight for weight):
    importance weight is ``log_ratio · counts``. Divided by the sample's number of words, it is the
    per-token score ``score_dsir`` stored in the selection.
 4. **Selection.** To a token budget: top-k by log importance, or sampling ∝ importance weight
-   without replacement (Gumbel-top-k, as the reference's ``resample``); see :mod:`dwm_stream.budget`.
+   without replacement (Gumbel-top-k, as the reference's ``resample``); see :mod:`dwm_stream.select.budget`.
 
 Pure functions (:func:`word_punct_tokenize`, :class:`NgramHasher`, :func:`hashed_ngram_counts`,
 :func:`log_ratio`, :func:`log_importance`, :func:`per_token_score`, :func:`importance_prior`) come
@@ -44,10 +44,10 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from dwm_stream.budget import select_to_budget
-from dwm_stream.corpus_reader import CorpusReader, parallel_map
-from dwm_stream.shard_format import make_uid
-from dwm_stream.storage import is_remote
+from dwm_stream.select.budget import select_to_budget
+from dwm_stream.format.reader import CorpusReader, parallel_map
+from dwm_stream.format.shards import make_uid
+from dwm_stream.format.storage import is_remote
 
 __all__ = [
     'DEFAULT_NGRAMS', 'DEFAULT_NUM_BUCKETS', 'SMOOTHING', 'word_punct_tokenize', 'hash_bucket',
@@ -185,7 +185,7 @@ def iter_target_texts(path: str, domains: Optional[Sequence[str]] = None) -> Ite
     ``text``, or ``context + continuation`` (LAMBADA format); ``.txt``: the whole file.
     """
     if path.endswith('.jsonl.zst'):
-        from dwm_stream.sources import read_jsonl_zst
+        from dwm_stream.convert.sources import read_jsonl_zst
         for doc in read_jsonl_zst(path):
             if domains is None or doc.domain in domains:
                 yield doc.text
@@ -223,7 +223,7 @@ def _hasher(ngrams: int, num_buckets: int) -> NgramHasher:
 
 def _tokenizer(name: str):
     if name not in _TOKENIZERS:
-        from dwm_stream.tokenizer import load_tokenizer
+        from dwm_stream.convert.tokenizer import load_tokenizer
         _TOKENIZERS[name] = load_tokenizer(name)
     return _TOKENIZERS[name]
 
@@ -275,7 +275,7 @@ def _mds_task(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _jsonl_task(task: dict[str, Any]) -> dict[str, Any]:
-    from dwm_stream.sources import read_jsonl_zst
+    from dwm_stream.convert.sources import read_jsonl_zst
     hasher = _hasher(task['ngrams'], task['num_buckets'])
     docs = read_jsonl_zst(task['path'], name=task['relpath'])
     if task['mode'] == 'count':
@@ -486,7 +486,7 @@ class DSIRReport:
 
     def shares(self) -> tuple[dict[str, float], dict[str, float]]:
         """Token share per domain: ``(raw, selected)``."""
-        from dwm_stream.budget import token_shares
+        from dwm_stream.select.budget import token_shares
         s = self.scores
         return (token_shares(s.domain, s.num_tokens, s.domain_names),
                 token_shares(s.domain, s.num_tokens, s.domain_names, self.selected))
@@ -546,7 +546,7 @@ def select_dsir(raw: str,
             raw corpus, ``.jsonl.zst`` files for a ``.jsonl.zst`` one. Default: ``None``.
         overwrite (bool): Replace an existing ``out`` / ``materialize``. Default: ``False``.
     """
-    from dwm_stream.selection import write_selection
+    from dwm_stream.data.selection import write_selection
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f'--out {out} already exists; pass --overwrite to replace it.')
     if budget_tokens is not None and budget_tokens <= 0:
@@ -572,7 +572,7 @@ def select_dsir(raw: str,
                     scores={'dsir': per_token.astype(np.float32)}, info=info)
     report = DSIRReport(out=out, scores=scores, selected=selected, budget_tokens=budget_tokens, sample=sample)
     if materialize:
-        from dwm_stream import materialize as mat
+        from dwm_stream.select import materialize as mat
         if scores.unit == 'sample':
             mat.materialize(raw, out, materialize, overwrite=overwrite)
         else:

@@ -428,7 +428,7 @@ def _write_split(out_dir: str, split: str, stem: str, budget: int, streams: _Dom
                  seed: int, file_bytes: int, pbar, lambada: Optional[_LambadaCandidates]
                  ) -> tuple[list[str], dict[str, int], dict[str, int]]:
     """Interleave domain documents into SlimPajama files until ``budget`` text bytes."""
-    from dwm_stream.sources import write_jsonl_zst
+    from dwm_stream.convert.sources import write_jsonl_zst
     shares = {d: DOMAIN_SHARES[d] for d in streams.streams}
     total_share = sum(shares.values())
     remaining = {d: int(budget * s / total_share) for d, s in shares.items()}

@@ -1,6 +1,6 @@
 """A fault-injecting HTTP proxy on loopback, for testing S3 reads against a flaky object store.
 
-It sits in front of an S3 endpoint (normally :class:`dwm_stream.loopback_s3.LoopbackS3`): point
+It sits in front of an S3 endpoint (normally :class:`dwm_stream.demo.loopback_s3.LoopbackS3`): point
 ``S3_ENDPOINT_URL`` at the proxy and every S3 request from boto3 / mosaicml-streaming passes
 through it. At a set ``rate`` (seeded), a request gets one of these faults instead of a clean answer:
 
@@ -29,7 +29,7 @@ DataLoader workers do not fork its threads and it does not share the trainer's G
         os.environ['S3_ENDPOINT_URL'] = proxy.endpoint_url
         ...
 
-Or run by hand: ``python -m dwm_stream.fault_proxy --upstream http://127.0.0.1:PORT --rate 0.2``.
+Or run by hand: ``python -m dwm_stream.testing.fault_proxy --upstream http://127.0.0.1:PORT --rate 0.2``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ _LOOPBACK = '127.0.0.1'
 _HOP_BY_HOP = {'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailers',
                'transfer-encoding', 'upgrade'}
 _ERROR_BODY = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-               '<Message>injected by dwm_stream.fault_proxy</Message><RequestId>fault</RequestId></Error>')
+               '<Message>injected by dwm_stream.testing.fault_proxy</Message><RequestId>fault</RequestId></Error>')
 
 
 class _Injector:
@@ -309,7 +309,7 @@ class FaultProxy:
         return f'http://{_LOOPBACK}:{self.port}'
 
     def start(self) -> 'FaultProxy':
-        self.proc = subprocess.Popen([sys.executable, '-m', 'dwm_stream.fault_proxy', *self.args],
+        self.proc = subprocess.Popen([sys.executable, '-m', 'dwm_stream.testing.fault_proxy', *self.args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

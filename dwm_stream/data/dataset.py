@@ -3,14 +3,14 @@
 What it adds to its parent, and nothing more:
 
 * **Sample dicts for DWM**: ``input_ids`` (narrow token ids; widened to int64 by
-  :func:`dwm_stream.loader.widen_batch`), ``num_tokens``, ``uid``, ``domain`` (an int id into
+  :func:`dwm_stream.data.loader.widen_batch`), ``num_tokens``, ``uid``, ``domain`` (an int id into
   :attr:`DWMDataset.domain_names`), ``prior_weight`` and, when any stream has them, ``scores``
   (float32 over :attr:`DWMDataset.score_names`, NaN where a stream lacks a score).
 * **Selection overlays** (:class:`DWMStream` ``selection=``): stream only the selected samples of an
   existing corpus without rewriting shards. Each shard is presented to streaming with its selected
   count, so streaming's own partitioning, shuffling, exactly-once delivery and resumption operate on
   the selected subset; rows are mapped back to the shard at read time.
-* **A zero-copy read path** (:mod:`dwm_stream.shard_view`) and an iterator without the polling
+* **A zero-copy read path** (:mod:`dwm_stream.format.view`) and an iterator without the polling
   ready-thread. Downloading still goes through streaming's ``prepare_shard`` in a background
   thread, but that thread visits only the points where the partition enters a shard, not every
   sample (streaming's takes a file lock per sample, which costs the consumer half its throughput
@@ -40,12 +40,12 @@ from streaming.base.dataset import _Iterator, _IterState, _ShardState
 from streaming.base.util import wait_for_file_to_exist
 from streaming.base.world import World
 
-from dwm_stream import integrity
-from dwm_stream.selection import ResolvedSelection, read_selection, resolve_selection
-from dwm_stream.shard_format import (DOMAIN, META_BASENAME, NUM_TOKENS, SCORE_PREFIX, TOKENS, UID,
+from dwm_stream.format import integrity
+from dwm_stream.data.selection import ResolvedSelection, read_selection, resolve_selection
+from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, SCORE_PREFIX, TOKENS, UID,
                                      UIDS_BASENAME, CorpusMeta)
-from dwm_stream.shard_view import ShardView, record_dtype
-from dwm_stream.storage import download_file
+from dwm_stream.format.view import ShardView, record_dtype
+from dwm_stream.format.storage import download_file
 
 __all__ = ['DWMDataset', 'DWMStream']
 
@@ -76,7 +76,7 @@ class DWMStream(Stream):
 
     Args:
         selection (str, optional): A selection file (local path or ``s3://`` URI) naming the
-            samples of this stream to deliver; see :mod:`dwm_stream.selection`. Default: ``None``
+            samples of this stream to deliver; see :mod:`dwm_stream.data.selection`. Default: ``None``
             (every sample).
     """
 
@@ -154,7 +154,7 @@ class DWMStream(Stream):
             raise integrity.download_error(remote, local, self.download_retry, e) from e
 
     def get_shards(self, world: World, allow_unsafe_types: bool) -> list:
-        # Reliability/safety checks (dwm_stream.integrity, RELIABILITY.md): pickle columns are refused
+        # Reliability/safety checks (dwm_stream.format.integrity, RELIABILITY.md): pickle columns are refused
         # with the index named, shard paths must stay in the cache, and downloads are hash-checked.
         index_file = os.path.join(_stream_location(self), 'index.json')
         try:

@@ -30,9 +30,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from dwm_stream.budget import select_to_budget, token_shares
-from dwm_stream.corpus_reader import CorpusReader, parallel_map
-from dwm_stream.shard_format import SCORE_PREFIX, score_column
+from dwm_stream.select.budget import select_to_budget, token_shares
+from dwm_stream.format.reader import CorpusReader, parallel_map
+from dwm_stream.format.shards import SCORE_PREFIX, score_column
 
 __all__ = ['CRITERIA', 'qurating_logits', 'window_bounds', 'token_weighted_mean', 'read_annotations',
            'select_qurating', 'QuRatingReport', 'annotate_qurating', 'AnnotateReport']
@@ -199,7 +199,7 @@ def select_qurating(corpus: str,
         ValueError: A missing score column (naming the corpus or file and the scores it has), a
             budget larger than the corpus, or annotations naming unknown uids.
     """
-    from dwm_stream.selection import write_selection
+    from dwm_stream.data.selection import write_selection
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f'--out {out} already exists; pass --overwrite to replace it.')
@@ -243,7 +243,7 @@ def select_qurating(corpus: str,
                             num_tokens=num_tokens, domain=domain, domain_names=list(reader.meta.domains),
                             scores=scores, unrated=unrated)
     if materialize:
-        from dwm_stream.materialize import materialize as write_subset
+        from dwm_stream.select.materialize import materialize as write_subset
         write_subset(corpus, out, materialize, overwrite=overwrite)
         report.materialized = materialize
     report.seconds = time.perf_counter() - start
@@ -311,7 +311,7 @@ def annotate_qurating(model: str,
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from dwm_stream.tokenizer import load_tokenizer
+    from dwm_stream.convert.tokenizer import load_tokenizer
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f'--out {out} already exists; pass --overwrite to replace it.')

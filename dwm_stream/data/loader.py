@@ -123,7 +123,7 @@ def num_tokens_in_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
 
 
 def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = None, where: str = 'dataset'):
-    """Build a :class:`~dwm_stream.dataset.DWMDataset` from a ``dataset:`` config mapping.
+    """Build a :class:`~dwm_stream.data.dataset.DWMDataset` from a ``dataset:`` config mapping.
 
     Args:
         cfg (Mapping): ``remote``/``local``/``split``/``selection`` or ``streams`` (a mapping of
@@ -131,7 +131,7 @@ def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = Non
         device_batch_size (int, optional): Sets ``batch_size`` if the config does not.
         where (str): Config path for error messages. Default: ``'dataset'``.
     """
-    from dwm_stream.dataset import DWMDataset, DWMStream
+    from dwm_stream.data.dataset import DWMDataset, DWMStream
     cfg = dict(cfg)
     unknown = set(cfg) - DATASET_KEYS
     if unknown:

@@ -1,6 +1,6 @@
 """Write the samples a selection names as a new corpus, for heavy filtering.
 
-A selection overlay (:mod:`dwm_stream.selection`) costs one small file and no copy, but every epoch
+A selection overlay (:mod:`dwm_stream.data.selection`) costs one small file and no copy, but every epoch
 still downloads the full shards the selected samples live in. When a selection keeps a small
 fraction of a corpus, :func:`materialize` writes the selected samples as a new MDS corpus instead:
 
@@ -27,11 +27,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from dwm_stream.corpus_reader import CorpusReader
-from dwm_stream.selection import Selection, read_selection, resolve_selection, write_selection
-from dwm_stream.shard_format import (DOMAIN, META_BASENAME, NUM_TOKENS, TOKENS, UID, UIDS_BASENAME,
+from dwm_stream.format.reader import CorpusReader
+from dwm_stream.data.selection import Selection, read_selection, resolve_selection, write_selection
+from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, TOKENS, UID, UIDS_BASENAME,
                                      CorpusMeta, make_uid, mds_columns, score_column)
-from dwm_stream.storage import is_remote
+from dwm_stream.format.storage import is_remote
 
 __all__ = ['materialize', 'materialize_documents', 'MaterializeReport', 'PRIOR_BASENAME']
 
@@ -94,7 +94,7 @@ def materialize(corpus: str,
     """
     from streaming import MDSWriter
 
-    from dwm_stream.convert import COMPRESSION, HASHES, SHARD_SIZE_LIMIT
+    from dwm_stream.convert.pipeline import COMPRESSION, HASHES, SHARD_SIZE_LIMIT
     start = time.perf_counter()
     reader = CorpusReader(corpus)
     sel = read_selection(selection) if isinstance(selection, str) else selection
@@ -156,13 +156,13 @@ def materialize_documents(raw: str,
                           overwrite: bool = False) -> MaterializeReport:
     """Write the ``.jsonl.zst`` documents a document-level selection names, file by file.
 
-    A document's uid is ``make_uid(relpath, line)`` (as :mod:`dwm_stream.dsir` assigns it). The
+    A document's uid is ``make_uid(relpath, line)`` (as :mod:`dwm_stream.select.dsir` assigns it). The
     output mirrors the source layout (``OUT/<relpath>``), ready for ``dwm-stream convert``.
 
     Raises:
         ValueError: If the selection names uids that no source document has.
     """
-    from dwm_stream.sources import read_jsonl_zst, write_jsonl_zst
+    from dwm_stream.convert.sources import read_jsonl_zst, write_jsonl_zst
     start = time.perf_counter()
     sel = read_selection(selection) if isinstance(selection, str) else selection
     wanted = set(sel.uids.tolist())

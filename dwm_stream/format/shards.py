@@ -9,7 +9,7 @@ shards with hashes) with two sidecar files beside ``index.json``:
   ``index.json``. It lets a selection overlay map uids to (shard, row) without downloading shards.
 
 Every MDS column is fixed-size, so a decompressed shard is one array of fixed-size records and the
-reader can view it zero-copy (see ``dwm_stream.shard_view``):
+reader can view it zero-copy (see ``dwm_stream.format.view``):
 
 =============== ============================ =============================================
 column          MDS encoding                 meaning

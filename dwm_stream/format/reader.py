@@ -3,7 +3,7 @@
 Selectors (DSIR, QuRating, annotation) and ``materialize`` visit every sample once, in shard order,
 with no shuffling, partitioning or caching, so they read shards directly: the zip shard is
 downloaded (when remote), decompressed in memory and viewed as a numpy structured array (every
-column of a converted corpus is fixed-size, see :mod:`dwm_stream.shard_format`). One shard at a
+column of a converted corpus is fixed-size, see :mod:`dwm_stream.format.shards`). One shard at a
 time is held per process, so memory is bounded by the shard size (``convert`` caps it at 64 MiB).
 
 :func:`parallel_map` runs a function over tasks in a process pool (fork where available, as
@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from dwm_stream.shard_format import META_BASENAME, UIDS_BASENAME, CorpusMeta
-from dwm_stream.shard_view import record_dtype
-from dwm_stream.storage import download_file, is_remote
+from dwm_stream.format.shards import META_BASENAME, UIDS_BASENAME, CorpusMeta
+from dwm_stream.format.view import record_dtype
+from dwm_stream.format.storage import download_file, is_remote
 
 __all__ = ['CorpusReader', 'parallel_map']
 

@@ -1,0 +1,2 @@
+"""The training read path: ``DWMDataset`` (a ``StreamingDataset`` subclass), selection overlays, and the Composer
+``DataSpec`` built from a dataset config. Every use of mosaicml-streaming's private API is in ``_streaming_compat``."""
