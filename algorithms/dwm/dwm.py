@@ -267,9 +267,10 @@ class DWM(Algorithm):
         use_prior_weight (bool): Multiply the DWM weights by ``batch['prior_weight']`` (e.g. from a DSIR/QuRating
             selection) and renormalise to mean 1 over the global batch. Default: ``True``.
         score_names (Sequence[str], optional): Names of the columns of ``batch['scores']``, for the stage-end
-            Spearman correlations. Default: ``None`` (``score0``, ``score1``...).
+            Spearman correlations. Default: ``None`` (the train dataset's ``score_names`` if it has them, else
+            ``score0``, ``score1``...).
         domain_names (Sequence[str], optional): Names of the ids in ``batch['domain']``, for per-domain metrics.
-            Default: ``None`` (the ids).
+            Default: ``None`` (the train dataset's ``domain_names`` if it has them, else the ids).
         save_dir (str, optional): Where to write each stage's weighter and ``schedule.json`` (rank 0). Default:
             ``None`` (no export).
         schedule (str, optional): A saved ``schedule.json`` (or its directory) whose weighters are used stage by
@@ -436,6 +437,13 @@ class DWM(Algorithm):
         self.weighter_optimizer = torch.optim.Adam(self.weighter.parameters(), lr=self.refit_lr)
 
     def _fit_start(self, state: State, logger: Logger) -> None:
+        # Domain and score names default to the train dataset's (a DWMDataset has both); the train dataloader is
+        # on the State from FIT_START on, not yet at INIT.
+        dataset = getattr(state.train_dataloader, 'dataset', None)
+        if self.domain_names is None and getattr(dataset, 'domain_names', None):
+            self.domain_names = list(dataset.domain_names)
+        if self.score_names is None and getattr(dataset, 'score_names', None):
+            self.score_names = list(dataset.score_names)
         if self.stage_index >= 0:  # resumed mid-run: the stage and the weighter come from the checkpoint
             return
         self._enter_stage(0, state, logger)

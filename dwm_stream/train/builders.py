@@ -338,12 +338,3 @@ class ConfiguredDWM(DWM):
             else:
                 raise ValueError('algorithms.dwm.validation needs `lambada: PATH` or `dataset: {...}`.')
         super().__init__(refit_dataloader=refit, val_dataloader=val, **kwargs)
-
-    def _fit_start(self, state, logger) -> None:
-        # The train dataloader is on the State from FIT_START on (not yet at INIT).
-        dataset = getattr(getattr(state, 'train_dataloader', None), 'dataset', None)
-        if self.domain_names is None and getattr(dataset, 'domain_names', None):
-            self.domain_names = list(dataset.domain_names)
-        if self.score_names is None and getattr(dataset, 'score_names', None):
-            self.score_names = list(dataset.score_names)
-        super()._fit_start(state, logger)
