@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,foundry]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[demo,test,foundry]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,35 +13,37 @@ The target is convert at N workers >= 0.8x the tokenizer-bound rate at N process
 Every process runs the tokenizer single-threaded (``TOKENIZERS_PARALLELISM=false``, as convert's workers do), so
 N workers use N cores.
 
-    python benchmarks/convert_throughput.py [--quick] [--out DIR] [--size 8MB] [--workers 1 2] [--reps 3]
+    python -m benchmarks.convert_throughput [--quick] [--out DIR] [--size 8MB] [--workers 1 2] [--reps 3]
 
 Writes ``DIR/convert.json`` (default ``benchmarks/results``) and regenerates the section between the convert
-markers of ``benchmarks/RESULTS.md`` (beside ``DIR``).
+markers of ``benchmarks/RESULTS.md`` (beside ``DIR``; ``--results-md`` to change).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from typing import Any, Optional
 
-from benchmarks import common as _sections
+os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one core per process, in this process too (before tokenizers loads)
 
-os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one core per process, in this process too
+import streaming  # noqa: E402,F401 - imported before the timings
+import zstandard  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-if REPO not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, REPO)
+from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max,  # noqa: E402
+                               output_options, read_section as _read_section, replace_section as _replace_section,
+                               results_md_path, utc_now, write_json)
+from dwm_stream.convert.pipeline import convert  # noqa: E402
+from dwm_stream.convert.tokenizer import train_tokenizer  # noqa: E402
+from dwm_stream.demo.corpus import build_corpus  # noqa: E402
 
 BEGIN_MARK = '<!-- convert:begin -->'
 END_MARK = '<!-- convert:end -->'
@@ -76,7 +78,6 @@ def _source_files(train_dir: str) -> list[str]:
 
 def measure_zstd(files: list[str]) -> dict[str, float]:
     """Stream-decompress every file; decoded bytes per second."""
-    import zstandard
     started = time.perf_counter()
     decoded = 0
     for path in files:
@@ -93,7 +94,6 @@ def measure_zstd(files: list[str]) -> dict[str, float]:
 
 def read_texts(files: list[str]) -> list[list[str]]:
     """The documents' texts, per file (what convert tokenizes)."""
-    import zstandard
     out = []
     for path in files:
         with open(path, 'rb') as f:
@@ -103,7 +103,6 @@ def read_texts(files: list[str]) -> list[list[str]]:
 
 
 def _encoder(tokenizer_dir: str):
-    from tokenizers import Tokenizer
     backend = Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json'))
     backend.encode_special_tokens = True
     backend.no_truncation()
@@ -152,7 +151,6 @@ def measure_tokenizer(tokenizer_dir: str, texts_by_file: list[list[str]], proces
 
 
 def measure_convert(train_dir: str, tokenizer_dir: str, out: str, seq_len: int, workers: int) -> dict[str, float]:
-    from dwm_stream.convert.pipeline import convert
     if os.path.exists(out):
         shutil.rmtree(out)
     started = time.perf_counter()
@@ -162,15 +160,7 @@ def measure_convert(train_dir: str, tokenizer_dir: str, out: str, seq_len: int, 
             'samples': report.num_samples, 'documents': report.num_documents, 'digest': _digest(out)}
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    vals = sorted(values)
-    return {'min': vals[0], 'median': statistics.median(vals), 'max': vals[-1]}
-
-
 def run_benchmark(args: argparse.Namespace, work: str) -> dict[str, Any]:
-    from dwm_stream.demo.corpus import build_corpus
-    from dwm_stream.convert.tokenizer import train_tokenizer
-    import streaming  # noqa: F401 - imported before the timings
     corpus_dir = os.path.join(work, 'corpus')
     if not os.path.exists(os.path.join(corpus_dir, 'dwm_corpus.json')):
         _say(f'building the embedded corpus ({args.size})')
@@ -207,11 +197,11 @@ def run_benchmark(args: argparse.Namespace, work: str) -> dict[str, Any]:
     for config, results in runs.items():
         metric = 'mb_per_s' if config == 'zstd' else 'tokens_per_s'
         summary[config] = {'metric': metric, 'runs': [r[metric] for r in results],
-                           **_summary([r[metric] for r in results])}
+                           **min_median_max([r[metric] for r in results])}
     ratios = []
     for w in args.workers:
         per_rep = [c['tokens_per_s'] / t['tokens_per_s'] for c, t in zip(runs[f'convert@{w}w'], runs[f'tokenizer@{w}w'])]
-        s = _summary(per_rep)
+        s = min_median_max(per_rep)
         ratios.append({'name': f'convert / bare tokenizer, {w} worker(s)', 'a': f'convert@{w}w',
                        'b': f'tokenizer@{w}w', 'runs': per_rep, **s, 'target': TARGET, 'met': s['median'] >= TARGET})
     if len(args.workers) > 1:
@@ -219,7 +209,7 @@ def run_benchmark(args: argparse.Namespace, work: str) -> dict[str, Any]:
         for kind in ('convert', 'tokenizer'):
             per_rep = [b['tokens_per_s'] / a['tokens_per_s'] for a, b in zip(runs[f'{kind}@{w0}w'], runs[f'{kind}@{w1}w'])]
             ratios.append({'name': f'{kind}: {w1} workers / {w0} worker(s) (scaling)', 'a': f'{kind}@{w1}w',
-                           'b': f'{kind}@{w0}w', 'runs': per_rep, **_summary(per_rep)})
+                           'b': f'{kind}@{w0}w', 'runs': per_rep, **min_median_max(per_rep)})
     decoded = runs['zstd'][0]['bytes']
     return {'settings': {'size': args.size, 'vocab_size': args.vocab_size, 'seq_len': args.seq_len,
                          'workers': args.workers, 'reps': args.reps, 'files': len(files),
@@ -241,8 +231,7 @@ def render_section(results: dict[str, Any]) -> str:
         f'_Generated by `benchmarks/convert_throughput.py{" --quick" if results["quick"] else ""}` on '
         f'{results["date"]} from `results/convert.json`; do not edit by hand._',
         '',
-        f'- **Machine:** {m["nproc"]} CPUs ({m["cpu"]}), {m["ram_gb"]} GB RAM, {m["platform"]}, Python '
-        f'{m["python"]}; shared with other jobs.',
+        f'- **Machine:** {describe_machine(m)}, Python {m["python"]}; shared with other jobs.',
         '- **Libraries:** ' + ', '.join(f'{k} {v[k]}' for k in sorted(v)) + '.',
         f'- **Data:** the embedded corpus ({s["size"]}): {s["files"]} `.jsonl.zst` files, {s["documents"]:,} documents, '
         f'{s["compressed_bytes"] / 1e6:.1f} MB compressed, {s["decoded_bytes"] / 1e6:.1f} MB decoded, '
@@ -282,33 +271,24 @@ def render_section(results: dict[str, Any]) -> str:
 
 def replace_section(path: str, section: str) -> None:
     """Replace the text between the convert markers of ``path`` (appending it if absent)."""
-    _sections.replace_section(path, section, BEGIN_MARK, END_MARK)
+    _replace_section(path, section, BEGIN_MARK, END_MARK)
 
 
 def read_section(path: str) -> str:
-    return _sections.read_section(path, BEGIN_MARK, END_MARK)
-
-
-def _machine() -> dict[str, Any]:
-    return _sections.machine_info()
-
-
-def _versions() -> dict[str, str]:
-    return _sections.library_versions(('tokenizers', 'zstandard', 'mosaicml-streaming'))
+    """The convert section of ``path``, markers included."""
+    return _read_section(path, BEGIN_MARK, END_MARK)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='benchmarks/convert_throughput.py', description=__doc__.splitlines()[0])
-    parser.add_argument('--quick', action='store_true', help='CI size: a 1MB corpus, 1 repetition')
-    parser.add_argument('--out', default=os.path.join(HERE, 'results'),
-                        help='results directory (default: benchmarks/results); RESULTS.md is its parent\'s')
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.convert_throughput',
+                                     description=__doc__.splitlines()[0],
+                                     parents=[output_options('CI size: a 1MB corpus, 1 repetition')])
     parser.add_argument('--size', default=None, help='corpus size (default: 8MB; --quick: 1MB)')
     parser.add_argument('--vocab-size', type=int, default=8192, help='tokenizer vocabulary (default: 8192)')
     parser.add_argument('--seq-len', type=int, default=2048, help='tokens per sample (default: 2048)')
     parser.add_argument('--workers', type=int, nargs='+', default=[1, 2], help='worker counts (default: 1 2)')
     parser.add_argument('--reps', type=int, default=None, help='repetitions (default: 3; --quick: 1)')
     parser.add_argument('--work-dir', default=None, help='keep the corpus and outputs here (default: a temp dir)')
-    parser.add_argument('--results-md', default=None, help='RESULTS.md to update (default: OUT/../RESULTS.md)')
     args = parser.parse_args(argv)
     args.size = args.size or ('1MB' if args.quick else '8MB')
     args.reps = args.reps or (1 if args.quick else 3)
@@ -326,15 +306,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    results = {'benchmark': 'convert', 'quick': bool(args.quick),
-               'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-               'machine': _machine(), 'versions': _versions(), **bench,
+    results = {'benchmark': 'convert', 'quick': bool(args.quick), 'date': utc_now(), 'machine': machine_info(),
+               'versions': library_versions(('tokenizers', 'zstandard', 'mosaicml-streaming')), **bench,
                'seconds': time.perf_counter() - started}
-    os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, 'convert.json')
-    with open(json_path, 'w') as f:
-        json.dump(results, f, indent=1)
-    results_md = args.results_md or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'RESULTS.md')
+    write_json(json_path, results)
+    results_md = results_md_path(args)
     replace_section(results_md, render_section(results))
     _say(f'wrote {json_path} and the convert section of {results_md} ({results["seconds"]:.0f}s)')
     for r in results['ratios']:

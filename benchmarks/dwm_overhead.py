@@ -27,9 +27,10 @@ reported beside them. A large-vocabulary case (where the cross-entropy matters) 
 
 Usage::
 
-    python benchmarks/dwm_overhead.py            # full run (a few minutes): writes benchmarks/results/dwm_overhead.json
+    python -m benchmarks.dwm_overhead            # full run (a few minutes): writes benchmarks/results/dwm_overhead.json
                                                  # and the "DWM overhead" section of benchmarks/RESULTS.md
-    python benchmarks/dwm_overhead.py --quick    # smaller model, fewer repetitions (< ~1 min; CI)
+    python -m benchmarks.dwm_overhead --quick    # smaller model, fewer repetitions (< ~1 min; CI)
+    python -m benchmarks.dwm_overhead --out DIR  # DIR/dwm_overhead.json and the section of DIR/../RESULTS.md
 """
 
 from __future__ import annotations
@@ -37,30 +38,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime
+import functools
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
+from composer import Trainer
+from composer.models import HuggingFaceModel
+from torch.utils.data import DataLoader, Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import algorithms.dwm.dwm as dwm_module  # the refit ablations swap the attention context DWM uses (jvp_attention)
+from algorithms.dwm import DWM, Weighter, WeighterConfig
+from algorithms.dwm.hypergradient import eager_attention
+from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max, output_options,
+                               read_section as _read_section, replace_section as _replace_section, results_md_path,
+                               utc_now, write_json)
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-
-__all__ = ['main', 'run_benchmark', 'render_section', 'update_results_section', 'BEGIN_MARK', 'END_MARK']
+__all__ = ['main', 'run_benchmark', 'render_section', 'replace_section', 'read_section', 'BEGIN_MARK', 'END_MARK']
 
 SECTION = '## DWM overhead'
 BEGIN_MARK = '<!-- dwm-overhead:begin -->'
 END_MARK = '<!-- dwm-overhead:end -->'
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the machine and versions come from benchmarks.common (2: its own probe and keys)
 RATIOS = (0.25, 1.0)
 BATCHES = (8, 32)
 MAIN = (0.25, 8)
@@ -89,7 +96,6 @@ def _llm_shape(quick: bool) -> dict[str, int]:
 
 
 def _llama_config(shape: dict[str, int], seq_len: Optional[int] = None):
-    from transformers import LlamaConfig
     return LlamaConfig(vocab_size=shape['vocab'], hidden_size=shape['hidden'], intermediate_size=4 * shape['hidden'],
                        num_hidden_layers=shape['layers'], num_attention_heads=shape['heads'],
                        num_key_value_heads=shape['heads'], max_position_embeddings=seq_len or shape['seq_len'],
@@ -98,7 +104,6 @@ def _llama_config(shape: dict[str, int], seq_len: Optional[int] = None):
 
 def _weighter_config(shape: dict[str, int], llm_params: int, ratio: float, seq_len: int):
     """The weighter (own 2-layer transformer) whose parameter count is closest to ``ratio * llm_params``."""
-    from algorithms.dwm import Weighter, WeighterConfig
     best = None
     for d_model in range(16, 8 * shape['hidden'] + 1, 16):
         cfg = WeighterConfig(vocab_size=shape['vocab'], d_model=d_model, n_heads=4, n_layers=2, max_seq_len=seq_len)
@@ -136,8 +141,9 @@ def _flops(shape: dict[str, int], wcfg, batch: int, seq_len: int) -> dict[str, f
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-def _summary(xs: list[float]) -> dict[str, Any]:
-    return {'min': min(xs), 'median': statistics.median(xs), 'max': max(xs), 'n': len(xs), 'all': xs}
+def _repetitions(xs: list[float]) -> dict[str, Any]:
+    """min/median/max of the repetitions, their number and every value."""
+    return {**min_median_max(xs), 'n': len(xs), 'all': xs}
 
 
 class _Setup:
@@ -146,12 +152,6 @@ class _Setup:
     def __init__(self, shape: dict[str, int], ratio: float, batch: int, seq_len: Optional[int] = None,
                  refit_steps: int = 1, single_loss_pass: bool = True, extra_dwm: bool = False,
                  checkpoint_weighter: bool = False):
-        from composer import Trainer
-        from composer.models import HuggingFaceModel
-        from transformers import LlamaForCausalLM
-
-        from algorithms.dwm import DWM, Weighter
-
         seq_len = seq_len or shape['seq_len']
         config = _llama_config(shape, seq_len)
         self.llm_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
@@ -195,9 +195,8 @@ class _Setup:
         Wall is DWM's own ``dwm/refit/step_time``; CPU is the call's CPU time minus the closing ``val_loss_after``
         evaluation (a metric, once per refit), divided by the updates.
         """
-        import algorithms.dwm.dwm as dwm_module
         self.dwm.hypergrad = hypergrad
-        patch = _patched(dwm_module, '_jvp_attention', dwm_module._eager_attention) if eager else \
+        patch = _patched(dwm_module, 'jvp_attention', eager_attention) if eager else \
             contextlib.nullcontext()
         after_cpu = [0.0]
         original_after = self.dwm._lookahead_val_loss
@@ -235,11 +234,11 @@ def _patched(module, name: str, value):
 
 def _ratios(num: list[tuple[float, float]], den: list[tuple[float, float]], minus: float = 0.0) -> dict[str, Any]:
     """Per-repetition ratios of (wall, CPU) pairs: ``{'cpu': summary, 'wall': summary}``."""
-    return {clock: _summary([a[i] / b[i] - minus for a, b in zip(num, den)]) for i, clock in enumerate(('wall', 'cpu'))}
+    return {clock: _repetitions([a[i] / b[i] - minus for a, b in zip(num, den)]) for i, clock in enumerate(('wall', 'cpu'))}
 
 
 def _clocks(xs: list[tuple[float, float]]) -> dict[str, Any]:
-    return {'wall': _summary([x[0] for x in xs]), 'cpu': _summary([x[1] for x in xs])}
+    return {'wall': _repetitions([x[0] for x in xs]), 'cpu': _repetitions([x[1] for x in xs])}
 
 
 def _time_config(shape, ratio: float, batch: int, reps: int, steps: int, refit_steps: int,
@@ -334,7 +333,7 @@ def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         setup.refit()  # warm-up
         plain, refit = [], []
         for _ in range(spec['reps']):  # alternated
-            plain.append(_peak_of(lambda: setup.plain.fit(duration='1ba'), libc))
+            plain.append(_peak_of(functools.partial(setup.plain.fit, duration='1ba'), libc))
             refit.append(_peak_of(setup.refit, libc))
         out.append({'name': case['name'], 'ratio_target': case['ratio'], 'batch': case['batch'],
                     'seq_len': setup.seq_len, 'llm_params': setup.llm_params,
@@ -346,7 +345,7 @@ def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _measure_memory(shape, cases, reps: int, threads: int) -> list[dict[str, Any]]:
     spec = {'shape': shape, 'cases': cases, 'reps': reps, 'threads': threads}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), '--memory-child', json.dumps(spec)],
+    proc = subprocess.run([sys.executable, '-m', 'benchmarks.dwm_overhead', '--memory-child', json.dumps(spec)],
                           capture_output=True, text=True, check=False, cwd=str(REPO))
     if proc.returncode != 0:
         raise RuntimeError(f'memory child failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
@@ -356,36 +355,16 @@ def _measure_memory(shape, cases, reps: int, threads: int) -> list[dict[str, Any
         refit_t = [m['transient_mib'] for m in case['refit_step']]
         plain_p = [m['peak_mib'] for m in case['plain_step']]
         refit_p = [m['peak_mib'] for m in case['refit_step']]
-        case['transient_ratio'] = _summary([r / max(p, 1e-9) for r, p in zip(refit_t, plain_t)])
-        case['peak_ratio'] = _summary([r / p for r, p in zip(refit_p, plain_p)])
-        case['plain_transient_mib'] = _summary(plain_t)
-        case['refit_transient_mib'] = _summary(refit_t)
-        case['plain_peak_mib'] = _summary(plain_p)
-        case['refit_peak_mib'] = _summary(refit_p)
+        case['transient_ratio'] = _repetitions([r / max(p, 1e-9) for r, p in zip(refit_t, plain_t)])
+        case['peak_ratio'] = _repetitions([r / p for r, p in zip(refit_p, plain_p)])
+        case['plain_transient_mib'] = _repetitions(plain_t)
+        case['refit_transient_mib'] = _repetitions(refit_t)
+        case['plain_peak_mib'] = _repetitions(plain_p)
+        case['refit_peak_mib'] = _repetitions(refit_p)
     return result
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def _machine(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    cpu = line.split(':', 1)[1].strip()
-                    break
-    return {'nproc': os.cpu_count(), 'torch_threads': threads,
-            'ram_gib': round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, 1),
-            'cpu': cpu, 'os': f'{platform.system()} {platform.release()}', 'load_avg_start': list(os.getloadavg())}
-
-
-def _versions() -> dict[str, str]:
-    import composer
-    import transformers
-    return {'python': platform.python_version(), 'torch': torch.__version__, 'composer': composer.__version__,
-            'transformers': transformers.__version__}
-
-
 def run_benchmark(quick: bool = False, reps: Optional[int] = None, steps: Optional[int] = None,
                   threads: int = 1) -> dict[str, Any]:
     """Measure and return the figures (see the module docstring)."""
@@ -394,7 +373,7 @@ def run_benchmark(quick: bool = False, reps: Optional[int] = None, steps: Option
     reps = reps or (2 if quick else 5)
     steps = steps or (1 if quick else 3)
     refit_steps = 1 if quick else 2
-    machine = _machine(threads)
+    machine = {**machine_info(), 'torch_threads': threads, 'load_avg_start': list(os.getloadavg())}
     started = time.perf_counter()
     configs = []
     for ratio in RATIOS:
@@ -428,8 +407,7 @@ def run_benchmark(quick: bool = False, reps: Optional[int] = None, steps: Option
         })
     return {
         'benchmark': 'dwm_overhead', 'schema_version': SCHEMA_VERSION, 'quick': quick,
-        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        'machine': machine, 'versions': _versions(),
+        'date': utc_now(), 'machine': machine, 'versions': library_versions(('torch', 'mosaicml', 'transformers')),
         'settings': {'reps': reps, 'steps_per_rep': steps, 'refit_steps_per_call': refit_steps, 'clock': 'cpu',
                      'llm': shape, 'optimizer': 'AdamW', 'lookahead': 'adam', 'hypergrad': 'jvp',
                      'attention': 'sdpa (JVP: SDPA math backend)', 'ratios': list(RATIOS), 'batches': list(BATCHES),
@@ -448,9 +426,17 @@ def _pct(s: dict[str, Any]) -> str:
     return ' / '.join(f'{100 * s[k]:+.1f}%' for k in ('min', 'median', 'max'))
 
 
+def _libraries(res: dict[str, Any]) -> str:
+    v = res['versions']
+    # Schema 2 recorded Python and Composer here as 'python' and 'composer'; from schema 3 Python is the machine's
+    # and Composer is its distribution, 'mosaicml'.
+    python, composer = v.get('python', res['machine'].get('python')), v.get('composer', v.get('mosaicml'))
+    return f'Python {python}, torch {v["torch"]}, composer {composer}, transformers {v["transformers"]}'
+
+
 def render_section(res: dict[str, Any], command: str) -> str:
     """The RESULTS.md section (between its markers), made only from ``res``."""
-    m, v, st = res['machine'], res['versions'], res['settings']
+    m, st = res['machine'], res['settings']
     llm = st['llm']
 
     def ok(flag):
@@ -460,11 +446,9 @@ def render_section(res: dict[str, Any], command: str) -> str:
         BEGIN_MARK, SECTION, '',
         f'_Generated by `{command}` on {res["date"]} into `benchmarks/results/dwm_overhead.json`; do not edit by '
         f'hand._', '',
-        f'- **Machine:** {m["nproc"]} CPUs ({m["cpu"]}), {m["ram_gib"]} GiB RAM, {m["os"]}, shared with other jobs '
-        f'(load average {m["load_avg_start"][0]:.1f} at the start, {m["load_avg_end"][0]:.1f} at the end); torch on '
-        f'{m["torch_threads"]} thread(s).',
-        f'- **Libraries:** Python {v["python"]}, torch {v["torch"]}, composer {v["composer"]}, transformers '
-        f'{v["transformers"]}.',
+        f'- **Machine:** {describe_machine(m)}, shared with other jobs (load average {m["load_avg_start"][0]:.1f} at '
+        f'the start, {m["load_avg_end"][0]:.1f} at the end); torch on {m["torch_threads"]} thread(s).',
+        f'- **Libraries:** {_libraries(res)}.',
         f'- **Model:** Llama {llm["layers"]} x {llm["hidden"]}, vocab {llm["vocab"]}, {llm["seq_len"]} tokens per '
         f'sample, SDPA attention, AdamW; weighter: own 2-layer transformer + 1 batch layer, width chosen for the '
         f'parameter ratio. Refit: Adam look-ahead, exact JVP hypergradient (SDPA math backend), '
@@ -553,50 +537,23 @@ def render_section(res: dict[str, Any], command: str) -> str:
         'sizeable part of a step, and single ratios move by a few percent between runs: read the min/max columns. '
         'A 125M-scale GPU measurement is not part of this section.', END_MARK,
     ]
-    return '\n'.join(lines) + '\n'
+    return '\n'.join(lines)
 
 
-def update_results_section(path: str | os.PathLike, section: str) -> None:
-    """Replace (or append) this benchmark's section of ``path`` between its markers; nothing else changes.
-
-    A section written before the markers existed (``## DWM overhead`` up to the next heading or marker comment) is
-    replaced too.
-    """
-    path = Path(path)
-    text = path.read_text() if path.exists() else '# Benchmark results\n'
-    body = section if section.endswith('\n') else section + '\n'
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin >= 0 and end > begin:
-        after = text[end + len(END_MARK):]
-        text = text[:begin] + body.rstrip('\n') + after
-    else:
-        start = text.find(SECTION + '\n')
-        if start >= 0:
-            stops = [i for i in (text.find('\n## ', start + len(SECTION)), text.find('\n<!--', start)) if i >= 0]
-            stop = min(stops) + 1 if stops else len(text)
-            text = text[:start] + body + ('\n' if stop < len(text) else '') + text[stop:]
-        else:
-            text = text.rstrip('\n') + '\n\n' + body
-    path.write_text(text)
+def replace_section(path: str, section: str) -> None:
+    """Replace the text between the DWM overhead markers of ``path`` (appending it if absent)."""
+    _replace_section(path, section, BEGIN_MARK, END_MARK)
 
 
-def read_section(path: str | os.PathLike) -> Optional[str]:
-    """This benchmark's section of ``path`` (markers included), or ``None``."""
-    text = Path(path).read_text()
-    begin, end = text.find(BEGIN_MARK), text.find(END_MARK)
-    if begin < 0 or end < begin:
-        return None
-    return text[begin:end + len(END_MARK)] + '\n'
+def read_section(path: str) -> str:
+    """The DWM overhead section of ``path``, markers included."""
+    return _read_section(path, BEGIN_MARK, END_MARK)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Command-line entry point; returns a process exit code (0 even when a target is missed: it is reported)."""
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--quick', action='store_true', help='smaller model and fewer repetitions (CI)')
-    parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' / 'dwm_overhead.json'),
-                        help='JSON output path (default: benchmarks/results/dwm_overhead.json)')
-    parser.add_argument('--results-md', default=str(REPO / 'benchmarks' / 'RESULTS.md'),
-                        help='Markdown file whose DWM-overhead section is rewritten; "" to skip')
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.dwm_overhead', description=__doc__.split('\n')[0],
+                                     parents=[output_options('smaller model and fewer repetitions (CI)')])
     parser.add_argument('--reps', type=int, default=None, help='A/B repetitions (default: 5, quick: 2)')
     parser.add_argument('--steps', type=int, default=None, help='steps per timing (default: 3, quick: 1)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads (default: 1)')
@@ -606,14 +563,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(json.dumps(_memory_child(json.loads(args.memory_child))))
         return 0
     results = run_benchmark(quick=args.quick, reps=args.reps, steps=args.steps, threads=args.threads)
-    command = 'python benchmarks/dwm_overhead.py' + (' --quick' if args.quick else '')
+    command = 'python -m benchmarks.dwm_overhead' + (' --quick' if args.quick else '')
     results['command'] = command
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    write_json(os.path.join(args.out, 'dwm_overhead.json'), results, indent=2)
     section = render_section(results, command)
-    if args.results_md:
-        update_results_section(args.results_md, section)
+    replace_section(results_md_path(args), section)
     print(section)
     return 0
 

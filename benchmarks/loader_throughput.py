@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/loader_throughput.py [--quick] [--out benchmarks/results]
+    python -m benchmarks.loader_throughput [--quick] [--out benchmarks/results]
     dwm-stream bench loader [--quick]
 
 It builds its own corpora in a temporary directory, all holding the very same samples
@@ -35,7 +35,6 @@ Writes ``OUT/loader.json`` and ``OUT/loader.png``, and regenerates the loader se
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import itertools
 import json
@@ -46,15 +45,27 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
+import torch
+import webdataset as wds
+from matplotlib.figure import Figure
+from streaming import MDSWriter, StreamingDataset
+from streaming.base.compression import decompress
+from streaming.base.format import reader_from_json
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from benchmarks import common as _sections
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(HERE) not in sys.path:  # run as a script from a source checkout
-    sys.path.insert(0, os.path.dirname(HERE))
+from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max, output_options,
+                               read_section as _read_section, replace_section as _replace_section, results_md_path,
+                               utc_now, write_json)
+from dwm_stream.data.dataset import DWMDataset
+from dwm_stream.data.loader import collate_samples
+from dwm_stream.data.selection import write_selection
+from dwm_stream.demo.loopback_s3 import LoopbackS3, upload_dir
+from dwm_stream.format.shards import META_BASENAME, UIDS_BASENAME, CorpusMeta
+from dwm_stream.testing.synthetic import write_synthetic_corpus
 
 BEGIN_MARK = '<!-- loader:begin -->'
 END_MARK = '<!-- loader:end -->'
@@ -83,16 +94,11 @@ def _sample_from_streaming(s: dict[str, Any]) -> dict[str, Any]:
             'scores': np.array([s['score_' + SCORE]], np.float32)}
 
 
-def _plain_streaming_class():
-    from streaming import StreamingDataset
+class PlainStreamingDataset(StreamingDataset):
+    """mosaicml-streaming's own read path; each sample mapped to the DWM sample dict."""
 
-    class PlainStreamingDataset(StreamingDataset):
-        """mosaicml-streaming's own read path; each sample mapped to the DWM sample dict."""
-
-        def get_item(self, sample_id: int, retry: int = 7) -> Any:
-            return _sample_from_streaming(super().get_item(sample_id, retry))
-
-    return PlainStreamingDataset
+    def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        return _sample_from_streaming(super().get_item(sample_id, retry))
 
 
 def _sample_from_webdataset(s: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +109,6 @@ def _sample_from_webdataset(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def _webdataset(directory: str, seed: int):
-    import webdataset as wds
     urls = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith('.tar'))
     return (wds.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False)
             .shuffle(1000, rng=random.Random(seed))
@@ -111,48 +116,48 @@ def _webdataset(directory: str, seed: int):
             .map(_sample_from_webdataset))
 
 
-def _torch_iterable():
-    from torch.utils.data import IterableDataset, get_worker_info
+def _worker_share() -> tuple[int, int]:
+    """``(this DataLoader worker's id, the number of workers)``; ``(0, 1)`` outside a worker."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
 
-    class MemmapDataset(IterableDataset):
-        """The same samples from a flat ``[n, seq_len]`` memmap, in a shuffled order."""
 
-        def __init__(self, directory: str, seed: int) -> None:
-            self.directory, self.seed = directory, seed
+class MemmapDataset(IterableDataset):
+    """The same samples from a flat ``[n, seq_len]`` memmap, in a shuffled order."""
 
-        def __iter__(self):
-            info = get_worker_info()
-            worker, workers = (info.id, info.num_workers) if info else (0, 1)
-            tokens = np.load(os.path.join(self.directory, 'tokens.npy'), mmap_mode='r')
-            meta = np.load(os.path.join(self.directory, 'meta.npz'))
-            num_tokens, uid, domain = (meta[k].tolist() for k in ('num_tokens', 'uid', 'domain'))
-            scores = meta['scores']
-            order = np.random.default_rng(self.seed).permutation(len(tokens))[worker::workers]
-            for i in order.tolist():
-                yield {'input_ids': tokens[i], 'num_tokens': num_tokens[i], 'uid': uid[i],
-                       'domain': domain[i], 'prior_weight': 1.0, 'scores': scores[i]}
+    def __init__(self, directory: str, seed: int) -> None:
+        self.directory, self.seed = directory, seed
 
-    class NothingDataset(IterableDataset):
-        """Preallocated samples of the right shape and dtype: the DataLoader's own ceiling."""
+    def __iter__(self):
+        worker, workers = _worker_share()
+        tokens = np.load(os.path.join(self.directory, 'tokens.npy'), mmap_mode='r')
+        meta = np.load(os.path.join(self.directory, 'meta.npz'))
+        num_tokens, uid, domain = (meta[k].tolist() for k in ('num_tokens', 'uid', 'domain'))
+        scores = meta['scores']
+        order = np.random.default_rng(self.seed).permutation(len(tokens))[worker::workers]
+        for i in order.tolist():
+            yield {'input_ids': tokens[i], 'num_tokens': num_tokens[i], 'uid': uid[i],
+                   'domain': domain[i], 'prior_weight': 1.0, 'scores': scores[i]}
 
-        def __init__(self, num_samples: int, seq_len: int) -> None:
-            self.num_samples, self.seq_len = num_samples, seq_len
 
-        def __iter__(self):
-            info = get_worker_info()
-            worker, workers = (info.id, info.num_workers) if info else (0, 1)
-            pool = [{'input_ids': np.full(self.seq_len, j, np.uint16), 'num_tokens': self.seq_len,
-                     'uid': j, 'domain': j % 3, 'prior_weight': 1.0,
-                     'scores': np.zeros(1, np.float32)} for j in range(16)]
-            for j in range(worker, self.num_samples, workers):
-                yield pool[j & 15]
+class NothingDataset(IterableDataset):
+    """Preallocated samples of the right shape and dtype: the DataLoader's own ceiling."""
 
-    return MemmapDataset, NothingDataset
+    def __init__(self, num_samples: int, seq_len: int) -> None:
+        self.num_samples, self.seq_len = num_samples, seq_len
+
+    def __iter__(self):
+        worker, workers = _worker_share()
+        pool = [{'input_ids': np.full(self.seq_len, j, np.uint16), 'num_tokens': self.seq_len,
+                 'uid': j, 'domain': j % 3, 'prior_weight': 1.0,
+                 'scores': np.zeros(1, np.float32)} for j in range(16)]
+        for j in range(worker, self.num_samples, workers):
+            yield pool[j & 15]
 
 
 def collate_per_field(samples: list[dict[str, Any]]):
-    """The collation before this benchmark: one tensor (one storage) per field."""
-    import torch
+    """The collation before this benchmark: one tensor (one storage) per field. The baseline that
+    ``dwm_stream.data.loader.collate_samples`` (one storage per batch) is measured against, so kept as it was."""
     batch = {
         'input_ids': torch.from_numpy(np.stack([s['input_ids'] for s in samples])),
         'num_tokens': torch.tensor([s['num_tokens'] for s in samples], dtype=torch.int32),
@@ -173,7 +178,6 @@ def _shard_bytes(num_samples: int, seq_len: int) -> int:
 
 
 def build_mds(directory: str, num_samples: int, seq_len: int, seed: int) -> str:
-    from dwm_stream.testing.synthetic import write_synthetic_corpus
     write_synthetic_corpus(directory, num_samples, seq_len=seq_len, vocab_size=VOCAB_SIZE, seed=seed,
                            size_limit=_shard_bytes(num_samples, seq_len), score_names=(SCORE,))
     return directory
@@ -181,13 +185,11 @@ def build_mds(directory: str, num_samples: int, seq_len: int, seed: int) -> str:
 
 def _raw_samples(mds_dir: str) -> Iterable[dict[str, Any]]:
     """Every sample of an MDS corpus in shard order, as mosaicml-streaming decodes it."""
-    from streaming.base.format import reader_from_json
     with open(os.path.join(mds_dir, 'index.json')) as f:
         index = json.load(f)
     for info in index['shards']:
         raw, zipped = info['raw_data']['basename'], (info.get('zip_data') or {}).get('basename')
         if not os.path.exists(os.path.join(mds_dir, raw)) and zipped:
-            from streaming.base.compression import decompress
             with open(os.path.join(mds_dir, zipped), 'rb') as f:
                 data = decompress(info['compression'], f.read())
             with open(os.path.join(mds_dir, raw), 'wb') as f:
@@ -199,7 +201,6 @@ def _raw_samples(mds_dir: str) -> Iterable[dict[str, Any]]:
 
 
 def build_webdataset(mds_dir: str, directory: str) -> str:
-    import webdataset as wds
     os.makedirs(directory, exist_ok=True)
     samples = _raw_samples(mds_dir)
     first = next(samples)
@@ -233,10 +234,6 @@ def build_memmap(mds_dir: str, directory: str) -> str:
 
 def build_selection(mds_dir: str, selection_path: str, subset_dir: str, seed: int) -> int:
     """A 50% selection file over ``mds_dir``, and the same samples written as their own corpus."""
-    from streaming import MDSWriter
-
-    from dwm_stream.data.selection import write_selection
-    from dwm_stream.format.shards import META_BASENAME, UIDS_BASENAME, CorpusMeta
     uids = np.load(os.path.join(mds_dir, UIDS_BASENAME))
     chosen = np.random.default_rng(seed).permutation(uids)[:len(uids) // 2]
     write_selection(selection_path, chosen, info={'selector': 'loader benchmark: random half'})
@@ -261,13 +258,9 @@ def build_selection(mds_dir: str, selection_path: str, subset_dir: str, seed: in
     return len(kept_uids)
 
 
-def upload_dir(s3, directory: str, bucket: str, prefix: str) -> str:
-    client = s3.client()
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path) and not name.endswith('.mds'):  # zstd shards and sidecars only
-            client.upload_file(path, bucket, f'{prefix}/{name}')
-    return f's3://{bucket}/{prefix}'
+def _compressed_or_sidecar(name: str) -> bool:
+    """Uploaded to S3: the zstd shards and the sidecars, not the raw shards the warm-up decompressed."""
+    return not name.endswith('.mds')
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -332,19 +325,12 @@ class Config:
                     return 1
 
                 return _time_pass(dataset, touch, min_seconds=self.min_seconds)
-            from torch.utils.data import DataLoader
-
-            from dwm_stream.data.loader import collate_samples
             loader = DataLoader(dataset, batch_size=BATCH_SIZE, num_workers=self.workers,
                                 collate_fn=self.collate or collate_samples, drop_last=False)
             return _time_pass(loader, lambda batch: len(batch['uid']), warmup=max(1, 2 * self.workers))
         finally:
             del dataset
             gc.collect()
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    return {'min': min(values), 'median': statistics.median(values), 'max': max(values)}
 
 
 def run_group(title: str, description: str, units: list, reps: int,
@@ -374,9 +360,9 @@ def run_group(title: str, description: str, units: list, reps: int,
             'seq_len': c.seq_len,
             'samples': int(statistics.median(r['samples'] for r in runs[c.name])),
             **c.extra,
-            'samples_per_s': _summary(rates),
-            'tokens_per_s': _summary([r * c.seq_len for r in rates]),
-            'ttfb_s': _summary([r['ttfb_s'] for r in runs[c.name]]),
+            'samples_per_s': min_median_max(rates),
+            'tokens_per_s': min_median_max([r * c.seq_len for r in rates]),
+            'ttfb_s': min_median_max([r['ttfb_s'] for r in runs[c.name]]),
             'runs_samples_per_s': rates,
         }
     return out
@@ -389,7 +375,7 @@ def ratio(groups: dict[str, Any], name: str, group: str, a: str, b: str, *, cost
     rb = groups[group]['configs'][b]['runs_samples_per_s']
     values = [(y / x) if cost else (x / y) for x, y in zip(ra, rb)]
     out = {'name': name, 'group': group, 'a': a, 'b': b,
-           'metric': 'cost per delivered sample' if cost else 'samples/s', **_summary(values),
+           'metric': 'cost per delivered sample' if cost else 'samples/s', **min_median_max(values),
            'runs': values}
     if target is not None:
         out['target'] = target
@@ -428,8 +414,7 @@ def render_section(results: dict[str, Any], image: Optional[str] = None) -> str:
     lines = [BEGIN_MARK, '## Loader throughput', '',
              f'_Generated by `benchmarks/loader_throughput.py{" --quick" if results["quick"] else ""}` '
              f'on {results["created"]} from `{results["json"]}`; do not edit by hand._', '',
-             f'- **Machine:** {m["nproc"]} CPUs ({m["cpu"]}), {m["ram_gb"]:.1f} GB RAM, {m["platform"]}, '
-             f'Python {m["python"]}.',
+             f'- **Machine:** {describe_machine(m)}, Python {m["python"]}.',
              '- **Libraries:** ' + ', '.join(f'{k} {val}' for k, val in v.items()) + '.',
              f'- **Samples:** {s["samples"]:,} samples of {s["seq_len"]} uint16 tokens '
              f'(vocabulary {s["vocab_size"]:,}) in {s["mds_shards"]} MDS shards (zstd) / '
@@ -471,19 +456,18 @@ def render_section(results: dict[str, Any], image: Optional[str] = None) -> str:
 
 def replace_section(path: str, section: str) -> None:
     """Replace the text between the loader markers of ``path`` (appending it if absent)."""
-    _sections.replace_section(path, section, BEGIN_MARK, END_MARK)
+    _replace_section(path, section, BEGIN_MARK, END_MARK)
 
 
 def read_section(path: str) -> str:
-    return _sections.read_section(path, BEGIN_MARK, END_MARK)
+    """The loader section of ``path``, markers included."""
+    return _read_section(path, BEGIN_MARK, END_MARK)
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     groups = results['groups']
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig = Figure(figsize=(13, 9))  # no pyplot: no GUI backend, no global figure state
+    axes = fig.subplots(2, 2)
 
     def bars(ax, group: str, title: str) -> None:
         configs = groups[group]['configs']
@@ -526,27 +510,15 @@ def plot(results: dict[str, Any], path: str) -> None:
                  f'{results["settings"]["reps"]} reps)', fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- main
-def _machine() -> dict[str, Any]:
-    return _sections.machine_info()
-
-
-def _versions() -> dict[str, str]:
-    return _sections.library_versions(('mosaicml-streaming', 'webdataset', 'torch', 'numpy', 'zstandard', 'moto'))
-
-
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--quick', action='store_true',
-                        help='small corpora and 1 repetition (CI, < ~90 s); numbers are indicative only')
-    parser.add_argument('--out', default=os.path.join('benchmarks', 'results'),
-                        help='directory for loader.json and loader.png (default: benchmarks/results)')
-    parser.add_argument('--results-md', default=None,
-                        help='RESULTS.md whose loader section is regenerated (default: beside --out)')
+    quick = 'small corpora and 1 repetition (CI, < ~90 s); numbers are indicative only'
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.loader_throughput',
+                                     description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[output_options(quick)])
     parser.add_argument('--seq-len', type=int, nargs='+', default=None,
                         help='seq_len scaling points; the first 2048 (or the first given) is the main '
                              'corpus (default: 512 2048 8192)')
@@ -570,7 +542,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     worker_counts = args.workers or [1, 2, 4]
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
-    results_md = os.path.abspath(args.results_md or os.path.join(os.path.dirname(out_dir), 'RESULTS.md'))
+    results_md = results_md_path(args)
     work = args.workdir or tempfile.mkdtemp(prefix='dwm-loader-bench-')
     os.makedirs(work, exist_ok=True)
     t_start = time.perf_counter()
@@ -579,14 +551,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f'[{time.perf_counter() - t_start:6.1f}s] {msg}', flush=True)
 
     # Every pass makes its own StreamingDataset, then drops it; quiet streaming's notices.
-    import warnings
     warnings.filterwarnings('ignore', module='streaming')
     warnings.filterwarnings('ignore', module='webdataset')
     warnings.filterwarnings('ignore', message='This DataLoader will create')  # 4 workers on 2 CPUs: on purpose
 
-    from dwm_stream.data.dataset import DWMDataset
-    PlainStreamingDataset = _plain_streaming_class()
-    MemmapDataset, NothingDataset = _torch_iterable()
     seed = args.seed
     global MIN_SECONDS
     MIN_SECONDS = 0.0 if args.quick else 0.5
@@ -678,11 +646,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             sl_configs, reps, log)
 
         if not args.no_s3:
-            from dwm_stream.demo.loopback_s3 import LoopbackS3
             log('loopback S3, cold and warm cache')
             with LoopbackS3(buckets=['bench']) as s3:
-                remote = upload_dir(s3, mds, 'bench', 'mds')
-                remote_subset = upload_dir(s3, subset, 'bench', 'subset')
+                client = s3.client()
+                upload_dir(client, mds, 'bench', 'mds', include=_compressed_or_sidecar)
+                upload_dir(client, subset, 'bench', 'subset', include=_compressed_or_sidecar)
+                remote, remote_subset = 's3://bench/mds', 's3://bench/subset'
                 caches: dict[str, str] = {}
 
                 def cold(key: str) -> Callable[[], None]:
@@ -756,11 +725,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     json_path = os.path.join(out_dir, 'loader.json')
     results = {
         'benchmark': 'loader',
-        'created': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        'created': utc_now(),
         'quick': bool(args.quick),
         'json': os.path.relpath(json_path, os.path.dirname(results_md)),
-        'machine': _machine(),
-        'versions': _versions(),
+        'machine': machine_info(),
+        'versions': library_versions(('mosaicml-streaming', 'webdataset', 'torch', 'numpy', 'zstandard', 'moto')),
         'settings': {'samples': samples, 'seq_len': main_seq, 'seq_lens': seq_lens, 'workers': worker_counts,
                      'vocab_size': VOCAB_SIZE, 'token_dtype': 'uint16', 'batch_size': BATCH_SIZE, 'reps': reps,
                      'selected_samples': num_selected, 'min_seconds': MIN_SECONDS,
@@ -770,8 +739,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         'ratios': ratios,
         'notes': _notes(ratios),
     }
-    with open(json_path, 'w') as f:
-        json.dump(results, f, indent=1)
+    write_json(json_path, results)
     png = os.path.join(out_dir, 'loader.png')
     plot(results, png)
     replace_section(results_md, render_section(results, os.path.relpath(png, os.path.dirname(results_md))))

@@ -19,12 +19,12 @@ loss and accuracy on the *report* half (never used to fit DWM or the static weig
 to reach uniform's final validation loss (linear interpolation between evaluations; per seed, then the mean), and
 the mean weight per domain per stage.
 
-    python benchmarks/quality.py [--quick] [--out DIR] [--seeds 0 1 2] [--jobs 2]
+    python -m benchmarks.quality [--quick] [--out DIR] [--seeds 0 1 2] [--jobs 2]
 
 Writes ``DIR/quality.json`` (default ``benchmarks/results``), ``quality_curves.png``, ``quality_weights.png``,
 and regenerates the section between the quality markers of ``benchmarks/RESULTS.md`` (beside ``DIR``).
 
-    python benchmarks/quality.py --investigate heldout_val [adam_lookahead refit_4x] [--jobs 2]
+    python -m benchmarks.quality --investigate heldout_val [adam_lookahead refit_4x] [--jobs 2]
 
 (issue 6) re-runs DWM only, one changed setting per variant, on the seeds, budget and data of ``DIR/quality.json``
 (uniform and the baselines are not re-run), merges the runs into ``DIR/quality_investigation.json`` (+ ``.png``)
@@ -34,7 +34,6 @@ of the real domains' validation samples that the reported validation loss never 
 
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -42,15 +41,33 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
-from benchmarks import common as _sections
+import numpy as np
+import torch
+from composer import Trainer
+from composer.core import Callback
+from composer.loggers import InMemoryLogger
+from composer.utils import reproducibility
+from matplotlib.figure import Figure
+from transformers import LlamaConfig, LlamaForCausalLM
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-if REPO not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, REPO)
+from algorithms.baselines import LossReweighting, StaticDomainWeighting, domain_weights_from_alignment
+from algorithms.dwm import ValidationBatches
+from algorithms.dwm.functional import WEIGHT_KEY, per_sample_loss_sums
+from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max, output_options,
+                               read_section as _read_section, replace_section as _replace_section, results_md_path,
+                               utc_now, write_json)
+from dwm_stream.convert.tokenizer import load_tokenizer
+from dwm_stream.data.selection import write_selection
+from dwm_stream.demo.corpus import DEGRADED_DOMAINS
+from dwm_stream.demo.data import DataBudget, prepare_data
+from dwm_stream.train import builders
+from dwm_stream.train.builders import WidenedLoader
+from dwm_stream.train.evaluation import lambada_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BEGIN_MARK = '<!-- quality:begin -->'
 END_MARK = '<!-- quality:end -->'
@@ -64,10 +81,11 @@ TARGET_DEGRADED_WEIGHT = 0.5
 
 @dataclass
 class Budget:
-    """Everything that sets the size of the experiment (recorded in the JSON)."""
-    corpus_size: str
-    vocab_size: int
-    seq_len: int
+    """Everything that sets the size of the experiment: its data (shared with the demo) and its training.
+
+    Recorded in the JSON as one flat dict (:meth:`record`): the data's fields, then the training's.
+    """
+    data: DataBudget
     batch_size: int
     steps: int
     evals: int                      # evaluations after step 0, evenly spaced
@@ -95,12 +113,29 @@ class Budget:
     sow_r: float = 1.0
     sow_warmup_frac: float = 0.05
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sample: the data's, and the model's context."""
+        return self.data.seq_len
 
-FULL = Budget(corpus_size='4MB', vocab_size=2048, seq_len=128, batch_size=16, steps=300, evals=15,
+    def record(self) -> dict[str, Any]:
+        """The flat dict the JSON holds: ``corpus_size``, ``vocab_size``, ``seq_len``, then the training fields."""
+        record = asdict(self)
+        return {**record.pop('data'), **record}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> 'Budget':
+        """The inverse of :meth:`record`."""
+        data_keys = {f.name for f in fields(DataBudget)}
+        return cls(data=DataBudget(**{k: record[k] for k in data_keys}),
+                   **{k: v for k, v in record.items() if k not in data_keys})
+
+
+FULL = Budget(data=DataBudget(corpus_size='4MB', vocab_size=2048, seq_len=128), batch_size=16, steps=300, evals=15,
               hidden_size=64, num_layers=2, intermediate_size=176, num_heads=4, lr=0.003, warmup_frac=0.05,
               num_stages=5, refit_steps=12, weighter_d_model=64, proxy_frac=0.2, proxy_batches_per_domain=4,
               max_eval_batches=8)
-QUICK = Budget(corpus_size='1MB', vocab_size=1024, seq_len=64, batch_size=8, steps=30, evals=3,
+QUICK = Budget(data=DataBudget(corpus_size='1MB', vocab_size=1024, seq_len=64), batch_size=8, steps=30, evals=3,
                hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2, lr=0.003, warmup_frac=0.1,
                num_stages=5, refit_steps=1, weighter_d_model=16, proxy_frac=0.34, proxy_batches_per_domain=1,
                max_eval_batches=4)
@@ -111,33 +146,9 @@ def _say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def prepare_data(data_dir: str, budget: Budget) -> dict[str, str]:
-    """Corpus, tokenizer, MDS shards and the LAMBADA fit/report split, cached in ``data_dir``."""
-    from dwm_stream.convert.pipeline import convert
-    from dwm_stream.demo.corpus import build_corpus, split_lambada
-    from dwm_stream.convert.tokenizer import train_tokenizer
-    key = f'{budget.corpus_size}-v{budget.vocab_size}-s{budget.seq_len}'
-    root = os.path.join(data_dir, key)
-    paths = {'root': root, 'corpus': os.path.join(root, 'corpus'), 'tokenizer': os.path.join(root, 'tokenizer'),
-             'train': os.path.join(root, 'mds', 'train'), 'validation': os.path.join(root, 'mds', 'validation'),
-             'lambada_fit': os.path.join(root, 'lambada_fit.jsonl'),
-             'lambada_report': os.path.join(root, 'lambada_report.jsonl')}
-    if not os.path.exists(os.path.join(paths['corpus'], 'dwm_corpus.json')):
-        if os.path.exists(paths['corpus']):
-            import shutil
-            shutil.rmtree(paths['corpus'])
-        _say(f'building the embedded corpus ({budget.corpus_size}) in {paths["corpus"]}')
-        build_corpus(paths['corpus'], size=budget.corpus_size, seed=0, progress=False)
-    train_tokenizer(paths['corpus'], paths['tokenizer'], vocab_size=budget.vocab_size, progress=False)
-    for split in ('train', 'validation'):
-        if not os.path.exists(os.path.join(paths[split], 'index.json')):
-            _say(f'converting {split}/ to MDS ({budget.seq_len} tokens per sample)')
-            convert(os.path.join(paths['corpus'], split), paths[split], tokenizer=paths['tokenizer'],
-                    seq_len=budget.seq_len, workers=1, overwrite=True, progress=False)
-    if not os.path.exists(paths['lambada_report']):
-        # First half: fits DWM's weighter and the static baseline's weights. Second half: reported only.
-        split_lambada(os.path.join(paths['corpus'], 'lambada.jsonl'), paths['lambada_fit'], paths['lambada_report'])
-    return paths
+def _say_data(step: str, message: str) -> None:
+    """``prepare_data``'s progress (corpus, tokenizer, shards: ``dwm_stream.demo.data``, shared with the demo)."""
+    _say(message)
 
 
 def _count_lines(path: str) -> int:
@@ -152,7 +163,6 @@ def _domain_names(mds_dir: str) -> list[str]:
 
 def _eval_batches(paths: dict[str, str], budget: Budget) -> list[dict]:
     """The fixed held-out batches every evaluation uses (validation shards, in order)."""
-    from dwm_stream.train.builders import WidenedLoader
     loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, budget.eval_batch_size, 'validation')
     batches = []
     for batch in loader:
@@ -165,10 +175,6 @@ def _eval_batches(paths: dict[str, str], budget: Budget) -> list[dict]:
 def evaluate(lm, batches: list[dict], domain_names: list[str]) -> dict[str, float]:
     """Token-mean loss by domain, over the real domains (``clean``: the validation loss of this benchmark), and over
     all domains (``all``)."""
-    import torch
-
-    from algorithms.dwm.loss import per_sample_loss_sums
-    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     was_training = lm.training
@@ -187,82 +193,68 @@ def evaluate(lm, batches: list[dict], domain_names: list[str]) -> dict[str, floa
 
 
 # ------------------------------------------------------------------------------------------------------- one run
-def _probe_callback(eval_batches, domain_names, budget: Budget):
-    """A Composer callback: evaluations at step 0 and every ``steps / evals`` batches, and the mean weight per
-    domain per stage (stages: ``num_stages`` equal parts of the run, DWM's stage boundaries)."""
-    from composer.core import Callback
+class QualityProbe(Callback):
+    """Evaluations at step 0 and every ``steps / evals`` batches, and the mean weight per domain per stage (stages:
+    ``num_stages`` equal parts of the run, DWM's stage boundaries)."""
 
-    from algorithms.dwm import WEIGHT_KEY
+    def __init__(self, eval_batches: list[dict], domain_names: list[str], budget: Budget):
+        self.eval_batches, self.domain_names, self.budget = eval_batches, domain_names, budget
+        self.curve: list[dict[str, Any]] = []
+        self.batches_done = 0
+        self.weight_sums: dict[tuple[int, str], float] = {}
+        self.weight_counts: dict[tuple[int, str], int] = {}
+        self.eval_seconds = 0.0
+        self.spread_sums: dict[int, float] = {}  # per stage: sum over batches of the batch's weight std
+        self.spread_counts: dict[int, int] = {}
 
-    class QualityProbe(Callback):
+    def _eval(self, state):
+        started = time.perf_counter()
+        losses = evaluate(state.model.model, self.eval_batches, self.domain_names)
+        self.eval_seconds += time.perf_counter() - started
+        self.curve.append({'step': self.batches_done, **losses})
 
-        def __init__(self):
-            self.curve: list[dict[str, Any]] = []
-            self.batches_done = 0
-            self.weight_sums: dict[tuple[int, str], float] = {}
-            self.weight_counts: dict[tuple[int, str], int] = {}
-            self.eval_seconds = 0.0
-            self.spread_sums: dict[int, float] = {}  # per stage: sum over batches of the batch's weight std
-            self.spread_counts: dict[int, int] = {}
+    def fit_start(self, state, logger):
+        self._eval(state)
 
-        def _eval(self, state):
-            started = time.perf_counter()
-            losses = evaluate(state.model.model, eval_batches, domain_names)
-            self.eval_seconds += time.perf_counter() - started
-            self.curve.append({'step': self.batches_done, **losses})
+    def batch_end(self, state, logger):
+        budget, domain_names = self.budget, self.domain_names
+        stage = min(self.batches_done * budget.num_stages // budget.steps, budget.num_stages - 1)
+        batch = state.batch
+        domains = batch['domain'].tolist()
+        weights = batch[WEIGHT_KEY].tolist() if WEIGHT_KEY in batch else [1.0] * len(domains)
+        mean_w = sum(weights) / max(len(weights), 1)
+        std_w = (sum((w - mean_w) ** 2 for w in weights) / max(len(weights), 1)) ** 0.5
+        self.spread_sums[stage] = self.spread_sums.get(stage, 0.0) + float(std_w)
+        self.spread_counts[stage] = self.spread_counts.get(stage, 0) + 1
+        for d, w in zip(domains, weights):
+            key = (stage, domain_names[d])
+            self.weight_sums[key] = self.weight_sums.get(key, 0.0) + float(w)
+            self.weight_counts[key] = self.weight_counts.get(key, 0) + 1
+        self.batches_done += 1
+        every = max(1, budget.steps // budget.evals)
+        if self.batches_done % every == 0 or self.batches_done == budget.steps:
+            if not self.curve or self.curve[-1]['step'] != self.batches_done:
+                self._eval(state)
 
-        def fit_start(self, state, logger):
-            self._eval(state)
+    def stage_weight_std(self) -> list[Optional[float]]:
+        """Per stage, the mean over batches of the within-batch std of the weights (0 = uniform)."""
+        return [self.spread_sums[k] / self.spread_counts[k] if k in self.spread_counts else None
+                for k in range(self.budget.num_stages)]
 
-        def batch_end(self, state, logger):
-            stage = min(self.batches_done * budget.num_stages // budget.steps, budget.num_stages - 1)
-            batch = state.batch
-            domains = batch['domain'].tolist()
-            weights = batch[WEIGHT_KEY].tolist() if WEIGHT_KEY in batch else [1.0] * len(domains)
-            mean_w = sum(weights) / max(len(weights), 1)
-            std_w = (sum((w - mean_w) ** 2 for w in weights) / max(len(weights), 1)) ** 0.5
-            self.spread_sums[stage] = self.spread_sums.get(stage, 0.0) + float(std_w)
-            self.spread_counts[stage] = self.spread_counts.get(stage, 0) + 1
-            for d, w in zip(domains, weights):
-                key = (stage, domain_names[d])
-                self.weight_sums[key] = self.weight_sums.get(key, 0.0) + float(w)
-                self.weight_counts[key] = self.weight_counts.get(key, 0) + 1
-            self.batches_done += 1
-            every = max(1, budget.steps // budget.evals)
-            if self.batches_done % every == 0 or self.batches_done == budget.steps:
-                if not self.curve or self.curve[-1]['step'] != self.batches_done:
-                    self._eval(state)
-
-        def stage_weight_std(self) -> list[Optional[float]]:
-            """Per stage, the mean over batches of the within-batch std of the weights (0 = uniform)."""
-            return [self.spread_sums[k] / self.spread_counts[k] if k in self.spread_counts else None
-                    for k in range(budget.num_stages)]
-
-        def stage_weights(self) -> list[dict[str, float]]:
-            table = [{} for _ in range(budget.num_stages)]
-            for (stage, name), total in sorted(self.weight_sums.items()):
-                table[stage][name] = total / self.weight_counts[(stage, name)]
-            return table
-
-    return QualityProbe()
+    def stage_weights(self) -> list[dict[str, float]]:
+        table = [{} for _ in range(self.budget.num_stages)]
+        for (stage, name), total in sorted(self.weight_sums.items()):
+            table[stage][name] = total / self.weight_counts[(stage, name)]
+        return table
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one (method, seed) and evaluate it; returns plain JSON-able numbers (and, for the proxy, weights)."""
-    import torch
     torch.set_num_threads(int(spec.get('threads', 1)))
-    from composer import Trainer
-    from composer.loggers import InMemoryLogger
-    from composer.utils import reproducibility
-
-    from algorithms.baselines import LossReweighting, StaticDomainWeighting
-    from algorithms.dwm import ValidationBatches
-    from dwm_stream.train import builders
-
-    budget = Budget(**spec['budget'])
+    budget = Budget.from_record(spec['budget'])
     paths, method, seed = spec['paths'], spec['method'], int(spec['seed'])
     steps = int(spec.get('steps') or budget.steps)
-    run_budget = Budget(**{**asdict(budget), 'steps': steps})
+    run_budget = replace(budget, steps=steps)
     domain_names = _domain_names(paths['train'])
     reproducibility.seed_all(seed)
     tokenizer = builders.build_tokenizer({'name': paths['tokenizer']})
@@ -274,7 +266,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     train_dataset = {'local': paths['train'], 'shuffle': True, 'shuffle_seed': 17 + seed}
     train_spec = builders.build_train_dataloader({'name': 'dwm', 'dataset': train_dataset}, budget.batch_size)
     eval_batches = _eval_batches(paths, budget) if spec.get('evaluate', True) else []
-    probe = _probe_callback(eval_batches, domain_names, run_budget)
+    probe = QualityProbe(eval_batches, domain_names, run_budget)
     algorithms = []
     if method == 'dwm':
         algorithms.append(builders.ConfiguredDWM(
@@ -312,7 +304,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                               'tokens': steps * budget.batch_size * budget.seq_len, 'train_seconds': seconds}
     if spec.get('evaluate', True):
         report = ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32, max_length=budget.seq_len)
-        from dwm_stream.train.evaluation import lambada_metrics
         result.update({'curve': probe.curve, 'final': evaluate(lm, eval_batches, domain_names),
                        'lambada': lambada_metrics(lm, report), 'stage_weights': probe.stage_weights(),
                        'stage_weight_std': probe.stage_weight_std(),
@@ -344,13 +335,6 @@ def _dwm_validation(spec: dict[str, Any], paths: dict[str, str], budget: Budget)
 def static_weights_from_proxy(lm, tokenizer, paths: dict[str, str], budget: Budget,
                               domain_names: list[str]) -> dict[str, Any]:
     """The static baseline's weights from the proxy model: per domain, ``<grad L_fit, grad L_domain>``."""
-    import torch
-
-    from algorithms.baselines import domain_weights_from_alignment
-    from algorithms.dwm import ValidationBatches
-    from algorithms.dwm.loss import per_sample_loss_sums
-    from dwm_stream.train.builders import WidenedLoader
-
     params = [p for p in lm.parameters() if p.requires_grad]
 
     def gradient(batches) -> torch.Tensor:
@@ -404,7 +388,7 @@ def _run_subprocess(spec: dict[str, Any], work: str) -> dict[str, Any]:
         json.dump(spec, f)
     log_path = os.path.join(work, f'{name}.log')
     with open(log_path, 'w') as log:
-        rc = subprocess.call([sys.executable, os.path.abspath(__file__), '--_worker', spec_path, result_path],
+        rc = subprocess.call([sys.executable, '-m', 'benchmarks.quality', '--_worker', spec_path, result_path],
                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if rc != 0:
         with open(log_path) as f:
@@ -416,7 +400,7 @@ def _run_subprocess(spec: dict[str, Any], work: str) -> dict[str, Any]:
 
 def run_all(paths: dict[str, str], budget: Budget, seeds: list[int], jobs: int, work: str) -> dict[str, Any]:
     """The proxy run, then every (method, seed); ``jobs`` > 1 runs them in that many subprocesses."""
-    base = {'paths': paths, 'budget': asdict(budget), 'threads': 1}
+    base = {'paths': paths, 'budget': budget.record(), 'threads': 1}
     proxy_spec = {**base, 'method': 'uniform', 'seed': PROXY_SEED, 'proxy': True, 'evaluate': False,
                   'steps': max(2, round(budget.proxy_frac * budget.steps))}
     specs = [{**base, 'method': m, 'seed': s} for s in seeds for m in METHODS if m != 'static_domain']
@@ -465,16 +449,25 @@ def steps_to_reach(curve: list[dict[str, Any]], target: float, key: str = 'clean
     return None
 
 
+def _mean_stage_weights(runs: list[dict[str, Any]], domains: list[str], num_stages: int) -> list[dict[str, float]]:
+    """Per stage, each domain's mean weight over the runs that saw it (a domain may be absent from a short stage)."""
+    table = []
+    for k in range(num_stages):
+        row = {}
+        for d in domains:
+            seen = [r['stage_weights'][k][d] for r in runs if d in r['stage_weights'][k]]
+            if seen:
+                row[d] = sum(seen) / len(seen)
+        table.append(row)
+    return table
+
+
 def _stats(values: list[float]) -> dict[str, float]:
-    import statistics
-    vals = sorted(values)
-    return {'mean': sum(vals) / len(vals), 'min': vals[0], 'median': statistics.median(vals), 'max': vals[-1],
-            'n': len(vals)}
+    return {'mean': sum(values) / len(values), **min_median_max(values), 'n': len(values)}
 
 
 def analyse(raw: dict[str, Any], budget: Budget, domain_names: list[str]) -> dict[str, Any]:
     """Per-method summaries, the steps-to-target figures and the two targets."""
-    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
     runs = raw['runs']
     by = {m: {r['seed']: r for r in runs if r['method'] == m} for m in METHODS}
     seeds = sorted(by['uniform'])
@@ -488,14 +481,7 @@ def analyse(raw: dict[str, Any], budget: Budget, domain_names: list[str]) -> dic
             reach.append({'seed': s, 'target': target, 'step': step,
                           'fraction': None if step is None else step / by[m][s]['steps']})
         fractions = [x['fraction'] for x in reach]
-        stage_weights = []  # mean over seeds of what each seed saw (a domain may be absent from a short stage)
-        for k in range(budget.num_stages):
-            row = {}
-            for d in domain_names:
-                seen = [r['stage_weights'][k][d] for r in rs if d in r['stage_weights'][k]]
-                if seen:
-                    row[d] = sum(seen) / len(seen)
-            stage_weights.append(row)
+        stage_weights = _mean_stage_weights(rs, domain_names, budget.num_stages)
         methods[m] = {
             'label': LABELS[m],
             'final_clean': _stats([r['final']['clean'] for r in rs]),
@@ -554,7 +540,7 @@ def render_section(results: dict[str, Any], images: Optional[list[str]] = None,
         f'_Generated by `benchmarks/quality.py{" --quick" if results["quick"] else ""}` on {results["date"]} from '
         f'`results/quality.json` ({label}); do not edit by hand._',
         '',
-        f'- **Machine:** {m["nproc"]} CPUs ({m["cpu"]}), {m["ram_gb"]} GB RAM, {m["platform"]}, Python {m["python"]}; '
+        f'- **Machine:** {describe_machine(m)}, Python {m["python"]}; '
         f'each run on 1 torch thread, {results["jobs"]} run(s) at a time; wall time {results["seconds"] / 60:.1f} min.',
         '- **Libraries:** ' + ', '.join(f'{k} {v[k]}' for k in sorted(v)) + '.',
         f'- **Data:** the embedded corpus ({b["corpus_size"]}, {results["data"]["train_samples"]:,} train samples of '
@@ -678,20 +664,19 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 def replace_section(path: str, section: str) -> None:
     """Replace the text between the quality markers of ``path`` (appending it if absent)."""
-    _sections.replace_section(path, section, BEGIN_MARK, END_MARK)
+    _replace_section(path, section, BEGIN_MARK, END_MARK)
 
 
 def read_section(path: str) -> str:
-    return _sections.read_section(path, BEGIN_MARK, END_MARK)
+    """The quality section of ``path``, markers included."""
+    return _read_section(path, BEGIN_MARK, END_MARK)
 
 
 def plot(results: dict[str, Any], curves_path: str, weights_path: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     a = results['analysis']
     colors = {'uniform': 'tab:gray', 'dwm': 'tab:blue', 'static_domain': 'tab:green', 'loss_reweighting': 'tab:orange'}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig = Figure(figsize=(13, 4.8))  # no pyplot: no GUI backend, no global figure state
+    axes = fig.subplots(1, 2)
     for ax, key, title in ((axes[0], 'clean', 'real domains'), (axes[1], 'degraded', 'degraded domains')):
         for m in METHODS:
             runs = [r for r in results['runs'] if r['method'] == m]
@@ -704,10 +689,10 @@ def plot(results: dict[str, Any], curves_path: str, weights_path: str) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(curves_path, dpi=100)
-    plt.close(fig)
 
     domains = results['data']['domains']
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharey=True)
+    fig = Figure(figsize=(16, 4.6))
+    axes = fig.subplots(1, 3, sharey=True)
     for ax, m in zip(axes, ('dwm', 'static_domain', 'loss_reweighting')):
         sw = a['methods'][m]['stage_weights']
         xs = list(range(1, len(sw) + 1))
@@ -724,7 +709,6 @@ def plot(results: dict[str, Any], curves_path: str, weights_path: str) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(weights_path, dpi=100)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------- investigation
@@ -756,7 +740,7 @@ def _variant_budget(budget: Budget, variant: str) -> Budget:
         if isinstance(value, str) and value.endswith('x') and value[:-1].isdigit():
             value = int(value[:-1]) * getattr(budget, key)
         overrides[key] = value
-    return Budget(**{**asdict(budget), **overrides})
+    return replace(budget, **overrides)
 
 
 def heldout_selection(paths: dict[str, str], budget: Budget) -> dict[str, Any]:
@@ -764,11 +748,6 @@ def heldout_selection(paths: dict[str, str], budget: Budget) -> dict[str, Any]:
     of the fixed evaluation samples (the first ``max_eval_batches x eval_batch_size`` of the validation shards in
     order, see :func:`_eval_batches`). Written as a selection overlay (by uid) next to the shards; disjoint from the
     reported validation loss by construction (checked)."""
-    import numpy as np
-
-    from dwm_stream.train.builders import WidenedLoader
-    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
-    from dwm_stream.data.selection import write_selection
     names = _domain_names(paths['validation'])
     eval_uids = {int(u) for b in _eval_batches_uids(paths, budget) for u in b}
     uids, per_domain = [], {}
@@ -787,7 +766,6 @@ def heldout_selection(paths: dict[str, str], budget: Budget) -> dict[str, Any]:
 
 
 def _eval_batches_uids(paths: dict[str, str], budget: Budget) -> list[list[int]]:
-    from dwm_stream.train.builders import WidenedLoader
     loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, budget.eval_batch_size, 'validation')
     out = []
     for batch in loader:
@@ -811,14 +789,7 @@ def _summarise_dwm_runs(runs: list[dict[str, Any]], uniform: dict[int, dict[str,
                          'refit_before': r.get('refit', {}).get('val_loss_before', []),
                          'refit_after': r.get('refit', {}).get('val_loss_after', []),
                          'train_seconds': r['train_seconds']})
-    stage_weights = []
-    for k in range(num_stages):
-        row = {}
-        for d in domains:
-            seen = [r['stage_weights'][k][d] for r in runs if d in r['stage_weights'][k]]
-            if seen:
-                row[d] = sum(seen) / len(seen)
-        stage_weights.append(row)
+    stage_weights = _mean_stage_weights(runs, domains, num_stages)
     fractions = [x['reach_fraction'] for x in per_seed]
     spread = None  # within-batch weight std by stage (runs made before the probe recorded it have none)
     if runs and all(r.get('stage_weight_std') for r in runs):
@@ -871,13 +842,13 @@ def run_investigation(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with open(os.path.join(args.out, 'quality.json')) as f:
         quality = json.load(f)
-    budget = Budget(**quality['budget'])
+    budget = Budget.from_record(quality['budget'])
     seeds = args.seeds if args.seeds is not None else quality['analysis']['seeds']
     missing = sorted(set(seeds) - {r['seed'] for r in quality['runs'] if r['method'] == 'uniform'})
     if missing:
         raise SystemExit(f'quality.json has no uniform run for seed(s) {missing}; run the benchmark first')
     jobs = args.jobs or min(2, os.cpu_count() or 1)
-    paths = prepare_data(args.data_dir, budget)
+    paths = prepare_data(args.data_dir, budget.data, say=_say_data)
     inv_path = os.path.join(args.out, INVESTIGATION_JSON)
     previous: dict[str, Any] = {}
     if os.path.exists(inv_path):
@@ -894,12 +865,12 @@ def run_investigation(args: argparse.Namespace) -> int:
             raise SystemExit(f'unknown variant {name!r}; one of {sorted(VARIANTS)}')
         v = VARIANTS[name]
         vb = _variant_budget(budget, name)
-        spec = {'paths': paths, 'budget': asdict(vb), 'threads': 1, 'method': 'dwm', 'variant': name,
+        spec = {'paths': paths, 'budget': vb.record(), 'threads': 1, 'method': 'dwm', 'variant': name,
                 'dwm_validation': v['dwm_validation']}
         if v['dwm_validation'] == 'heldout':
             selection = heldout_selection(paths, budget)
             spec['heldout_selection'] = selection['path']
-        changed = {k: getattr(vb, k) for k in asdict(vb) if getattr(vb, k) != getattr(budget, k)}
+        changed = {k: v for k, v in vb.record().items() if v != budget.record()[k]}
         variant_info[name] = {'label': v['label'], 'change': v['change'],
                               'settings': {**changed, 'dwm_validation': v['dwm_validation']}}
         specs += [{**spec, 'seed': s} for s in seeds]
@@ -923,18 +894,16 @@ def run_investigation(args: argparse.Namespace) -> int:
     for name in args.investigate:
         variant_runs[name] = sorted([r for r in results if r.get('variant') == name], key=lambda r: r['seed'])
     inv = {'benchmark': 'quality_investigation', 'quality_date': quality['date'], 'quick': quality['quick'],
-           'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-           'machine': _machine(), 'jobs': jobs, 'seeds': seeds,
+           'date': utc_now(), 'machine': machine_info(), 'jobs': jobs, 'seeds': seeds,
            'seconds': previous.get('seconds', 0.0) + time.perf_counter() - started,
            'heldout_selection': selection, 'variant_info': variant_info, 'variant_runs': variant_runs,
-           'command': 'python benchmarks/quality.py --investigate ' + ' '.join(
+           'command': 'python -m benchmarks.quality --investigate ' + ' '.join(
                n for n in VARIANTS if n in variant_runs)}
     inv['analysis'] = analyse_investigation(quality, variant_runs, variant_info)
-    with open(inv_path, 'w') as f:
-        json.dump(inv, f, indent=1)
+    write_json(inv_path, inv)
     png = os.path.join(args.out, 'quality_investigation.png')
     plot_investigation(quality, inv, png)
-    results_md = args.results_md or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'RESULTS.md')
+    results_md = results_md_path(args)
     replace_section(results_md, render_section(quality, _images(args.out, results_md), inv))
     _say(f'wrote {inv_path}, {png} and the quality section of {results_md}')
     for line in render_investigation(inv, quality):
@@ -1038,11 +1007,9 @@ def render_investigation(inv: dict[str, Any], quality: dict[str, Any]) -> list[s
 
 
 def plot_investigation(quality: dict[str, Any], inv: dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     a = inv['analysis']
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    fig = Figure(figsize=(13, 4.6))
+    axes = fig.subplots(1, 2)
     uniform = {r['seed']: r for r in quality['runs'] if r['method'] == 'uniform'}
     seeds = inv['seeds']
 
@@ -1071,23 +1038,12 @@ def plot_investigation(quality: dict[str, Any], inv: dict[str, Any], path: str) 
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------- main
-def _machine() -> dict[str, Any]:
-    return _sections.machine_info()
-
-
-def _versions() -> dict[str, str]:
-    return _sections.library_versions(('torch', 'mosaicml', 'mosaicml-streaming', 'transformers', 'tokenizers'))
-
-
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='benchmarks/quality.py', description=__doc__.splitlines()[0])
-    parser.add_argument('--quick', action='store_true', help='CI size: 1 seed, a few steps (< ~2 min)')
-    parser.add_argument('--out', default=os.path.join(HERE, 'results'),
-                        help='results directory (default: benchmarks/results); RESULTS.md is its parent\'s')
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.quality', description=__doc__.splitlines()[0],
+                                     parents=[output_options('CI size: 1 seed, a few steps (< ~2 min)')])
     parser.add_argument('--seeds', type=int, nargs='+', default=None,
                         help='seeds (default: 0 1 2; --quick: 0)')
     parser.add_argument('--steps', type=int, default=None, help='override the training steps of every run')
@@ -1096,7 +1052,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                              'min(2, CPUs))')
     parser.add_argument('--data-dir', default=os.path.join(REPO, '.cache', 'bench-quality'),
                         help='cache of the corpus, tokenizer and shards (default: .cache/bench-quality)')
-    parser.add_argument('--results-md', default=None, help='RESULTS.md to update (default: OUT/../RESULTS.md)')
     parser.add_argument('--render-only', action='store_true',
                         help='only regenerate the plots and the RESULTS.md section from OUT/quality.json')
     parser.add_argument('--investigate', nargs='+', default=None, metavar='VARIANT',
@@ -1127,12 +1082,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.perf_counter()
     budget = QUICK if args.quick else FULL
     if args.steps:
-        budget = Budget(**{**asdict(budget), 'steps': args.steps})
+        budget = replace(budget, steps=args.steps)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     jobs = args.jobs or (1 if args.quick else min(2, os.cpu_count() or 1))
-    machine = _machine()
+    machine = machine_info()
     os.makedirs(args.out, exist_ok=True)
-    paths = prepare_data(args.data_dir, budget)
+    paths = prepare_data(args.data_dir, budget.data, say=_say_data)
     domain_names = _domain_names(paths['train'])
     with tempfile.TemporaryDirectory(prefix='dwm-bench-quality-') as work:
         _say(f'{len(seeds)} seed(s) x {len(METHODS)} methods, {budget.steps} steps each, {jobs} at a time')
@@ -1140,7 +1095,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     with open(os.path.join(paths['train'], 'dwm.json')) as f:
         train_samples = json.load(f)['num_samples']
     eval_samples = _eval_sample_count(paths, budget, domain_names)
-    from transformers import LlamaConfig, LlamaForCausalLM
     params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(
         hidden_size=budget.hidden_size, intermediate_size=budget.intermediate_size,
         num_hidden_layers=budget.num_layers, num_attention_heads=budget.num_heads,
@@ -1148,8 +1102,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         tie_word_embeddings=True)).parameters())
     results: dict[str, Any] = {
         'benchmark': 'quality', 'quick': bool(args.quick),
-        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        'machine': machine, 'versions': _versions(), 'jobs': jobs, 'budget': asdict(budget),
+        'date': utc_now(), 'machine': machine, 'jobs': jobs, 'budget': budget.record(),
+        'versions': library_versions(('torch', 'mosaicml', 'mosaicml-streaming', 'transformers', 'tokenizers')),
         'model_params': params,
         'data': {'domains': domain_names, 'train_samples': train_samples, 'eval_samples': eval_samples,
                  'lambada_fit': _count_lines(paths['lambada_fit']),
@@ -1169,12 +1123,11 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
     """Notes, JSON, plots and the RESULTS.md section, all from ``results``."""
     results['notes'] = notes(results)
     json_path = os.path.join(args.out, 'quality.json')
-    with open(json_path, 'w') as f:
-        json.dump(results, f, indent=1)
+    write_json(json_path, results)
     curves_png = os.path.join(args.out, 'quality_curves.png')
     weights_png = os.path.join(args.out, 'quality_weights.png')
     plot(results, curves_png, weights_png)
-    results_md = args.results_md or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'RESULTS.md')
+    results_md = results_md_path(args)
     images = [os.path.relpath(p, os.path.dirname(os.path.abspath(results_md))) for p in (curves_png, weights_png)]
     replace_section(results_md, render_section(results, images, _load_investigation(args.out)))
     _say(f'wrote {json_path}, {curves_png}, {weights_png} and the quality section of {results_md} '
@@ -1197,18 +1150,15 @@ def refresh_investigation(out: str, quality: dict[str, Any]) -> None:
     if inv is None or inv.get('quality_date') != quality.get('date'):
         return
     inv['analysis'] = analyse_investigation(quality, inv['variant_runs'], inv['variant_info'])
-    with open(os.path.join(out, INVESTIGATION_JSON), 'w') as f:
-        json.dump(inv, f, indent=1)
+    write_json(os.path.join(out, INVESTIGATION_JSON), inv)
     plot_investigation(quality, inv, os.path.join(out, 'quality_investigation.png'))
 
 
 def _vocab(paths: dict[str, str]) -> int:
-    from dwm_stream.convert.tokenizer import load_tokenizer
     return len(load_tokenizer(paths['tokenizer']))
 
 
 def _eval_sample_count(paths: dict[str, str], budget: Budget, domain_names: list[str]) -> int:
-    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
     return sum(sum(domain_names[d] not in DEGRADED_DOMAINS for d in b['domain'].tolist())
                for b in _eval_batches(paths, budget))
 

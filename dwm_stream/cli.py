@@ -46,7 +46,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from dwm_stream.train.entry import main as train_main
-    return train_main([args.config, *args.overrides])
+    quiet = ['progress_bar=false'] if args.no_progress else []  # Composer's bar: the global flag applies too
+    return train_main([args.config, *args.overrides, *quiet])
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -77,17 +78,11 @@ _BENCHES = {'loader': 'loader_throughput', 'overhead': 'dwm_overhead', 'convert'
             'quality': 'quality'}
 
 
-# `--out DIR` as each benchmark takes it (default: `--out DIR`); dwm_overhead takes a JSON path and its RESULTS.md.
-_OUT_ARGS = {'overhead': lambda out: ['--out', os.path.join(out, 'dwm_overhead.json'), '--results-md',
-                                      os.path.join(os.path.dirname(os.path.abspath(out)), 'RESULTS.md')]}
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     which = list(_BENCHES) if 'all' in args.which else args.which
     rc = 0
-    for name in which:
-        out = _OUT_ARGS.get(name, lambda o: ['--out', o])(args.out) if args.out else []
-        argv = (['--quick'] if args.quick else []) + out
+    for name in which:  # every benchmark takes --quick and --out DIR (benchmarks.common.output_options)
+        argv = (['--quick'] if args.quick else []) + (['--out', args.out] if args.out else [])
         print(f'== bench {name} ==', flush=True)
         started = time.perf_counter()
         rc |= _run_benchmark(_BENCHES[name], argv + list(args.extra or []))
@@ -144,6 +139,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_selection_output(p: argparse.ArgumentParser) -> None:
+    """What every selector writes (the steps of ``dwm_stream.select.pipeline``)."""
+    p.add_argument('--out', required=True, help='selection file to write (.parquet)')
+    p.add_argument('--materialize', default=None, metavar='OUT', help='also write the selected subset there')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --out / --materialize')
+
+
 def _add_selection_parsers(sub) -> None:
     """`select dsir|qurating`, `annotate qurating` and `report`: compose DWM with static selectors."""
     CRITERIA = ('writing_style', 'required_expertise', 'facts_and_trivia', 'educational_value')  # qurating.CRITERIA
@@ -164,7 +166,6 @@ def _add_selection_parsers(sub) -> None:
                         '.txt, or directories of them')
     d.add_argument('--target-domain', nargs='+', default=None, metavar='DOMAIN',
                    help='keep only these SlimPajama domains of .jsonl.zst targets, e.g. RedPajamaBook')
-    d.add_argument('--out', required=True, help='selection file to write (.parquet)')
     d.add_argument('--budget-tokens', type=_token_count, default=None,
                    help='tokens to select, e.g. 30B (default: keep every sample, scored)')
     d.add_argument('--sample', action='store_true',
@@ -180,9 +181,7 @@ def _add_selection_parsers(sub) -> None:
     d.add_argument('--raw-fit-features', type=_token_count, default=None,
                    help='fit the raw distribution on about this many n-grams (default: all)')
     d.add_argument('--workers', type=int, default=1, help='parallel processes over shards/files (default: 1)')
-    d.add_argument('--materialize', default=None, metavar='OUT', help='also write the selected subset there')
-    d.add_argument('--overwrite', action='store_true', help='replace an existing --out / --materialize')
-    d.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_selection_output(d)
     d.set_defaults(func=_cmd_select_dsir)
 
     q = psub.add_parser('qurating', help='QuRating: sample ∝ softmax(score/tau) by one quality criterion',
@@ -199,12 +198,9 @@ def _add_selection_parsers(sub) -> None:
     q.add_argument('--zscore', action='store_true', help='z-score the criterion over the corpus first')
     q.add_argument('--annotations', default=None,
                    help='annotation file from `dwm-stream annotate qurating` (default: the corpus\'s score columns)')
-    q.add_argument('--out', required=True, help='selection file to write (.parquet)')
     q.add_argument('--seed', type=int, default=0, help='seed of the sampling (default: 0)')
     q.add_argument('--workers', type=int, default=1, help='parallel processes over shards (default: 1)')
-    q.add_argument('--materialize', default=None, metavar='OUT', help='also write the selected subset there')
-    q.add_argument('--overwrite', action='store_true', help='replace an existing --out / --materialize')
-    q.add_argument('--no-progress', action='store_true', help='no progress bar')
+    _add_selection_output(q)
     q.set_defaults(func=_cmd_select_qurating)
 
     p = sub.add_parser('annotate', help='rate a corpus with a local model, for `select --annotations`')
@@ -224,7 +220,6 @@ def _add_selection_parsers(sub) -> None:
     a.add_argument('--batch-size', type=int, default=16, help='windows per forward pass (default: 16)')
     a.add_argument('--device', default=None, help='torch device (default: cuda if available, else cpu)')
     a.add_argument('--overwrite', action='store_true', help='replace an existing --out')
-    a.add_argument('--no-progress', action='store_true', help='no progress bar')
     a.set_defaults(func=_cmd_annotate)
 
     r = sub.add_parser('report', help='table + PNG of what DWM preferred, by criterion and domain, per stage',
@@ -243,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                     'selection) from S3 or a local directory, and train with per-sample weights from a '
                     'batch-aware weighter refit by bi-level optimisation.',
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--no-progress', action='store_true',
+                        help='no progress output; by default a bar on a terminal, else a line every few seconds '
+                             '(also accepted after the command)')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     p = sub.add_parser('corpus', help='build the embedded SlimPajama-format corpus (no network)')
@@ -252,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('--out', required=True, help='output directory (must not hold a corpus already)')
     b.add_argument('--size', default='8MB', help='train text size, e.g. 8MB, 200MB (default: 8MB)')
     b.add_argument('--seed', type=int, default=0, help='seed for every random choice (default: 0)')
-    b.add_argument('--no-progress', action='store_true', help='no progress bar')
     b.set_defaults(func=_cmd_corpus)
 
     p = sub.add_parser('tokenizer', help='train a local BPE tokenizer')
@@ -261,7 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--corpus', required=True, help='corpus root (with train/)')
     t.add_argument('--out', required=True, help='directory to save the tokenizer (cached: re-runs are free)')
     t.add_argument('--vocab-size', type=int, default=8192, help='vocabulary size (default: 8192)')
-    t.add_argument('--no-progress', action='store_true', help='no progress bar')
     t.set_defaults(func=_cmd_tokenizer)
 
     c = sub.add_parser('convert', help='tokenize and pack documents into MDS shards (local or s3://)',
@@ -276,7 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument('--skip-bad', action='store_true', help='skip malformed records, count and report them')
     c.add_argument('--overwrite', action='store_true', help='replace an existing output')
     c.add_argument('--resume', action='store_true', help='keep completed parts of an interrupted conversion')
-    c.add_argument('--no-progress', action='store_true', help='no progress bar')
     c.set_defaults(func=_cmd_convert)
 
     tr = sub.add_parser('train', help='train from a YAML in LLM Foundry\'s layout',
@@ -309,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if '--no-progress' in unknown:  # given after the command: the one global flag all the same
+        unknown = [a for a in unknown if a != '--no-progress']
+        args.no_progress = True
     if unknown and args.command != 'bench':
         parser.error(f'unrecognized arguments: {" ".join(unknown)}')
     if args.command == 'bench':
@@ -316,6 +314,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f'dwm-stream {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except OSError as e:
+        from dwm_stream.format.storage import StorageError
+        if not isinstance(e, StorageError):
+            raise
         print(f'dwm-stream {args.command}: error: {e}', file=sys.stderr)
         return 2
 

@@ -18,10 +18,9 @@ import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
-from algorithms.baselines.static_domain import _logits, apply_weighted_loss
+from algorithms.baselines.static_domain import apply_weighted_loss
 from algorithms.baselines.weights import linupper_weights
-from algorithms.dwm import WEIGHT_KEY
-from algorithms.dwm.loss import per_sample_loss
+from algorithms.dwm.functional import WEIGHT_KEY, logits_of, per_sample_loss
 
 __all__ = ['LossReweighting']
 
@@ -86,7 +85,7 @@ class LossReweighting(Algorithm):
             weights = torch.ones(batch['input_ids'].shape[0])
         else:
             with torch.no_grad():
-                weights = linupper_weights(per_sample_loss(_logits(state.outputs), batch['labels']), self.r,
+                weights = linupper_weights(per_sample_loss(logits_of(state.outputs), batch['labels']), self.r,
                                            self.delta)
         weights = weights.to(batch['input_ids'].device)
         apply_weighted_loss(state, weights)

@@ -5,7 +5,7 @@ Events:
 * ``AFTER_DATALOADER``: ``batch['dwm_weight'] = table[batch['domain']]``, renormalised to mean 1 over the batch
   (the same key DWM uses, so Composer's splitter slices it per microbatch).
 * ``AFTER_LOSS``: ``state.loss`` becomes ``sum_i w_i c_i`` with DWM's own loss terms
-  (:func:`algorithms.dwm.loss.loss_contributions`), so all-ones weights give exactly the plain loss.
+  (:func:`algorithms.dwm.functional.loss_contributions`), so all-ones weights give exactly the plain loss.
 """
 
 from __future__ import annotations
@@ -17,14 +17,9 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from algorithms.baselines.weights import batch_domain_weights
-from algorithms.dwm import WEIGHT_KEY, ensure_labels
-from algorithms.dwm.loss import loss_contributions, per_sample_loss_sums
+from algorithms.dwm.functional import WEIGHT_KEY, ensure_labels, logits_of, weighted_loss
 
 __all__ = ['StaticDomainWeighting', 'apply_weighted_loss']
-
-
-def _logits(outputs) -> torch.Tensor:
-    return outputs['logits'] if isinstance(outputs, dict) or hasattr(outputs, 'keys') else outputs.logits
 
 
 def apply_weighted_loss(state: State, weights: torch.Tensor, normalization: str = 'token') -> torch.Tensor:
@@ -32,11 +27,9 @@ def apply_weighted_loss(state: State, weights: torch.Tensor, normalization: str 
 
     Returns the per-sample mean token losses (detached), for metrics.
     """
-    batch = state.batch
-    loss_sum, token_count = per_sample_loss_sums(_logits(state.outputs), batch['labels'])
-    contributions = loss_contributions(loss_sum, token_count, normalization)
-    state.loss = (weights.to(contributions) * contributions).sum()
-    return (loss_sum / token_count.clamp(min=1)).detach()
+    loss, per_sample = weighted_loss(logits_of(state.outputs), state.batch['labels'], weights, normalization)
+    state.loss = loss
+    return per_sample
 
 
 class StaticDomainWeighting(Algorithm):

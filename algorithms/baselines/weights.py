@@ -5,7 +5,7 @@
   weights fixed once from a proxy model's gradients.
 
 The weights multiply the per-sample loss terms exactly as DWM's do: ``sum_i w_i c_i`` with ``c_i`` from
-:func:`algorithms.dwm.loss.loss_contributions`, so all-ones weights give the plain loss.
+:func:`algorithms.dwm.functional.loss_contributions`, so all-ones weights give the plain loss.
 """
 
 from __future__ import annotations

@@ -2,52 +2,17 @@
 
 Yu et al., "LLM Data Selection and Utilization via Dynamic Bi-level Optimization", ICML 2025 (arXiv 2507.16178).
 
-The algorithm runs on ``Event.INIT``, ``Event.FIT_START``, ``Event.AFTER_DATALOADER``, ``Event.AFTER_LOSS`` and
-``Event.BATCH_END``. See ``README.md`` in this folder for the method card.
+What a user writes in a script or a YAML: ``DWM`` (the Composer algorithm), ``WeighterConfig``/``Weighter`` (the
+model that scores a batch), ``ValidationBatches`` (the LAMBADA-format validation set of the refit) and
+``load_schedule`` (a saved per-stage schedule, for transfer). The pure functions are in ``functional`` (losses,
+weights, batches) and ``hypergradient`` (the exact one-step hypergradient); ``DWM`` only wires them into Composer's
+events (``INIT``, ``FIT_START``, ``AFTER_DATALOADER``, ``BEFORE_FORWARD``, ``AFTER_FORWARD``, ``AFTER_LOSS``,
+``BATCH_END``). See ``README.md`` in this folder for the method card.
 """
 
-from algorithms.dwm.dwm import (DWM, WEIGHT_KEY, ensure_labels, gumbel_top_k, normalize_with_prior, subset_batch,
-                                uniform_if_nonfinite, weight_statistics)
-from algorithms.dwm.export import load_schedule, load_weighter, save_weighter, write_schedule
-from algorithms.dwm.hypergradient import (HypergradientResult, adam_preconditioner, directional_derivative_fd,
-                                          directional_derivative_jvp, hypergradient, hypergradient_autograd, lookahead)
-from algorithms.dwm.loss import loss_contributions, per_sample_loss, per_sample_loss_sums, weighted_loss
-from algorithms.dwm.schedule import boundary_reached, stage_boundaries
-from algorithms.dwm.validation import (ValidationBatches, build_validation_batches, read_lambada_jsonl,
-                                       tokenize_lambada_example)
-from algorithms.dwm.weighter import Weighter, WeighterConfig, mean_pool
+from algorithms.dwm.dwm import DWM
+from algorithms.dwm.export import load_schedule
+from algorithms.dwm.validation import ValidationBatches
+from algorithms.dwm.weighter import Weighter, WeighterConfig
 
-__all__ = [
-    'DWM',
-    'WEIGHT_KEY',
-    'Weighter',
-    'WeighterConfig',
-    'mean_pool',
-    'HypergradientResult',
-    'adam_preconditioner',
-    'lookahead',
-    'hypergradient',
-    'hypergradient_autograd',
-    'directional_derivative_jvp',
-    'directional_derivative_fd',
-    'per_sample_loss',
-    'per_sample_loss_sums',
-    'loss_contributions',
-    'weighted_loss',
-    'stage_boundaries',
-    'boundary_reached',
-    'read_lambada_jsonl',
-    'tokenize_lambada_example',
-    'build_validation_batches',
-    'ValidationBatches',
-    'save_weighter',
-    'load_weighter',
-    'write_schedule',
-    'load_schedule',
-    'ensure_labels',
-    'normalize_with_prior',
-    'uniform_if_nonfinite',
-    'weight_statistics',
-    'gumbel_top_k',
-    'subset_batch',
-]
+__all__ = ['DWM', 'WeighterConfig', 'Weighter', 'ValidationBatches', 'load_schedule']

@@ -16,7 +16,6 @@ Events:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import logging
@@ -27,115 +26,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
-from composer.core import Algorithm, Event, State, Time
+from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from composer.utils import dist
 from torch.func import functional_call
 
 from algorithms.dwm.distributed import all_gather_cat, all_reduce_sum_, all_reduce_sum_dict, gather_with_local_grad
 from algorithms.dwm.export import load_schedule, save_weighter, write_schedule
-from algorithms.dwm.hypergradient import adam_preconditioner, hypergradient, iter_named_trainable, lookahead
-from algorithms.dwm.loss import IGNORE_INDEX, loss_contributions, per_sample_loss_sums
-from algorithms.dwm.schedule import boundary_reached, stage_boundaries
+from algorithms.dwm.hypergradient import (adam_preconditioner, hypergradient, iter_named_trainable, jvp_attention,
+                                          lookahead)
+from algorithms.dwm.functional import (IGNORE_INDEX, WEIGHT_KEY, ensure_labels, gumbel_top_k, logits_of,
+                                       loss_contributions, normalize_with_prior, per_sample_loss_sums, spearman, subset_batch,
+                                       uniform_if_nonfinite, weight_statistics, weighted_loss)
+from algorithms.dwm.schedule import boundary_reached
+from algorithms.dwm.schedule import stage_boundaries as compute_stage_boundaries  # `stage_boundaries` is an argument
 from algorithms.dwm.weighter import Weighter, WeighterConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    'DWM',
-    'WEIGHT_KEY',
-    'ensure_labels',
-    'normalize_with_prior',
-    'uniform_if_nonfinite',
-    'weight_statistics',
-    'gumbel_top_k',
-    'subset_batch',
-]
+__all__ = ['DWM']
 
-WEIGHT_KEY = 'dwm_weight'
 LoaderLike = Union[Iterable[dict], Callable[[], Iterable[dict]]]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pure functions
-# ----------------------------------------------------------------------------------------------------------------
-def ensure_labels(batch: dict[str, Any]) -> dict[str, Any]:
-    """Add ``labels`` (``input_ids`` with ``-100`` where ``attention_mask`` is 0) when the batch has none."""
-    if 'labels' not in batch:
-        labels = batch['input_ids'].clone()
-        if 'attention_mask' in batch:
-            labels[batch['attention_mask'] == 0] = IGNORE_INDEX
-        batch['labels'] = labels
-    return batch
-
-
-def normalize_with_prior(weights: torch.Tensor, prior: Optional[torch.Tensor]) -> torch.Tensor:
-    """``w * prior`` renormalised to mean 1 (``w`` unchanged when ``prior`` is ``None``)."""
-    if prior is None:
-        return weights
-    combined = weights * prior.to(weights)
-    return combined / combined.mean().clamp(min=torch.finfo(combined.dtype).tiny)
-
-
-def uniform_if_nonfinite(weights: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """All ones if any weight is NaN/inf or non-positive; returns ``(weights, fell_back)``."""
-    if bool(torch.isfinite(weights).all()) and bool((weights > 0).all()):
-        return weights, False
-    return torch.ones_like(weights), True
-
-
-def weight_statistics(weights: torch.Tensor) -> dict[str, float]:
-    """Mean, std, min, max and effective sample size fraction ``(sum w)^2 / (n sum w^2)`` of a weight vector."""
-    w = weights.detach().double()
-    n = w.numel()
-    return {
-        'mean': float(w.mean()),
-        'std': float(w.std(unbiased=False)),
-        'min': float(w.min()),
-        'max': float(w.max()),
-        'ess': float(w.sum()**2 / (n * (w**2).sum())),
-    }
-
-
-def gumbel_top_k(
-    scores: torch.Tensor,
-    k: int,
-    generator: torch.Generator,
-    start: int = 0,
-    stop: Optional[int] = None,
-) -> torch.Tensor:
-    """Top ``k`` of ``scores + Gumbel noise`` within ``scores[start:stop]``: ``k`` draws without replacement from
-    ``softmax(scores)`` restricted to that slice.
-
-    Noise is drawn for the whole (global) ``scores`` vector and then sliced, so a sample's noise does not depend on
-    how the global batch is split over ranks.
-
-    Args:
-        scores (torch.Tensor): ``[N]`` global scores (already divided by ``tau``).
-        k (int): How many to keep.
-        generator (torch.Generator): CPU generator (seeded per batch for exact resumption).
-        start (int): Start of this rank's slice. Default: ``0``.
-        stop (int, optional): End of the slice. Default: ``None`` (``N``).
-
-    Returns:
-        torch.Tensor: Sorted indices into the slice.
-    """
-    uniform = torch.rand(scores.shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-    perturbed = scores.detach().double().cpu() - torch.log(-torch.log(uniform))
-    return torch.topk(perturbed[start:stop], k).indices.sort().values
-
-
-def subset_batch(batch: dict[str, Any], index: torch.Tensor, n: int) -> dict[str, Any]:
-    """Rows ``index`` of every tensor/list in ``batch`` whose first dimension is ``n``; other entries kept."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-            out[key] = value[index.to(value.device)]
-        elif isinstance(value, (list, tuple)) and len(value) == n:
-            out[key] = type(value)(value[i] for i in index.tolist())
-        else:
-            out[key] = value
-    return out
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -148,40 +59,6 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The HuggingFace causal LM inside a Composer ``HuggingFaceModel`` (or the module itself)."""
     model = _unwrap(model)
     return getattr(model, 'model', model)
-
-
-@contextlib.contextmanager
-def _eager_attention(lm: torch.nn.Module) -> Iterator[None]:
-    """Switch a HF model to eager attention (forward-mode AD is not implemented for fused attention kernels)."""
-    config = getattr(lm, 'config', None)
-    previous = getattr(config, '_attn_implementation', None)
-    if config is None or previous in (None, 'eager'):
-        yield
-        return
-    config._attn_implementation = 'eager'
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
-@contextlib.contextmanager
-def _jvp_attention(lm: torch.nn.Module) -> Iterator[None]:
-    """Attention that forward-mode AD can differentiate, as cheaply as available.
-
-    SDPA's fused kernels (flash/memory-efficient, CPU flash) have no forward-mode rule, but its *math* backend is a
-    composite of differentiable ops: an ``sdpa`` model keeps SDPA restricted to that backend (measured faster than
-    HF's eager attention for the JVP on CPU, see ``benchmarks/RESULTS.md``). Any other implementation (flash
-    attention 2, flex...) is switched to eager for the JVP.
-    """
-    config = getattr(lm, 'config', None)
-    if getattr(config, '_attn_implementation', None) == 'sdpa':
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-        return
-    with _eager_attention(lm):
-        yield
 
 
 class _Cycler:
@@ -343,7 +220,7 @@ class DWM(Algorithm):
             raise ValueError(f'DWM select_factor must be >= 1, got {select_factor}')
         self.num_stages = num_stages
         self.stage_boundaries_spec = list(stage_boundaries) if stage_boundaries is not None else None
-        self.boundaries = stage_boundaries_fn(num_stages, self.stage_boundaries_spec)  # validate early
+        self.boundaries = compute_stage_boundaries(num_stages, self.stage_boundaries_spec)  # validate early
         self.refit_steps = refit_steps
         self.refit_lr = refit_lr
         self.lookahead_lr = lookahead_lr
@@ -495,7 +372,7 @@ class DWM(Algorithm):
         batch[WEIGHT_KEY] = local_weights.detach().float().to(batch['input_ids'].device)
         state.batch = batch
         self.last_weights = weights.detach().cpu()
-        self._record_batch(batch, weights, offset, n_local, logger, state)
+        self._record_batch(batch, weights, logger, state)
 
     def _select_seed(self, batch_index: int) -> int:
         digest = hashlib.sha256(f'dwm-select:{self.seed}:{batch_index}'.encode()).digest()
@@ -535,10 +412,9 @@ class DWM(Algorithm):
         self._precomputed_loss = loss
 
     def _weighted_loss(self, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
-        loss_sum, token_count = per_sample_loss_sums(logits, batch['labels'])
-        contributions = loss_contributions(loss_sum, token_count, self.loss_normalization)
-        self._batch_losses.append((loss_sum / token_count.clamp(min=1)).detach().float().cpu())
-        return (batch[WEIGHT_KEY].to(contributions) * contributions).sum()
+        loss, per_sample = weighted_loss(logits, batch['labels'], batch[WEIGHT_KEY], self.loss_normalization)
+        self._batch_losses.append(per_sample.float().cpu())
+        return loss
 
     def _after_loss(self, state: State) -> None:
         if self._precomputed_loss is not None:
@@ -547,9 +423,7 @@ class DWM(Algorithm):
         batch = state.batch
         if WEIGHT_KEY not in batch:
             return
-        outputs = state.outputs
-        logits = outputs['logits'] if isinstance(outputs, dict) or hasattr(outputs, 'keys') else outputs.logits
-        state.loss = self._weighted_loss(batch, logits)
+        state.loss = self._weighted_loss(batch, logits_of(state.outputs))
 
     # ------------------------------------------------------------------------------------------------------------
     def _reset_batch_buffers(self) -> None:
@@ -557,7 +431,7 @@ class DWM(Algorithm):
         self._batch_domains: Optional[torch.Tensor] = None
         self._batch_local_weights: Optional[torch.Tensor] = None
 
-    def _record_batch(self, batch, weights, offset, n_local, logger: Logger, state: State) -> None:
+    def _record_batch(self, batch: dict[str, Any], weights: torch.Tensor, logger: Logger, state: State) -> None:
         self._reset_batch_buffers()
         self._batch_local_weights = batch[WEIGHT_KEY].detach().cpu()
         if 'domain' in batch:
@@ -608,17 +482,13 @@ class DWM(Algorithm):
     def _end_stage(self, logger: Logger) -> None:
         if not self._stage_weights:
             return
-        from scipy.stats import spearmanr
-        weights = torch.cat(self._stage_weights).numpy()
-        scores = torch.cat(self._stage_scores).numpy()
+        weights = torch.cat(self._stage_weights).double()
+        scores = torch.cat(self._stage_scores).double()
         metrics = {}
         for k in range(scores.shape[1]):
             name = self.score_names[k] if self.score_names and k < len(self.score_names) else f'score{k}'
-            valid = ~(scores[:, k] != scores[:, k])  # not NaN
-            if valid.sum() >= 3 and len(set(scores[valid, k].tolist())) > 1 and weights[valid].std() > 0:
-                metrics[f'dwm/spearman/{name}'] = float(spearmanr(weights[valid], scores[valid, k]).statistic)
-            else:
-                metrics[f'dwm/spearman/{name}'] = math.nan
+            valid = ~torch.isnan(scores[:, k])
+            metrics[f'dwm/spearman/{name}'] = spearman(weights[valid], scores[valid, k])
         logger.log_metrics(metrics)
         self._stage_weights, self._stage_scores = [], []
 
@@ -667,20 +537,20 @@ class DWM(Algorithm):
         sample_total = torch.tensor([float(ids.shape[0])], dtype=torch.float64, device=ids.device)
         all_reduce_sum_([token_total, val_total, sample_total])
 
-        def logits_of(params, input_ids, attention_mask):
+        def forward_logits(params, input_ids, attention_mask):
             kwargs = {'input_ids': input_ids, 'use_cache': False}
             if attention_mask is not None:
                 kwargs['attention_mask'] = attention_mask
             return functional_call(lm, params, args=(), kwargs=kwargs).logits
 
         def contributions_fn(params):
-            loss_sum, token_count = per_sample_loss_sums(logits_of(params, ids, mask), labels)
+            loss_sum, token_count = per_sample_loss_sums(forward_logits(params, ids, mask), labels)
             return loss_contributions(loss_sum, token_count, self.loss_normalization,
                                       total_tokens=token_total.to(loss_sum.dtype)[0],
                                       total_samples=int(sample_total.item()))
 
         def val_loss_fn(params):
-            loss_sum, _ = per_sample_loss_sums(logits_of(params, v_ids, v_mask), v_labels)
+            loss_sum, _ = per_sample_loss_sums(forward_logits(params, v_ids, v_mask), v_labels)
             return loss_sum.sum() / val_total.to(loss_sum.dtype)[0].clamp(min=1)
 
         return contributions_fn, val_loss_fn
@@ -717,7 +587,7 @@ class DWM(Algorithm):
                 local_weights = weights[offset:offset + n_local].detach()
                 result = hypergradient(contributions_fn, val_loss_fn, params, local_weights, lr, precond,
                                        method=self.hypergrad, fd_eps=self.fd_eps, grad_reduce=grad_reduce,
-                                       jvp_context=lambda: _jvp_attention(lm))
+                                       jvp_context=lambda: jvp_attention(lm))
                 hyper, _ = all_gather_cat(result.hypergradient.to(weights.dtype))
                 hyper_norm = float(hyper.norm())
                 if self.normalize_hypergradient:
@@ -809,8 +679,3 @@ class DWM(Algorithm):
         for cycler, key in ((self.refit_batches, 'refit_batches_drawn'), (self.val_batches, 'val_batches_drawn')):
             if int(state.get(key, 0)) > 0:
                 cycler.fast_forward(int(state[key]))
-
-
-def stage_boundaries_fn(num_stages: int, boundaries: Optional[Sequence[str]]) -> list[Time]:
-    """Alias of :func:`algorithms.dwm.schedule.stage_boundaries` (kept out of the ``DWM`` namespace)."""
-    return stage_boundaries(num_stages, boundaries)

@@ -2,7 +2,7 @@
 
 Notation (``method.md``): a batch of ``n`` samples with weights ``w``; the training loss is
 ``L_train(theta; w) = sum_i w_i * c_i(theta)`` where ``c(theta)`` is the per-sample *contribution* vector
-(see :func:`algorithms.dwm.loss.loss_contributions`; ``c_i = l_i / n`` in the paper's notation).
+(see :func:`algorithms.dwm.functional.loss_contributions`; ``c_i = l_i / n`` in the paper's notation).
 
     look-ahead:     theta'(w) = theta - eta * P * grad_theta L_train(theta; w)
     hypergradient:  dL_val(theta')/dw_i = -eta * < P * grad L_val(theta'), grad c_i(theta) >
@@ -39,6 +39,8 @@ __all__ = [
     'directional_derivative_fd',
     'hypergradient',
     'hypergradient_autograd',
+    'jvp_attention',
+    'eager_attention',
 ]
 
 ParamDict = dict[str, torch.Tensor]
@@ -309,3 +311,37 @@ def hypergradient_autograd(
 def iter_named_trainable(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """Trainable named parameters of ``module`` (the ``theta`` of the look-ahead)."""
     return ((n, p) for n, p in module.named_parameters() if p.requires_grad)
+
+
+@contextlib.contextmanager
+def eager_attention(lm: torch.nn.Module) -> Iterator[None]:
+    """Switch a HF model to eager attention (forward-mode AD is not implemented for fused attention kernels)."""
+    config = getattr(lm, 'config', None)
+    previous = getattr(config, '_attn_implementation', None)
+    if config is None or previous in (None, 'eager'):
+        yield
+        return
+    config._attn_implementation = 'eager'
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@contextlib.contextmanager
+def jvp_attention(lm: torch.nn.Module) -> Iterator[None]:
+    """Attention that forward-mode AD can differentiate, as cheaply as available.
+
+    SDPA's fused kernels (flash/memory-efficient, CPU flash) have no forward-mode rule, but its *math* backend is a
+    composite of differentiable ops: an ``sdpa`` model keeps SDPA restricted to that backend (measured faster than
+    HF's eager attention for the JVP on CPU, see ``benchmarks/RESULTS.md``). Any other implementation (flash
+    attention 2, flex...) is switched to eager for the JVP.
+    """
+    config = getattr(lm, 'config', None)
+    if getattr(config, '_attn_implementation', None) == 'sdpa':
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+        return
+    with eager_attention(lm):
+        yield

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from algorithms.dwm.loss import IGNORE_INDEX
+from algorithms.dwm.functional import IGNORE_INDEX
 
 __all__ = ['read_lambada_jsonl', 'tokenize_lambada_example', 'build_validation_batches', 'ValidationBatches']
 

@@ -23,8 +23,8 @@ Domain ids index the sorted list of all domain names in SRC, so a first, cheap p
 (no tokenization) collects them; ``OUT/parts/plan.json`` records that table and the settings, and a
 resumed run must match it.
 
-SRC and OUT are each a local directory or ``s3://bucket/prefix``; S3 is reached with boto3 (and
-mosaicml-streaming's uploader) honouring ``S3_ENDPOINT_URL``.
+SRC and OUT are each a local directory or ``s3://bucket/prefix``, reached through
+:mod:`dwm_stream.format.storage` (mosaicml-streaming's storage layer, honouring ``S3_ENDPOINT_URL``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -43,21 +42,23 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterator, Optional, Sequence
 
 import numpy as np
+from streaming import MDSWriter
+from tokenizers import Tokenizer
 
-from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, TOKENS, UID,
-                                     UID_ORDINAL_BITS, UIDS_BASENAME, CorpusMeta, make_uid,
-                                     mds_columns, score_column, token_dtype_for)
 from dwm_stream.convert.sources import BadRecordError, Document, is_source_file, iter_documents
+from dwm_stream.convert.tokenizer import load_tokenizer
+from dwm_stream.format import storage
+from dwm_stream.format.shards import (COMPRESSION, DOMAIN, HASHES, META_BASENAME, NUM_TOKENS,
+                                     SHARD_SIZE_LIMIT, TOKENS, UID, UID_ORDINAL_BITS, UIDS_BASENAME,
+                                     CorpusMeta, make_uid, mds_columns, score_column, token_dtype_for)
+from dwm_stream.parallel import map_tasks, worker_pool
+from dwm_stream.progress import Progress
 
-__all__ = ['convert', 'ConvertReport', 'PARTS_DIR', 'PLAN_BASENAME', 'PART_BASENAME', 'HASHES',
-           'part_slug']
+__all__ = ['convert', 'ConvertReport', 'PARTS_DIR', 'PLAN_BASENAME', 'PART_BASENAME', 'part_slug']
 
 PARTS_DIR = 'parts'
 PLAN_BASENAME = 'plan.json'
 PART_BASENAME = 'part.json'
-HASHES = ['sha1', 'xxh64']
-COMPRESSION = 'zstd'
-SHARD_SIZE_LIMIT = 1 << 26
 _BATCH_DOCS = 256
 _BATCH_CHARS = 4 << 20
 _LONG_TEXT_CHARS = 1 << 20  # documents longer than this are tokenized piece by piece
@@ -110,113 +111,6 @@ class ConvertReport:
         return '\n'.join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Storage: a local directory or an s3://bucket/prefix, behind the few operations convert needs.
-
-
-class _Location:
-
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip('/') if url.startswith('s3://') else url
-        self.remote = url.startswith('s3://')
-        if self.remote:
-            m = re.fullmatch(r's3://([^/]+)/?(.*)', self.url)
-            if not m:
-                raise ValueError(f'{url}: expected s3://bucket/prefix.')
-            self.bucket, self.prefix = m.group(1), m.group(2).strip('/')
-        else:
-            self.path = os.path.abspath(os.path.expanduser(url))
-
-    def _client(self):
-        import boto3
-        return boto3.session.Session().client('s3', endpoint_url=os.environ.get('S3_ENDPOINT_URL'))
-
-    def _key(self, rel: str) -> str:
-        return f'{self.prefix}/{rel}' if self.prefix else rel
-
-    def join(self, rel: str) -> str:
-        return f'{self.url}/{rel}' if self.remote else os.path.join(self.path, rel)
-
-    def is_file(self) -> bool:
-        return not self.remote and os.path.isfile(self.path)
-
-    def list_files(self) -> list[str]:
-        """Relative paths of every file below the location, sorted."""
-        if not self.remote:
-            if os.path.isfile(self.path):
-                return [os.path.basename(self.path)]
-            out = []
-            for d, dirs, files in os.walk(self.path):
-                out += [os.path.relpath(os.path.join(d, f), self.path) for f in files]
-            return sorted(p.replace(os.sep, '/') for p in out)
-        client = self._client()
-        prefix = f'{self.prefix}/' if self.prefix else ''
-        out = []
-        for page in client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket,
-                                                                     Prefix=prefix):
-            out += [obj['Key'][len(prefix):] for obj in page.get('Contents', [])]
-        return sorted(out)
-
-    def exists(self, rel: str) -> bool:
-        if not self.remote:
-            return os.path.isfile(self.join(rel))
-        try:
-            self._client().head_object(Bucket=self.bucket, Key=self._key(rel))
-            return True
-        except Exception:  # noqa: BLE001 - botocore ClientError 404
-            return False
-
-    def read_bytes(self, rel: str) -> bytes:
-        if not self.remote:
-            with open(self.join(rel), 'rb') as f:
-                return f.read()
-        return self._client().get_object(Bucket=self.bucket, Key=self._key(rel))['Body'].read()
-
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        if not self.remote:
-            path = self.join(rel)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = path + '.tmp'
-            with open(tmp, 'wb') as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            self._client().put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
-
-    def delete(self, rel_prefix: str = '') -> None:
-        """Delete every file under ``rel_prefix`` (everything when empty)."""
-        if not self.remote:
-            target = self.join(rel_prefix) if rel_prefix else self.path
-            if os.path.isdir(target):
-                if rel_prefix:
-                    shutil.rmtree(target)
-                else:
-                    for name in os.listdir(target):
-                        p = os.path.join(target, name)
-                        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-            elif os.path.isfile(target):
-                os.remove(target)
-            return
-        client = self._client()
-        prefix = self._key(rel_prefix.rstrip('/') + '/') if rel_prefix else (
-            f'{self.prefix}/' if self.prefix else '')
-        keys = []
-        for page in client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket,
-                                                                     Prefix=prefix):
-            keys += [{'Key': obj['Key']} for obj in page.get('Contents', [])]
-        for i in range(0, len(keys), 1000):
-            client.delete_objects(Bucket=self.bucket, Delete={'Objects': keys[i:i + 1000]})
-
-    def open(self, rel: str) -> IO[bytes]:
-        """A sequential binary stream of one file (an S3 object is streamed, not downloaded)."""
-        if not self.remote:
-            return open(self.join(rel) if not self.is_file() else self.path, 'rb')
-        return self._client().get_object(Bucket=self.bucket, Key=self._key(rel))['Body']
-
-    def download(self, rel: str, dest: str) -> None:
-        self._client().download_file(self.bucket, self._key(rel), dest)
-
-
 def part_slug(relpath: str) -> str:
     """The part directory name of a source file: readable, filesystem-safe, unique per path."""
     readable = re.sub(r'[^A-Za-z0-9._-]', '_', relpath.replace('/', '__'))
@@ -232,36 +126,36 @@ _TOKENIZER_CACHE: dict[str, Any] = {}
 
 def _load(name: str):
     if name not in _TOKENIZER_CACHE:
-        from dwm_stream.convert.tokenizer import load_tokenizer
         _TOKENIZER_CACHE[name] = load_tokenizer(name)
     return _TOKENIZER_CACHE[name]
 
 
-def _worker_init() -> None:
-    # One process per core already: keep the Rust tokenizer from oversubscribing threads.
-    os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+def _source_path(src: str, relpath: str) -> str:
+    """Where source file ``relpath`` of SRC is: SRC itself when it is a local file."""
+    if not storage.is_remote(src) and os.path.isfile(src):
+        return src
+    return storage.join(src, relpath)
 
 
 class _Source:
     """Open a source file for :func:`iter_documents`, downloading only when seeking is needed."""
 
     def __init__(self, src_url: str, relpath: str) -> None:
-        self.loc = _Location(src_url)
+        self.path = _source_path(src_url, relpath)
         self.relpath = relpath
         self.tmp: Optional[str] = None
         self.stream: Optional[IO[bytes]] = None
 
     def documents(self, skip_bad: bool, on_bad) -> Iterator[Document]:
         name = self.relpath
-        if not self.loc.remote:
-            path = self.loc.path if self.loc.is_file() else self.loc.join(self.relpath)
-            return iter_documents(path, skip_bad=skip_bad, on_bad=on_bad, name=name)
+        if not storage.is_remote(self.path):
+            return iter_documents(self.path, skip_bad=skip_bad, on_bad=on_bad, name=name)
         if self.relpath.endswith('.parquet'):
             self.tmp = tempfile.mkdtemp(prefix='dwm-convert-')
             local = os.path.join(self.tmp, 'source.parquet')
-            self.loc.download(self.relpath, local)
+            storage.download_file(self.path, local)
             return iter_documents(local, skip_bad=skip_bad, on_bad=on_bad, name=name)
-        self.stream = self.loc.open(self.relpath)
+        self.stream = storage.open_read(self.path)
         return iter_documents(self.relpath, fileobj=self.stream, skip_bad=skip_bad, on_bad=on_bad,
                               name=name)
 
@@ -353,7 +247,6 @@ class _Encoder:
     """
 
     def __init__(self, name: str) -> None:
-        from tokenizers import Tokenizer
         self.tokenizer = None
         path = os.path.join(name, 'tokenizer.json')
         if os.path.isfile(path):
@@ -406,7 +299,6 @@ _ENCODERS: dict[str, _Encoder] = {}
 
 
 def _convert_part(task: dict[str, Any]) -> dict[str, Any]:
-    from streaming import MDSWriter
     plan = task['plan']
     relpath = task['relpath']
     seq_len = plan['seq_len']
@@ -418,15 +310,14 @@ def _convert_part(task: dict[str, Any]) -> dict[str, Any]:
     if plan['tokenizer'] not in _ENCODERS:
         _ENCODERS[plan['tokenizer']] = _Encoder(plan['tokenizer'])
     encoder = _ENCODERS[plan['tokenizer']]
-    out = _Location(task['out'])
-    part_rel = f'{PARTS_DIR}/{task["slug"]}'
+    part_dir = storage.join(task['out'], f'{PARTS_DIR}/{task["slug"]}')
     tmp = None
-    if out.remote:
+    if storage.is_remote(part_dir):
         tmp = tempfile.mkdtemp(prefix='dwm-convert-part-')
-        writer_out: Any = (tmp, out.join(part_rel))
+        writer_out: Any = (tmp, part_dir)
     else:
-        shutil.rmtree(out.join(part_rel), ignore_errors=True)
-        writer_out = out.join(part_rel)
+        shutil.rmtree(part_dir, ignore_errors=True)
+        writer_out = part_dir
     writer = MDSWriter(out=writer_out,
                        columns=mds_columns(seq_len, plan['token_dtype'], tuple(score_names)),
                        compression=COMPRESSION,
@@ -503,8 +394,8 @@ def _convert_part(task: dict[str, Any]) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
     record = {'relpath': relpath, 'slug': task['slug'], 'plan_hash': task['plan_hash'],
               'bad_records': bad.count, 'bad_examples': bad.examples, **stats}
-    out.write_bytes(f'{part_rel}/{PART_BASENAME}',
-                    json.dumps(record, indent=2, sort_keys=True).encode())
+    storage.write_bytes(storage.join(part_dir, PART_BASENAME),
+                        json.dumps(record, indent=2, sort_keys=True).encode())
     return record
 
 
@@ -512,13 +403,11 @@ def _convert_part(task: dict[str, Any]) -> dict[str, Any]:
 # The driver.
 
 
-def _run(fn, tasks: list[dict[str, Any]], pool, pbar, weights: Sequence[int]):
-    """Yield fn(task) in completion order: in-process without a pool, else in the pool."""
+def _run(fn, tasks: list[dict[str, Any]], pool, meter: Progress, weights: Sequence[int]):
+    """Yield fn(task) in completion order, counting each file's bytes as it completes."""
     weight = {t['relpath']: w for t, w in zip(tasks, weights)}
-    results = map(fn, tasks) if pool is None else pool.imap_unordered(fn, tasks)
-    for result in results:
-        if pbar is not None:
-            pbar.update(weight[result['relpath']])
+    for result in map_tasks(fn, tasks, pool, ordered=False):
+        meter.update(weight[result['relpath']])
         yield result
 
 
@@ -546,7 +435,7 @@ def convert(src: str,
             skip_bad: bool = False,
             overwrite: bool = False,
             resume: bool = False,
-            progress: bool = True) -> ConvertReport:
+            progress: bool = False) -> ConvertReport:
     """Convert source documents under SRC to packed, tokenized MDS shards under OUT.
 
     Args:
@@ -561,7 +450,8 @@ def convert(src: str,
         overwrite (bool): Delete an existing output first. Default: ``False``.
         resume (bool): Keep complete parts of an interrupted run with the same settings and
             convert the rest. Default: ``False``.
-        progress (bool): Show a progress bar. Default: ``True``.
+        progress (bool): Report progress on stderr (:class:`~dwm_stream.progress.Progress`).
+            Default: ``False``.
 
     Returns:
         ConvertReport: Counts, bad records and timing.
@@ -578,49 +468,29 @@ def convert(src: str,
     if overwrite and resume:
         raise ValueError('--overwrite and --resume contradict each other; pass one.')
     workers = max(1, int(workers))
-    src_loc, out_loc = _Location(src), _Location(out)
-    if not src_loc.remote and not os.path.exists(src_loc.path):
+    src_root, out_root = _root(src), _root(out)
+    if not storage.is_remote(src_root) and not os.path.exists(src_root):
         raise FileNotFoundError(f'--src {src}: no such file or directory.')
-    sources = [p for p in src_loc.list_files() if is_source_file(p)]
+    sizes = storage.file_sizes(src_root)
+    sources = [p for p in sizes if is_source_file(p)]
     if not sources:
         raise FileNotFoundError(f'--src {src}: no source files (*.jsonl.zst, *.tar, *.parquet).')
 
-    existing = out_loc.list_files()
+    existing = storage.list_files(out_root)
     if existing and overwrite:
-        out_loc.delete()
+        storage.delete_all(out_root)
     elif existing and not resume:
         raise FileExistsError(f'--out {out} already holds {len(existing)} files (e.g. '
                               f'{existing[0]}); pass --overwrite to replace them, or --resume to '
                               'finish an interrupted conversion.')
 
     ident = _tokenizer_identity(tokenizer)
-    size_of = _source_sizes(src_loc, sources)
-    pbar = pool = None
-    if progress:
-        from tqdm import tqdm
-        pbar = tqdm(total=2 * sum(size_of), unit='B', unit_scale=True, desc='convert')
-    if workers > 1 and len(sources) > 1:
-        # fork where available: workers inherit the imported modules (streaming imports torch,
-        # seconds per process under spawn). The Rust tokenizer turns its own thread pool off in
-        # a forked child, and the workers hold no state from the parent but these modules.
-        import streaming  # noqa: F401 - imported once, before forking
-        import tokenizers  # noqa: F401
-        method = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn'
-        saved = os.environ.get('TOKENIZERS_PARALLELISM')
-        os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # for the children only (no fork warning)
-        try:
-            pool = multiprocessing.get_context(method).Pool(min(workers, len(sources)),
-                                                            initializer=_worker_init)
-        finally:
-            if saved is None:
-                os.environ.pop('TOKENIZERS_PARALLELISM', None)
-            else:
-                os.environ['TOKENIZERS_PARALLELISM'] = saved
-    try:
-        scan_tasks = [{'src': src, 'relpath': r, 'skip_bad': skip_bad} for r in sources]
-        if pbar is not None:
-            pbar.set_description('convert (scan)')
-        scans = {r['relpath']: r for r in _run(_scan, scan_tasks, pool, pbar, size_of)}
+    size_of = [sizes[r] for r in sources]
+    # Each source is read twice (scan, then convert): the meter counts its bytes once per pass.
+    with Progress('convert (scan)', 2 * sum(size_of), unit='B', enabled=progress) as meter, \
+            worker_pool(workers, len(sources)) as pool:
+        scan_tasks = [{'src': src_root, 'relpath': r, 'skip_bad': skip_bad} for r in sources]
+        scans = {r['relpath']: r for r in _run(_scan, scan_tasks, pool, meter, size_of)}
         domains = sorted({d for r in scans.values() for d in r['domains']})
         score_names = sorted({s for r in scans.values() for s in r['score_names']})
         if len(domains) > np.iinfo(np.int16).max:
@@ -630,58 +500,49 @@ def convert(src: str,
                 'score_names': score_names, 'seq_len': int(seq_len), **ident}
         plan_bytes = json.dumps(plan, indent=2, sort_keys=True).encode()
         plan_hash = hashlib.sha256(plan_bytes).hexdigest()
-        plan_rel = f'{PARTS_DIR}/{PLAN_BASENAME}'
-        if existing and resume and out_loc.exists(plan_rel):
-            old = json.loads(out_loc.read_bytes(plan_rel))
+        plan_path = storage.join(out_root, f'{PARTS_DIR}/{PLAN_BASENAME}')
+        if existing and resume and storage.exists(plan_path):
+            old = json.loads(storage.read_bytes(plan_path))
             if old != plan:
                 changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
                 raise ValueError(f'--resume: {out} was started with different settings or sources '
                                  f'({", ".join(changed)} differ); pass --overwrite to start over.')
-        out_loc.write_bytes(plan_rel, plan_bytes)
+        storage.write_bytes(plan_path, plan_bytes)
 
         done: dict[str, dict[str, Any]] = {}
         if resume:
             for r in sources:
-                rel = f'{PARTS_DIR}/{part_slug(r)}/{PART_BASENAME}'
-                if out_loc.exists(rel):
-                    record = json.loads(out_loc.read_bytes(rel))
+                part_path = storage.join(out_root, f'{PARTS_DIR}/{part_slug(r)}/{PART_BASENAME}')
+                if storage.exists(part_path):
+                    record = json.loads(storage.read_bytes(part_path))
                     if record.get('plan_hash') == plan_hash:
                         done[r] = record
         todo = [r for r in sources if r not in done]
-        if pbar is not None:
-            pbar.set_description('convert')
-            pbar.update(sum(s for r, s in zip(sources, size_of) if r in done))
-        tasks = [{'src': src, 'out': out, 'relpath': r, 'slug': part_slug(r), 'plan': plan,
+        meter.set_description('convert')
+        meter.update(sum(s for r, s in zip(sources, size_of) if r in done))
+        tasks = [{'src': src_root, 'out': out_root, 'relpath': r, 'slug': part_slug(r), 'plan': plan,
                   'plan_hash': plan_hash, 'skip_bad': skip_bad} for r in todo]
         weights = [s for r, s in zip(sources, size_of) if r not in done]
         records = dict(done)
-        for record in _run(_convert_part, tasks, pool, pbar, weights):
+        for record in _run(_convert_part, tasks, pool, meter, weights):
             records[record['relpath']] = record
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if pbar is not None:
-            pbar.close()
 
-    report = _merge(out_loc, sources, records, plan)
+    report = _merge(out_root, sources, records, plan)
+    report.out = out.rstrip('/') if storage.is_remote(out) else out
     report.parts_written = len(todo)
     report.parts_skipped = len(done)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _source_sizes(loc: _Location, sources: list[str]) -> list[int]:
-    if loc.remote:
-        client = loc._client()
-        return [client.head_object(Bucket=loc.bucket, Key=loc._key(r))['ContentLength']
-                for r in sources]
-    if loc.is_file():
-        return [os.path.getsize(loc.path)]
-    return [os.path.getsize(loc.join(r)) for r in sources]
+def _root(location: str) -> str:
+    """A location as convert uses it: a URL without a trailing ``/``, or an absolute local path."""
+    if storage.is_remote(location):
+        return location.rstrip('/')
+    return os.path.abspath(os.path.expanduser(location))
 
 
-def _merge(out_loc: _Location, sources: list[str], records: dict[str, dict[str, Any]],
+def _merge(out_root: str, sources: list[str], records: dict[str, dict[str, Any]],
            plan: dict[str, Any]) -> ConvertReport:
     """Write OUT/index.json, OUT/uids.npy and OUT/dwm.json from the complete parts."""
     file_hashes: dict[int, str] = {}
@@ -693,12 +554,12 @@ def _merge(out_loc: _Location, sources: list[str], records: dict[str, dict[str, 
         file_hashes[h] = r
     shards: list[dict[str, Any]] = []
     uids: list[np.ndarray] = []
-    report = ConvertReport(out=out_loc.url)
+    report = ConvertReport(out=out_root)
     tokens_per_domain: dict[str, int] = {}
     for r in sources:
         record = records[r]
         part_rel = f'{PARTS_DIR}/{record["slug"]}'
-        index = json.loads(out_loc.read_bytes(f'{part_rel}/index.json'))
+        index = json.loads(storage.read_bytes(storage.join(out_root, f'{part_rel}/index.json')))
         count = 0
         for shard in index['shards']:
             for key in ('raw_data', 'zip_data', 'raw_meta', 'zip_meta'):
@@ -707,7 +568,7 @@ def _merge(out_loc: _Location, sources: list[str], records: dict[str, dict[str, 
             count += shard['samples']
             shards.append(shard)
         if count != record['num_samples']:
-            raise ValueError(f'{out_loc.join(part_rel)}: index.json lists {count} samples but '
+            raise ValueError(f'{storage.join(out_root, part_rel)}: index.json lists {count} samples but '
                              f'{PART_BASENAME} says {record["num_samples"]}; re-run with --overwrite.')
         uids.append(make_uid(r, 0) + np.arange(count, dtype=np.int64))
         report.num_documents += record['num_documents']
@@ -718,7 +579,7 @@ def _merge(out_loc: _Location, sources: list[str], records: dict[str, dict[str, 
             tokens_per_domain[d] = tokens_per_domain.get(d, 0) + n
     all_uids = np.concatenate(uids) if uids else np.zeros(0, dtype=np.int64)
     if len(np.unique(all_uids)) != len(all_uids):
-        raise ValueError(f'{out_loc.url}: duplicate uids in the merged output; re-run with '
+        raise ValueError(f'{out_root}: duplicate uids in the merged output; re-run with '
                          '--overwrite.')
     tokens_per_domain = dict(sorted(tokens_per_domain.items()))
     meta = CorpusMeta(domains=plan['domains'],
@@ -735,10 +596,10 @@ def _merge(out_loc: _Location, sources: list[str], records: dict[str, dict[str, 
     buf = io.BytesIO()
     np.save(buf, all_uids)
     # index.json last: a reader that sees it sees a complete corpus.
-    out_loc.write_bytes(UIDS_BASENAME, buf.getvalue())
-    out_loc.write_bytes(META_BASENAME, meta.to_json().encode())
-    out_loc.write_bytes('index.json', json.dumps({'version': 2, 'shards': shards},
-                                                 sort_keys=True).encode())
+    storage.write_bytes(storage.join(out_root, UIDS_BASENAME), buf.getvalue())
+    storage.write_bytes(storage.join(out_root, META_BASENAME), meta.to_json().encode())
+    storage.write_bytes(storage.join(out_root, 'index.json'),
+                        json.dumps({'version': 2, 'shards': shards}, sort_keys=True).encode())
     report.num_sources = len(sources)
     report.num_samples = meta.num_samples
     report.num_tokens = meta.num_tokens

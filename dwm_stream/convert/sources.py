@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
+import pyarrow.parquet as pq
+import zstandard
 
 __all__ = [
     'Document', 'BadRecordError', 'SOURCE_SUFFIXES', 'DOMAIN_KEY', 'QURATING_SCORE_SUFFIX',
@@ -149,7 +151,6 @@ def _zst_lines(f: IO[bytes], name: str, skip_bad: bool, on_bad: OnBad) -> Iterat
 
     A stream that ends inside a frame is truncated: reported with the compressed byte offset.
     """
-    import zstandard
     dctx = zstandard.ZstdDecompressor()
     dobj = dctx.decompressobj()
     pending: list[bytes] = []  # pieces of the current, unfinished line (joined once it ends)
@@ -257,6 +258,7 @@ def read_tar(path: str,
 
     Args: as :func:`iter_documents`.
     """
+    # webdataset imports torch (seconds); only tar sources need it, so it is imported here.
     from webdataset.tariterators import group_by_keys, tar_file_iterator
     name = name or path
     with _open(path, fileobj) as f:
@@ -311,7 +313,6 @@ def read_parquet(path: str,
         batch_rows (int): Rows per pyarrow batch. Default: ``1024``.
         Others: as :func:`iter_documents`.
     """
-    import pyarrow.parquet as pq
     name = name or path
     try:
         pf = pq.ParquetFile(fileobj if fileobj is not None else path)
@@ -369,7 +370,7 @@ def write_tar_shards(documents: Iterable[Document],
     Returns:
         list[str]: The shard paths written.
     """
-    from webdataset import TarWriter
+    from webdataset import TarWriter  # lazy: see read_tar
     os.makedirs(out_dir, exist_ok=True)
     paths: list[str] = []
     writer = None
@@ -407,7 +408,6 @@ def write_jsonl_zst(documents: Iterable[Union[Document, dict[str, Any]]],
     Returns:
         int: Uncompressed bytes written.
     """
-    import zstandard
     buf = io.BytesIO()
     for doc in documents:
         obj = doc if isinstance(doc, dict) else {'text': doc.text, 'meta': {DOMAIN_KEY: doc.domain}}

@@ -21,6 +21,11 @@ import json
 import os
 from typing import Iterator, Optional
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dwm_stream.convert.sources import read_jsonl_zst
+from dwm_stream.progress import is_terminal
+
 __all__ = ['train_tokenizer', 'load_tokenizer', 'corpus_train_files', 'EOS_TOKEN',
            'FINGERPRINT_BASENAME']
 
@@ -62,7 +67,6 @@ def _fingerprint(files: list[str], root: str, vocab_size: int, max_train_bytes: 
 
 
 def _texts(files: list[str], max_bytes: int) -> Iterator[str]:
-    from dwm_stream.convert.sources import read_jsonl_zst
     seen = 0
     for path in files:
         for doc in read_jsonl_zst(path):
@@ -75,7 +79,7 @@ def _texts(files: list[str], max_bytes: int) -> Iterator[str]:
 def train_tokenizer(corpus_dir: str,
                     out_dir: str,
                     vocab_size: int = 8192,
-                    progress: bool = True,
+                    progress: bool = False,
                     max_train_bytes: int = 200_000_000) -> str:
     """Train a byte-level BPE on the corpus's train split and save it as an HF tokenizer.
 
@@ -84,7 +88,8 @@ def train_tokenizer(corpus_dir: str,
         out_dir (str): Directory to save the tokenizer in.
         vocab_size (int): Vocabulary size, including the 256 byte tokens and ``<|endoftext|>``.
             Default: ``8192``.
-        progress (bool): Show the trainer's progress bar. Default: ``True``.
+        progress (bool): Show the trainer's progress bar, on a terminal only (it redraws in place).
+            Default: ``False``.
         max_train_bytes (int): Train on at most this many characters of text, read in file order.
             Default: ``200_000_000``.
 
@@ -103,7 +108,7 @@ def train_tokenizer(corpus_dir: str,
             if json.load(f).get('fingerprint') == fingerprint:
                 return out_dir
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    # transformers takes seconds to import; the cached path above and convert's workers never need it.
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -112,7 +117,7 @@ def train_tokenizer(corpus_dir: str,
     trainer = trainers.BpeTrainer(vocab_size=vocab_size,
                                   special_tokens=[EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=progress)
+                                  show_progress=progress and is_terminal())
     tok.train_from_iterator(_texts(files, max_train_bytes), trainer=trainer)
 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok,
@@ -139,7 +144,7 @@ def load_tokenizer(name_or_path: str, revision: Optional[str] = None):
             and ``HF_HUB_OFFLINE`` rules apply).
         revision (str | None): Hub revision. Default: ``None``.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: seconds to import, see train_tokenizer
     if os.path.isdir(name_or_path):
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     if os.path.exists(name_or_path) or name_or_path.startswith(('.', '/', '~')):

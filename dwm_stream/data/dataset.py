@@ -19,7 +19,8 @@ What it adds to its parent, and nothing more:
   the page cache. ``benchmarks/loader_throughput.py`` measures all of it.
 
 Everything else (arguments, streams and proportions, S3, caching, eviction, ``state_dict``) is the
-parent's, unchanged.
+parent's, unchanged. The few private members of streaming that this needs are used only through
+:mod:`dwm_stream.data._streaming_compat`.
 """
 
 from __future__ import annotations
@@ -28,38 +29,31 @@ import hashlib
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from threading import Event
-from time import sleep
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+import torch.distributed as torch_dist
 from streaming import Stream, StreamingDataset
-from streaming.base.constant import TICK
-from streaming.base.dataset import _Iterator, _IterState, _ShardState
-from streaming.base.util import wait_for_file_to_exist
-from streaming.base.world import World
 
-from dwm_stream.format import integrity
+import dwm_stream.data._streaming_compat as compat
+from dwm_stream.data._streaming_compat import SHARD_LOCAL, EpochIterator, World
 from dwm_stream.data.selection import ResolvedSelection, read_selection, resolve_selection
+from dwm_stream.format import integrity
 from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, SCORE_PREFIX, TOKENS, UID,
-                                     UIDS_BASENAME, CorpusMeta)
-from dwm_stream.format.view import ShardView, record_dtype
+                                      UIDS_BASENAME, CorpusMeta)
 from dwm_stream.format.storage import download_file
+from dwm_stream.format.view import ShardView, record_dtype
 
 __all__ = ['DWMDataset', 'DWMStream']
 
 logger = logging.getLogger(__name__)
 
 _SIDECAR_WAIT_S = 300.0
-_LOCAL = int(_ShardState.LOCAL)  # plain ints: enum attribute lookups cost ~1 us each
-_ITERATING = int(_IterState.ITERATING)
 _CHUNK = 1 << 16  # samples per vectorised lookup, bounding per-epoch memory
 _MAX_MAPPED_SHARDS = 1024  # mmaps kept open per process (oldest unmapped first)
 
 
 def _dist_initialized() -> bool:
-    import torch.distributed as torch_dist
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
@@ -68,7 +62,7 @@ def _stream_location(stream: Stream) -> str:
     return os.path.join(base, stream.split) if stream.split else base
 
 
-class DWMStream(Stream):
+class DWMStream(compat.DownloadHookStream):
     """A ``streaming.Stream`` that also reads the corpus sidecars and an optional selection.
 
     Takes every argument of ``streaming.Stream`` (``remote``, ``local``, ``split``, ``proportion``,
@@ -89,10 +83,7 @@ class DWMStream(Stream):
     @classmethod
     def from_stream(cls, stream: Stream, selection: Optional[str] = None) -> 'DWMStream':
         """A new ``DWMStream`` with the constructor arguments of ``stream`` (and ``selection``)."""
-        return cls(selection=selection, remote=stream.remote, local=stream.local, split=stream.split or None,
-                   proportion=stream._proportion, repeat=stream._repeat, choose=stream._choose,
-                   download_retry=stream._download_retry, download_timeout=stream._download_timeout,
-                   validate_hash=stream.validate_hash, keep_zip=stream._keep_zip)
+        return cls(selection=selection, **compat.stream_arguments(stream))
 
     def _fetch_sidecar(self, basename: str, world: World, required: bool) -> Optional[str]:
         """Local path of a file beside ``index.json``, downloading it once per node if needed."""
@@ -103,7 +94,7 @@ class DWMStream(Stream):
         if world.is_local_leader:
             if self.remote:
                 try:
-                    tmp = self._download_file(basename, basename + '.tmp')
+                    tmp = self.download_to_cache(basename, basename + '.tmp')
                     os.rename(tmp, filename)
                 except Exception as e:  # noqa: BLE001 - re-raised with context below if required
                     if required:
@@ -136,22 +127,19 @@ class DWMStream(Stream):
         if world.is_local_leader and not os.path.exists(filename):
             download_file(self.selection, filename, self.download_timeout)
         else:
-            wait_for_file_to_exist(filename, 0.05, _SIDECAR_WAIT_S,
-                                   f'{self.selection}: timed out waiting for local rank 0 to fetch it.')
+            compat.wait_for_file(filename, _SIDECAR_WAIT_S,
+                                 f'{self.selection}: timed out waiting for local rank 0 to fetch it.')
         return filename
 
-    def _download_file(self, from_basename: str, to_basename: Optional[str] = None) -> str:
-        """Streaming's bounded-retry download; a final failure names the object and the endpoint."""
-        try:
-            return super()._download_file(from_basename, to_basename)
-        except Exception as e:  # noqa: BLE001 - re-raised with the object, endpoint and cause
-            if not self.remote:
-                raise
-            remote = os.path.join(self.remote, self.split, from_basename)
-            local = os.path.join(self.local, self.split, to_basename or from_basename)
-            if isinstance(e, OSError) and e.errno in integrity.CACHE_ERRNOS:
-                raise integrity.cache_error(os.path.join(self.local, self.split), f'downloading {remote}', e) from e
-            raise integrity.download_error(remote, local, self.download_retry, e) from e
+    def on_download_error(self, error: Exception, from_basename: str, to_basename: Optional[str]) -> Exception:
+        """After streaming's bounded retries: an error that names the object and the endpoint (or the cache)."""
+        if not self.remote:
+            return error
+        remote = os.path.join(self.remote, self.split, from_basename)
+        local = os.path.join(self.local, self.split, to_basename or from_basename)
+        if isinstance(error, OSError) and error.errno in integrity.CACHE_ERRNOS:
+            return integrity.cache_error(os.path.join(self.local, self.split), f'downloading {remote}', error)
+        return integrity.download_error(remote, local, self.download_retry, error)
 
     def get_shards(self, world: World, allow_unsafe_types: bool) -> list:
         # Reliability/safety checks (dwm_stream.format.integrity, RELIABILITY.md): pickle columns are refused
@@ -160,7 +148,7 @@ class DWMStream(Stream):
         try:
             shards = super().get_shards(world, allow_unsafe_types)
         except ValueError as e:
-            if 'unsafe type' not in str(e):
+            if not compat.is_unsafe_type_error(e):
                 raise
             raise integrity.unsafe_types_error(index_file, e) from e
         integrity.check_shard_paths(shards, index_file)
@@ -232,11 +220,11 @@ class DWMDataset(StreamingDataset):
             except FileExistsError as e:
                 # Two jobs starting at once can pick the same shared-memory prefix (streaming checks,
                 # then creates): the loser retries and gets the next prefix. Single-process only.
-                if attempt == 7 or not str(e.filename or '').endswith('_locals') or _dist_initialized():
+                if attempt == 7 or not compat.is_shm_prefix_race(e) or _dist_initialized():
                     raise
                 time.sleep(0.05 * (attempt + 1))
             except ValueError as e:  # name the cache when `cache_limit` cannot work
-                if 'cache limit' not in str(e).lower():
+                if not compat.is_cache_limit_error(e):
                     raise
                 raise ValueError(f'local cache {[os.path.join(s.local, s.split or "") for s in streams]}: '
                                  f'{e}') from e
@@ -320,8 +308,8 @@ class DWMDataset(StreamingDataset):
         decoders = self._decoders
         decoders.pop(shard_id, None)
         if self.cache_limit:  # unmap evicted shards, so that their disk space is really freed
-            states = self._shard_states.numpy()
-            for stale in [k for k in decoders if states[k] != _LOCAL]:
+            states = compat.shard_states(self)
+            for stale in [k for k in decoders if states[k] != SHARD_LOCAL]:
                 del decoders[stale]
         while len(decoders) >= _MAX_MAPPED_SHARDS:  # oldest first; bounds mmaps per process
             del decoders[next(iter(decoders))]
@@ -343,7 +331,7 @@ class DWMDataset(StreamingDataset):
 
     def _decoder(self, shard_id: int) -> '_ShardDecoder':
         decoder = self._decoders.get(shard_id)
-        if decoder is None or self._shard_states[shard_id] != _LOCAL:
+        if decoder is None or compat.shard_states(self)[shard_id] != SHARD_LOCAL:
             decoder = self._open_decoder(shard_id)
         return decoder
 
@@ -369,7 +357,7 @@ class DWMDataset(StreamingDataset):
         error = future.exception()
         if error is not None:
             self._background_error = error
-            self._event.set()
+            compat.background_event(self).set()
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """Streaming's ``prepare_shard``, except when it fails (``RELIABILITY.md``).
@@ -390,13 +378,14 @@ class DWMDataset(StreamingDataset):
                 super().prepare_shard(shard_id, blocking)
                 return
             except Exception as e:  # noqa: BLE001 - re-raised, named
+                compat.release_failed_shard(self, shard_id)
                 error = integrity.prepare_failed(self, shard_id, stream, _stream_location(stream), e)
                 if isinstance(error, integrity.ShardIntegrityError) and attempt + 1 < attempts:
                     logger.warning('%s; downloading it again (attempt %d of %d).', error, attempt + 2, attempts)
                     continue
                 raise error
 
-    def _prepare_ahead(self, it: _Iterator, run_starts: np.ndarray, run_shards: np.ndarray) -> None:
+    def _prepare_ahead(self, it: EpochIterator, run_starts: np.ndarray, run_shards: np.ndarray) -> None:
         """The background prepare thread: download/decompress shards ahead of the consumer.
 
         Replaces ``StreamingDataset._prepare_thread``, which calls ``prepare_shard`` (a file lock,
@@ -405,23 +394,24 @@ class DWMDataset(StreamingDataset):
         shards this process has already prepared and that are still local, and keeps the same
         ``predownload`` window ahead of the consumer.
         """
-        states = self._shard_states.numpy()
+        states = compat.shard_states(self)
+        event_is_set = compat.background_event(self).is_set
         prepared: set[int] = set()
         predownload = self.predownload
         try:
             for begin in range(0, len(run_starts), _CHUNK):
                 for pos, shard_id in zip(run_starts[begin:begin + _CHUNK].tolist(),
                                          run_shards[begin:begin + _CHUNK].tolist()):
-                    if it._state != _ITERATING or self._event.is_set():
+                    if not it.running or event_is_set():
                         return
-                    if shard_id in prepared and states[shard_id] == _LOCAL:
+                    if shard_id in prepared and states[shard_id] == SHARD_LOCAL:
                         continue
                     while predownload is not None and pos - it.yield_index > predownload:
-                        if it._state != _ITERATING or self._event.is_set():
+                        if not it.running or event_is_set():
                             return
-                        sleep(TICK)
+                        time.sleep(compat.POLL_INTERVAL_S)
                     self.prepare_shard(shard_id, False)
-                    if states[shard_id] == _LOCAL:  # else another worker is preparing it
+                    if states[shard_id] == SHARD_LOCAL:  # else another worker is preparing it
                         prepared.add(shard_id)
                     it.prepare_index = pos
             it.prepare_index = it.total
@@ -431,25 +421,13 @@ class DWMDataset(StreamingDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Iterate this worker's partition, exactly as ``StreamingDataset`` orders it.
 
-        Same partition, order and resumption as the parent (``_resume_incr_epoch``, ``_get_work``)
-        and the same ``predownload`` window; the consumer reads through the zero-copy views and
-        needs no polling ready-thread.
+        Same partition, order and resumption as the parent (:func:`compat.begin_epoch` starts the
+        epoch as streaming's ``__iter__`` does) and the same ``predownload`` window; the consumer
+        reads through the zero-copy views and needs no polling ready-thread.
         """
-        if hasattr(self, '_iterator'):
-            self._iterator.exit()
-        if not hasattr(self, '_executor'):
-            self._executor = ThreadPoolExecutor()
-        if not hasattr(self, '_event'):
-            self._event = Event()
-        elif self._event.is_set():
-            raise RuntimeError('Background thread failed. Check other traceback.')
+        sample_ids = compat.begin_epoch(self)
         if not hasattr(self, '_decoders'):
             self._decoders = {}
-
-        self._unique_worker_world = self._unique_rank_world.detect_workers()
-        self._parallel_worker_world = self._parallel_rank_world.detect_workers()
-        epoch, sample_in_epoch = self._resume_incr_epoch()
-        sample_ids = self._get_work(epoch, sample_in_epoch)
         if not len(sample_ids):
             return
 
@@ -469,26 +447,24 @@ class DWMDataset(StreamingDataset):
             first.sort()
             run_starts, run_shards = run_starts[first], run_shards[first]
 
-        it = _Iterator(sample_ids)
-        it._num_threads_to_exit = 2  # the prepare thread and this consumer
-        self._iterator = it
-        prepare_future = self._executor.submit(self._prepare_ahead, it, run_starts, run_shards)
+        it = compat.start_epoch(self, sample_ids)  # exits through the prepare thread and this consumer
+        prepare_future = compat.background_executor(self).submit(self._prepare_ahead, it, run_starts, run_shards)
         prepare_future.add_done_callback(self.on_exception)
         try:
             yield from self._consume(it, sample_ids, shard_ids)
         finally:
             it.non_blocking_exit()  # also stops the prepare thread if the consumer stopped early
             it.on_exit()
-            if self._event.is_set():
+            if compat.background_event(self).is_set():
                 error = getattr(self, '_background_error', None)  # set by on_exception
                 raise RuntimeError(f'Background thread failed: {error}') from error
 
-    def _consume(self, it: _Iterator, sample_ids: np.ndarray, shard_ids: np.ndarray) -> Iterator[dict[str, Any]]:
+    def _consume(self, it: EpochIterator, sample_ids: np.ndarray, shard_ids: np.ndarray) -> Iterator[dict[str, Any]]:
         """The consumer loop: per sample, a few list and dict lookups and one row view."""
         decoders = self._decoders
-        states = self._shard_states.numpy()
-        access_times = self._shard_access_times.numpy()
-        event_is_set = self._event.is_set
+        states = compat.shard_states(self)
+        access_times = compat.shard_access_times(self)
+        event_is_set = compat.background_event(self).is_set
         bounds = self._shard_bounds
         shard_rows = self._shard_rows
         shard_dtype = self._shard_dtype
@@ -507,7 +483,7 @@ class DWMDataset(StreamingDataset):
                     rows[mask] = shard_rows[shard_id][vrows[mask]]
             i = begin
             for shard_id, row, vrow in zip(chunk_shards.tolist(), rows.tolist(), vrows.tolist()):
-                if it._state != _ITERATING or event_is_set():
+                if not it.running or event_is_set():
                     return
                 if shard_id >= 0:
                     if shard_id != last_shard:
@@ -518,7 +494,7 @@ class DWMDataset(StreamingDataset):
                         yield self.get_item(int(sample_ids[i]))
                     else:
                         decoder = decoders.get(shard_id)
-                        if decoder is None or (evicts and states[shard_id] != _LOCAL):
+                        if decoder is None or (evicts and states[shard_id] != SHARD_LOCAL):
                             decoder = self._open_decoder(shard_id)
                         yield decoder.sample(row, vrow)
                 i += 1

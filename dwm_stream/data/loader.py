@@ -13,19 +13,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-__all__ = ['collate_samples', 'widen_batch', 'num_tokens_in_batch', 'build_dataset',
-           'build_dataloader', 'DATASET_KEYS']
-
-# Keys of the `dataset:` section that DWMDataset understands (its own plus StreamingDataset's).
-DATASET_KEYS = {
-    'remote', 'local', 'split', 'streams', 'selection', 'download_retry', 'download_timeout',
-    'validate_hash', 'keep_zip', 'epoch_size', 'predownload', 'cache_limit', 'sampling_method',
-    'sampling_granularity', 'partition_algo', 'num_canonical_nodes', 'batch_size', 'shuffle',
-    'shuffle_algo', 'shuffle_seed', 'shuffle_block_size', 'batching_method', 'allow_unsafe_types',
-    'replication',
-}
-STREAM_KEYS = {'remote', 'local', 'split', 'proportion', 'repeat', 'choose', 'download_retry',
-               'download_timeout', 'validate_hash', 'keep_zip', 'selection'}
+__all__ = ['collate_samples', 'widen_batch', 'num_tokens_in_batch', 'build_dataset', 'build_dataloader']
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -125,31 +113,30 @@ def num_tokens_in_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
 def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = None, where: str = 'dataset'):
     """Build a :class:`~dwm_stream.data.dataset.DWMDataset` from a ``dataset:`` config mapping.
 
+    The keys are ``DWMDataset``'s: ``remote``/``local``/``split``/``selection`` or ``streams`` (a mapping of
+    name -> ``DWMStream`` arguments, or a list), plus any ``StreamingDataset`` argument. ``dwm-stream train`` and
+    the LLM Foundry entry points check the config against ``dwm_stream.train.config.DatasetConfig`` before it
+    gets here, so that an unknown key or a wrong type is reported with its YAML key and the valid keys.
+
     Args:
-        cfg (Mapping): ``remote``/``local``/``split``/``selection`` or ``streams`` (a mapping of
-            name -> stream config, or a list), plus any ``StreamingDataset`` argument.
+        cfg (Mapping): The ``dataset:`` section.
         device_batch_size (int, optional): Sets ``batch_size`` if the config does not.
         where (str): Config path for error messages. Default: ``'dataset'``.
     """
     from dwm_stream.data.dataset import DWMDataset, DWMStream
     cfg = dict(cfg)
-    unknown = set(cfg) - DATASET_KEYS
-    if unknown:
-        raise ValueError(f'{where}: unknown key(s) {sorted(unknown)}; valid keys are {sorted(DATASET_KEYS)}.')
     streams_cfg = cfg.pop('streams', None)
     streams = None
     if streams_cfg:
         items = streams_cfg.items() if isinstance(streams_cfg, Mapping) else enumerate(streams_cfg)
         streams = []
         for name, scfg in items:
-            scfg = dict(scfg)
-            bad = set(scfg) - STREAM_KEYS
-            if bad:
-                raise ValueError(f'{where}.streams.{name}: unknown key(s) {sorted(bad)}; valid keys '
-                                 f'are {sorted(STREAM_KEYS)}.')
-            streams.append(DWMStream(**scfg))
-    if device_batch_size is not None:
-        cfg.setdefault('batch_size', device_batch_size)
+            try:
+                streams.append(DWMStream(**dict(scfg)))
+            except TypeError as e:  # an argument DWMStream does not take
+                raise ValueError(f'{where}.streams.{name}: {e}') from e
+    if device_batch_size is not None and cfg.get('batch_size') is None:
+        cfg['batch_size'] = device_batch_size
     return DWMDataset(streams=streams, **cfg)
 
 

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from dwm_stream.format.shards import SCORE_PREFIX
+from dwm_stream.format.shards import SCORE_PREFIX, score_column
 
 __all__ = ['Selection', 'read_selection', 'write_selection', 'resolve_selection', 'ResolvedSelection']
 
@@ -73,8 +75,6 @@ def write_selection(path: str,
         scores (dict[str, np.ndarray], optional): Extra score columns. Default: ``None``.
         info (dict, optional): JSON-serialisable description stored as metadata. Default: ``None``.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     uids = np.asarray(uids, dtype=np.int64)
     columns: dict[str, Any] = {'uid': pa.array(uids)}
     if keep is not None:
@@ -82,7 +82,7 @@ def write_selection(path: str,
     if prior_weight is not None:
         columns['prior_weight'] = pa.array(np.asarray(prior_weight, dtype=np.float32))
     for name, values in (scores or {}).items():
-        columns[SCORE_PREFIX + name] = pa.array(np.asarray(values, dtype=np.float32))
+        columns[score_column(name)] = pa.array(np.asarray(values, dtype=np.float32))
     table = pa.table(columns)
     _validate_table(table, path)
     table = table.replace_schema_metadata({_META_KEY: json.dumps(info or {}).encode()})
@@ -97,7 +97,6 @@ def read_selection(path: str) -> Selection:
         ValueError: If the file is not a valid selection; the message names the file, the column
             and the offending rows.
     """
-    import pyarrow.parquet as pq
     try:
         table = pq.read_table(path)
     except FileNotFoundError:
@@ -126,7 +125,7 @@ def read_selection(path: str) -> Selection:
     return Selection(uids=uids, prior_weight=prior, scores=scores, info=info, path=path)
 
 
-def _validate_table(table, path: str) -> None:
+def _validate_table(table: pa.Table, path: str) -> None:
     known = {'uid', 'keep', 'prior_weight'}
     for name in table.column_names:
         if name not in known and not name.startswith(SCORE_PREFIX):

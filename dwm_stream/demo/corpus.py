@@ -68,6 +68,9 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
+from dwm_stream.convert.sources import write_jsonl_zst
+from dwm_stream.progress import Progress
+
 __all__ = [
     'build_corpus', 'CorpusInfo', 'parse_size', 'REAL_DOMAINS', 'DEGRADED_DOMAINS', 'DOMAINS',
     'DOMAIN_SHARES', 'FILES_PER_CHUNK', 'HOLDOUT_EVERY', 'MAX_DOC_CHARS', 'EOS_TEXT', 'split_lambada',
@@ -142,7 +145,11 @@ class CorpusInfo:
 
 
 def parse_size(size: Union[int, str]) -> int:
-    """Bytes from ``123``, ``'8MB'``, ``'500KB'``, ``'1.5GB'`` (decimal) or ``'8MiB'`` (binary)."""
+    """Bytes from ``123``, ``'8MB'``, ``'500KB'``, ``'1.5GB'`` (decimal) or ``'8MiB'`` (binary).
+
+    Not mosaicml-streaming's ``bytes_to_int``: that one reads ``'8MB'`` as 8 MiB and has no ``MiB``, so the same
+    ``--size 8MB`` would build a different (4.9% larger) corpus than every recorded demo and benchmark run.
+    """
     if isinstance(size, int):
         value = size
     else:
@@ -186,7 +193,7 @@ def _stdlib_py_files() -> list[str]:
 
 
 def _book_items() -> list[_Item]:
-    try:
+    try:  # optional in a Python installation (some distributions leave pydoc_data out): looked up when needed
         from pydoc_data.topics import topics
     except ImportError:
         return []
@@ -428,7 +435,6 @@ def _write_split(out_dir: str, split: str, stem: str, budget: int, streams: _Dom
                  seed: int, file_bytes: int, pbar, lambada: Optional[_LambadaCandidates]
                  ) -> tuple[list[str], dict[str, int], dict[str, int]]:
     """Interleave domain documents into SlimPajama files until ``budget`` text bytes."""
-    from dwm_stream.convert.sources import write_jsonl_zst
     shares = {d: DOMAIN_SHARES[d] for d in streams.streams}
     total_share = sum(shares.values())
     remaining = {d: int(budget * s / total_share) for d, s in shares.items()}
@@ -467,8 +473,7 @@ def _write_split(out_dir: str, split: str, stem: str, budget: int, streams: _Dom
             lambada.scan(text)
         batch.append({'text': text, 'meta': {'redpajama_set_name': domain}})
         batch_bytes += size
-        if pbar is not None:
-            pbar.update(size)
+        pbar.update(size)
         if batch_bytes >= file_bytes:
             flush()
     if batch:
@@ -534,14 +539,15 @@ class _LambadaCandidates:
 def build_corpus(out_dir: str,
                  size: Union[int, str] = '8MB',
                  seed: int = 0,
-                 progress: bool = True) -> CorpusInfo:
+                 progress: bool = False) -> CorpusInfo:
     """Build the embedded SlimPajama-format corpus (see the module docstring for the layout).
 
     Args:
         out_dir (str): Directory to write; it must not already hold a corpus (``train/``).
         size (int | str): Train text bytes, e.g. ``'8MB'``, ``'200MB'``. Default: ``'8MB'``.
         seed (int): Seed for every random choice. Default: ``0``.
-        progress (bool): Show a tqdm progress bar. Default: ``True``.
+        progress (bool): Report progress on stderr (:class:`~dwm_stream.progress.Progress`). Default: ``False``
+            (library functions are quiet; the CLI turns it on).
 
     Returns:
         CorpusInfo: What was written.
@@ -565,10 +571,7 @@ def build_corpus(out_dir: str,
     file_bytes = max(256 * 1024, min(32 * 2**20, size_bytes // 16))
     os.makedirs(out_dir, exist_ok=True)
 
-    pbar = None
-    if progress:
-        from tqdm import tqdm
-        pbar = tqdm(total=size_bytes + val_bytes, unit='B', unit_scale=True, desc='corpus build')
+    pbar = Progress('corpus build', size_bytes + val_bytes, unit='B', enabled=progress)
     lambada = _LambadaCandidates(held_items['RedPajamaBook'] + held_items['RedPajamaWikipedia'],
                                  seed, 2 * LAMBADA_MAX_EXAMPLES)
     try:
@@ -579,8 +582,7 @@ def build_corpus(out_dir: str,
                                               _DomainStreams('validation', seed, held_items), seed,
                                               file_bytes, pbar, None)
     finally:
-        if pbar is not None:
-            pbar.close()
+        pbar.close()
     examples = lambada.clean(LAMBADA_MAX_EXAMPLES)
     with open(os.path.join(out_dir, 'lambada.jsonl'), 'w', encoding='utf-8') as f:
         for ex in examples:

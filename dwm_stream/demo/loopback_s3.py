@@ -11,7 +11,7 @@ Usage::
 
     with LoopbackS3(buckets=["corpus"]) as s3:
         # S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... are set in os.environ while inside.
-        upload_dir("/tmp/mds", "s3://corpus/mds")
+        upload_dir(s3.client(), "/tmp/mds", "corpus", "mds")  # -> s3://corpus/mds/...
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import os
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-__all__ = ['LoopbackS3', 'LOOPBACK_HOST']
+import boto3
+
+__all__ = ['LoopbackS3', 'LOOPBACK_HOST', 'upload_dir']
 
 LOOPBACK_HOST = '127.0.0.1'
 
@@ -104,7 +106,6 @@ class LoopbackS3:
 
     def client(self):
         """A boto3 S3 client for this server."""
-        import boto3
         return boto3.client('s3',
                             endpoint_url=self.endpoint_url,
                             aws_access_key_id=_LOOPBACK_ENV['AWS_ACCESS_KEY_ID'],
@@ -134,7 +135,36 @@ class LoopbackS3:
         self.stop()
 
 
+def upload_dir(client, local_dir: str, bucket: str, prefix: str,
+               include: Optional[Callable[[str], bool]] = None) -> int:
+    """Upload every file under ``local_dir`` to ``s3://bucket/prefix/<path relative to local_dir>``.
+
+    Args:
+        client: A boto3 S3 client (``LoopbackS3.client()``, or one for any other endpoint).
+        local_dir (str): Directory to upload, subdirectories included.
+        bucket (str): Destination bucket.
+        prefix (str): Key prefix, without a trailing ``/``.
+        include (Callable[[str], bool], optional): Uploads only the files whose name it accepts.
+            Default: ``None`` (every file).
+
+    Returns:
+        int: The number of files uploaded.
+    """
+    count = 0
+    for root, dirs, files in os.walk(local_dir):
+        dirs.sort()
+        for name in sorted(files):
+            if include is not None and not include(name):
+                continue
+            path = os.path.join(root, name)
+            client.upload_file(path, bucket, f'{prefix}/{os.path.relpath(path, local_dir)}')
+            count += 1
+    return count
+
+
 def _serve(host: str) -> None:
+    # Imported here, in the server's own process only: moto's server pulls in Flask and every moto backend
+    # (seconds of start-up), which the process that uses LoopbackS3 never needs.
     from moto.server import ThreadedMotoServer
     server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
     server.start()

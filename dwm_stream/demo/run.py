@@ -1,6 +1,6 @@
 """The embedded end-to-end demo: ``make demo`` / ``dwm-stream demo [--quick]``.
 
-1. Build the embedded SlimPajama-format corpus and a BPE tokenizer (cached across runs).
+1. Build the embedded SlimPajama-format corpus and a BPE tokenizer (``demo.data``, cached across runs).
 2. Convert train/ and validation/ to MDS shards (cached).
 3. Start a loopback S3 endpoint and upload the shards.
 4. Train a tiny Llama from ``s3://`` twice with the same seed and budget: uniform weights, and DWM.
@@ -15,85 +15,55 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from matplotlib.figure import Figure
+
+from algorithms.dwm import ValidationBatches
+from dwm_stream.demo.corpus import DEGRADED_DOMAINS
+from dwm_stream.demo.data import DataBudget, prepare_data
+from dwm_stream.demo.loopback_s3 import LoopbackS3, upload_dir
+from dwm_stream.train.builders import WidenedLoader, build_tokenizer
+from dwm_stream.train.entry import build_trainer, load_config
+from dwm_stream.train.evaluation import heldout_loss, lambada_metrics
+from dwm_stream.train.loggers import read_metrics
+
 __all__ = ['run_demo']
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_YAML = os.path.join(_REPO, 'yamls', 'demo-cpu.yaml')
 BUCKET = 'dwm-demo'
 
 
-@dataclass
-class _Budget:
-    corpus_size: str
-    vocab_size: int
-    seq_len: int
+@dataclass(frozen=True)
+class DemoBudget:
+    """The demo's size: its data, and the training overrides of ``yamls/demo-cpu.yaml``."""
+    data: DataBudget
     max_duration: str
     num_stages: int
     refit_steps: int
     eval_interval: str
 
 
-FULL = _Budget(corpus_size='8MB', vocab_size=4096, seq_len=128, max_duration='400ba', num_stages=4,
-               refit_steps=12, eval_interval='50ba')
-QUICK = _Budget(corpus_size='2MB', vocab_size=2048, seq_len=128, max_duration='40ba', num_stages=3,
-                refit_steps=2, eval_interval='20ba')
+FULL = DemoBudget(DataBudget(corpus_size='8MB', vocab_size=4096, seq_len=128), max_duration='400ba', num_stages=4,
+                  refit_steps=12, eval_interval='50ba')
+QUICK = DemoBudget(DataBudget(corpus_size='2MB', vocab_size=2048, seq_len=128), max_duration='40ba', num_stages=3,
+                   refit_steps=2, eval_interval='20ba')
+_STEP_TAGS = {'corpus': '[1/6]', 'tokenizer': '     ', 'convert': '[2/6]'}
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _prepare_data(data_dir: str, budget: _Budget, seed: int) -> dict[str, str]:
-    """Corpus, tokenizer, MDS shards and the LAMBADA fit/report split, each cached."""
-    from dwm_stream.convert.pipeline import convert
-    from dwm_stream.demo.corpus import build_corpus, split_lambada
-    from dwm_stream.convert.tokenizer import train_tokenizer
-    paths = {
-        'corpus': os.path.join(data_dir, 'corpus'),
-        'tokenizer': os.path.join(data_dir, 'tokenizer'),
-        'mds_train': os.path.join(data_dir, 'mds', 'train'),
-        'mds_validation': os.path.join(data_dir, 'mds', 'validation'),
-        'lambada_fit': os.path.join(data_dir, 'lambada_fit.jsonl'),
-        'lambada_report': os.path.join(data_dir, 'lambada_report.jsonl'),
-    }
-    if not os.path.exists(os.path.join(paths['corpus'], 'lambada.jsonl')):
-        _say(f'[1/6] building the embedded corpus ({budget.corpus_size}) in {paths["corpus"]}')
-        build_corpus(paths['corpus'], size=budget.corpus_size, seed=seed)
-    else:
-        _say(f'[1/6] corpus: cached in {paths["corpus"]}')
-    _say('      training the BPE tokenizer (cached when unchanged)')
-    train_tokenizer(paths['corpus'], paths['tokenizer'], vocab_size=budget.vocab_size)
-    for split in ('train', 'validation'):
-        out = paths[f'mds_{split}']
-        if not os.path.exists(os.path.join(out, 'index.json')):
-            _say(f'[2/6] converting {split}/ to MDS shards ({budget.seq_len} tokens per sample)')
-            convert(os.path.join(paths['corpus'], split), out, tokenizer=paths['tokenizer'],
-                    seq_len=budget.seq_len, workers=min(2, os.cpu_count() or 1), overwrite=True)
-        else:
-            _say(f'[2/6] {split} shards: cached in {out}')
-    # LAMBADA-format examples: the first half fits DWM's weighter, the second half is only reported.
-    if not os.path.exists(paths['lambada_report']):
-        split_lambada(os.path.join(paths['corpus'], 'lambada.jsonl'), paths['lambada_fit'], paths['lambada_report'])
-    return paths
-
-
-def _upload_dir(client, local_dir: str, bucket: str, prefix: str) -> int:
-    count = 0
-    for root, _, files in os.walk(local_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            key = f'{prefix}/{os.path.relpath(path, local_dir)}'
-            client.upload_file(path, bucket, key)
-            count += 1
-    return count
+def _say_step(step: str, msg: str) -> None:
+    _say(f'{_STEP_TAGS[step]} {msg}')
 
 
 def _train(name: str, overrides: list[str], with_dwm: bool) -> dict[str, Any]:
-    from dwm_stream.train.entry import build_trainer, load_config
     if not with_dwm:
         overrides = overrides + ['algorithms=null']
     cfg = load_config(DEMO_YAML, overrides)
@@ -111,7 +81,6 @@ def _train(name: str, overrides: list[str], with_dwm: bool) -> dict[str, Any]:
 
 def _stage_table(metrics_file: str, domain_names: list[str]) -> dict[int, dict[str, float]]:
     """Mean DWM weight per domain per stage, from the run's metrics.jsonl."""
-    from dwm_stream.train.loggers import read_metrics
     values: dict[tuple[int, str], list[float]] = {}
     stage = None
     for rec in read_metrics(metrics_file):  # chronological: a record belongs to the latest stage logged
@@ -130,7 +99,6 @@ def _stage_table(metrics_file: str, domain_names: list[str]) -> dict[int, dict[s
 
 
 def _eval_curve(metrics_file: str) -> list[tuple[int, float]]:
-    from dwm_stream.train.loggers import read_metrics
     curve = []
     for rec in read_metrics(metrics_file):
         v = rec['metrics'].get('metrics/eval/LanguageCrossEntropy')
@@ -141,10 +109,8 @@ def _eval_curve(metrics_file: str) -> list[tuple[int, float]]:
 
 def _plot(path: str, stages: dict[int, dict[str, float]], domain_names: list[str],
           curves: dict[str, list[tuple[int, float]]], degraded: set[str]) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig = Figure(figsize=(13, 4.8))  # no pyplot: no GUI backend, no global figure state
+    ax1, ax2 = fig.subplots(1, 2)
     xs = sorted(stages)
     for name in domain_names:
         ys = [stages[s].get(name, float('nan')) for s in xs]
@@ -165,39 +131,35 @@ def _plot(path: str, stages: dict[int, dict[str, float]], domain_names: list[str
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Run the demo; returns the numbers it printed. See the module docstring."""
-    from algorithms.dwm import ValidationBatches
-    from dwm_stream.train.builders import WidenedLoader, build_tokenizer
-    from dwm_stream.demo.corpus import DEGRADED_DOMAINS
-    from dwm_stream.train.evaluation import heldout_loss, lambada_metrics
-    from dwm_stream.demo.loopback_s3 import LoopbackS3
+def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0,
+             progress: bool = True) -> dict[str, Any]:
+    """Run the demo; returns the numbers it printed. See the module docstring.
 
+    Args:
+        out_dir (str): Where the data cache, both runs, ``demo.json`` and ``demo.png`` go. Default: ``'runs/demo'``.
+        quick (bool): The small budget (about a minute on a laptop CPU). Default: ``False``.
+        seed (int): Seed of the corpus and of both training runs. Default: ``0``.
+        progress (bool): Progress bars while preparing the data and training. Default: ``True``.
+    """
     budget = QUICK if quick else FULL
     started = time.perf_counter()
-    data_dir = os.path.join(out_dir, 'data')
-    paths = _prepare_data(data_dir, budget, seed)
+    paths = prepare_data(os.path.join(out_dir, 'data'), budget.data, seed=seed,
+                         workers=min(2, os.cpu_count() or 1), progress=progress, say=_say_step)
 
     _say('[3/6] starting a loopback S3 endpoint (moto on 127.0.0.1) and uploading the shards')
-    results: dict[str, Any] = {}
     with LoopbackS3(buckets=[BUCKET]) as s3:
         client = s3.client()
-        n = _upload_dir(client, paths['mds_train'], BUCKET, 'mds/train')
-        n += _upload_dir(client, paths['mds_validation'], BUCKET, 'mds/validation')
+        n = upload_dir(client, paths['train'], BUCKET, 'mds/train')
+        n += upload_dir(client, paths['validation'], BUCKET, 'mds/validation')
         _say(f'      {n} objects in s3://{BUCKET}/mds/ at {s3.endpoint_url}')
         runs = {}
         for label, with_dwm in (('uniform', False), ('DWM', True)):
             run_dir = os.path.join(out_dir, f'run-{label.lower()}')
-            if os.path.exists(run_dir):
-                import shutil
-                shutil.rmtree(run_dir)
             cache = os.path.join(out_dir, f'cache-{label.lower()}')
-            if os.path.exists(cache):
-                import shutil
-                shutil.rmtree(cache)
+            for stale in (run_dir, cache):
+                shutil.rmtree(stale, ignore_errors=True)
             overrides = [
                 f'run_name=demo-{label.lower()}', f'seed={seed}', f'save_folder={run_dir}',
                 f'tokenizer.name={paths["tokenizer"]}',
@@ -209,15 +171,16 @@ def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0) -> 
                 f'algorithms.dwm.num_stages={budget.num_stages}',
                 f'algorithms.dwm.refit_steps={budget.refit_steps}',
                 f'max_duration={budget.max_duration}', f'eval_interval={budget.eval_interval}',
-                'progress_bar=true', 'save_interval=1000ep',
+                f'progress_bar={str(progress).lower()}', 'save_interval=1000ep',
             ]
             _say(f'[4/6] training a tiny Llama from s3:// with {label} weights ({budget.max_duration})')
             runs[label] = _train(label, overrides, with_dwm)
 
     _say('[5/6] evaluating on held-out data (never used for training or for fitting DWM)')
     tokenizer = build_tokenizer({'name': paths['tokenizer']})
-    val_loader = WidenedLoader({'local': paths['mds_validation'], 'shuffle': False}, 32, 'validation')
-    lambada_report = ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32, max_length=budget.seq_len)
+    val_loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, 32, 'validation')
+    lambada_report = ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32,
+                                       max_length=budget.data.seq_len)
     domain_names = runs['DWM']['domain_names']
     for label, run in runs.items():
         run['heldout'] = heldout_loss(run['lm'], val_loader, domain_names)

@@ -18,12 +18,17 @@ and the tests that pin them.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import mmap
 import os
 import posixpath
 import re
 import threading
 from typing import Any, Iterable, Optional
+
+import xxhash
+from streaming.base.hashing import is_hash
 
 __all__ = ['ShardIntegrityError', 'ObjectDownloadError', 'UnsafeIndexError', 'check_shard_paths',
            'default_validate_hash', 'verify_raw_shard', 'download_error', 'endpoint_of', 'redact',
@@ -86,7 +91,6 @@ def default_validate_hash(shards: list) -> Optional[str]:
             common = names if common is None else common & names
     if not common:
         return None
-    from streaming.base.hashing import is_hash
     for algo in PREFERRED_HASHES:
         if algo in common and is_hash(algo):
             return algo
@@ -98,9 +102,7 @@ _verified_lock = threading.Lock()
 
 
 def _hasher(algo: str):
-    import hashlib
     if algo.startswith('xxh'):
-        import xxhash
         return getattr(xxhash, algo)()
     return hashlib.new(algo)
 
@@ -197,7 +199,6 @@ def unsafe_types_error(index_file: str, error: BaseException) -> UnsafeIndexErro
 
 def cache_error(path: str, what: str, error: OSError) -> OSError:
     """An ``OSError`` that names the cache path and says what to check."""
-    import errno
     hint = {
         errno.ENOSPC: 'the disk holding the cache is full; free space, point `local` elsewhere, or set '
                       'a smaller `cache_limit`',
@@ -213,23 +214,13 @@ def cache_error(path: str, what: str, error: OSError) -> OSError:
 
 
 def prepare_failed(dataset: Any, shard_id: int, stream: Any, where: str, error: Exception) -> Exception:
-    """After ``StreamingDataset.prepare_shard`` raised: put the shard back and name the failure.
+    """After ``StreamingDataset.prepare_shard`` raised: name the failure. Returns the error to raise.
 
-    Streaming sets the shard's shared state to ``PREPARING`` and never resets it when the download or
-    decompression raises, so other workers waiting on it (``blocking=True``) would spin forever. Here
-    it goes back to ``REMOTE`` (and the cache lock, which eviction may still hold, is released). A
-    compressed file that failed its hash is deleted when it came from a remote, so that a retry
-    downloads it again instead of failing on the same bad bytes. Returns the error to raise.
+    The caller has already put the shard back to ``REMOTE`` (``_streaming_compat.release_failed_shard``:
+    streaming never resets a shard whose preparation raised, so processes waiting on it would spin).
+    A compressed file that failed its hash is deleted when it came from a remote, so that a retry
+    downloads it again instead of failing on the same bad bytes.
     """
-    from streaming.base.dataset import _ShardState
-    lock = getattr(dataset, '_cache_filelock', None)
-    if lock is not None:
-        lock.acquire()
-        try:
-            if dataset._shard_states[shard_id] == _ShardState.PREPARING:
-                dataset._shard_states[shard_id] = _ShardState.REMOTE
-        finally:
-            lock.release(force=True)
     shard = dataset.shards[shard_id]
     local_dir = os.path.join(stream.local, stream.split or '')
     message = str(error)

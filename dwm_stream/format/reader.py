@@ -6,25 +6,24 @@ downloaded (when remote), decompressed in memory and viewed as a numpy structure
 column of a converted corpus is fixed-size, see :mod:`dwm_stream.format.shards`). One shard at a
 time is held per process, so memory is bounded by the shard size (``convert`` caps it at 64 MiB).
 
-:func:`parallel_map` runs a function over tasks in a process pool (fork where available, as
-``convert`` does) and yields the results in task order.
+A reader is picklable: the passes hand it to worker processes (:mod:`dwm_stream.parallel`).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import tempfile
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
+from streaming.base.compression import decompress
 
 from dwm_stream.format.shards import META_BASENAME, UIDS_BASENAME, CorpusMeta
+from dwm_stream.format.storage import download_file, is_remote, join
 from dwm_stream.format.view import record_dtype
-from dwm_stream.format.storage import download_file, is_remote
 
-__all__ = ['CorpusReader', 'parallel_map']
+__all__ = ['CorpusReader']
 
 
 class CorpusReader:
@@ -73,7 +72,7 @@ class CorpusReader:
 
     # ------------------------------------------------------------------ files
     def _join(self, rel: str) -> str:
-        return f'{self.location}/{rel}' if self.remote else os.path.join(self.location, rel)
+        return join(self.location, rel)
 
     def _fetch(self, rel: str, tmp: str) -> str:
         """A local path of ``rel``: itself when local, else downloaded into ``tmp``."""
@@ -107,7 +106,6 @@ class CorpusReader:
 
     def read_shard(self, shard_index: int) -> np.ndarray:
         """All records of one shard as a structured array (fields: the MDS column names)."""
-        from streaming.base.compression import decompress
         shard = self.shards[shard_index]
         zip_info, raw_info = shard.get('zip_data'), shard.get('raw_data')
         info = zip_info or raw_info
@@ -134,51 +132,3 @@ class CorpusReader:
     def valid_tokens(self, records: np.ndarray) -> list[np.ndarray]:
         """Each record's token ids up to ``num_tokens``."""
         return [row[:int(n)] for row, n in zip(records['tokens'], records['num_tokens'])]
-
-
-def parallel_map(fn: Callable[[Any], Any],
-                 tasks: Iterable[Any],
-                 workers: int = 1,
-                 progress: Optional[str] = None,
-                 total: Optional[int] = None) -> Iterator[Any]:
-    """Yield ``fn(task)`` for every task, in task order, using ``workers`` processes.
-
-    Args:
-        fn (Callable): A module-level function (picklable).
-        tasks (Iterable): Its arguments.
-        workers (int): Processes; ``1`` runs in this process. Default: ``1``.
-        progress (str, optional): A tqdm description; ``None`` for no bar. Default: ``None``.
-        total (int, optional): Number of tasks, for the bar. Default: ``None``.
-    """
-    tasks = list(tasks)
-    pbar = None
-    if progress:
-        from tqdm import tqdm
-        pbar = tqdm(total=total or len(tasks), desc=progress)
-    pool = None
-    if workers > 1 and len(tasks) > 1:
-        import streaming  # noqa: F401 - imported once, before forking
-        import tokenizers  # noqa: F401
-        method = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn'
-        saved = os.environ.get('TOKENIZERS_PARALLELISM')
-        os.environ['TOKENIZERS_PARALLELISM'] = 'false'
-        try:
-            pool = multiprocessing.get_context(method).Pool(min(workers, len(tasks)))
-        finally:
-            if saved is None:
-                os.environ.pop('TOKENIZERS_PARALLELISM', None)
-            else:
-                os.environ['TOKENIZERS_PARALLELISM'] = saved
-    try:
-        results = map(fn, tasks) if pool is None else pool.imap(fn, tasks)
-        for result in results:
-            if pbar is not None:
-                pbar.update(1)
-            yield result
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if pbar is not None:
-            pbar.close()
-

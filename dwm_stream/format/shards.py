@@ -33,8 +33,8 @@ import numpy as np
 
 __all__ = [
     'TOKENS', 'NUM_TOKENS', 'UID', 'DOMAIN', 'SCORE_PREFIX', 'META_BASENAME', 'UIDS_BASENAME',
-    'FORMAT_VERSION', 'UID_ORDINAL_BITS', 'CorpusMeta', 'token_dtype_for', 'mds_columns',
-    'make_uid', 'split_uid', 'score_column',
+    'FORMAT_VERSION', 'UID_ORDINAL_BITS', 'COMPRESSION', 'HASHES', 'SHARD_SIZE_LIMIT', 'CorpusMeta',
+    'token_dtype_for', 'mds_columns', 'make_uid', 'score_column',
 ]
 
 TOKENS = 'tokens'
@@ -45,6 +45,10 @@ SCORE_PREFIX = 'score_'
 META_BASENAME = 'dwm.json'
 UIDS_BASENAME = 'uids.npy'
 FORMAT_VERSION = 1
+# How every writer (convert, materialize) writes shards: zstd, hashed, at most 64 MiB raw per shard.
+COMPRESSION = 'zstd'
+HASHES = ['sha1', 'xxh64']
+SHARD_SIZE_LIMIT = 1 << 26
 
 # uid = (40-bit hash of the source file's relative path) << 23 | ordinal of the sample in that file.
 # 23 bits allow 8.4M samples per source file (a SlimPajama file holds ~60k documents); 40 bits make
@@ -87,11 +91,6 @@ def make_uid(source_relpath: str, ordinal: int) -> int:
     digest = hashlib.blake2b(source_relpath.encode('utf-8'), digest_size=8).digest()
     file_hash = int.from_bytes(digest, 'little') & ((1 << _UID_HASH_BITS) - 1)
     return (file_hash << UID_ORDINAL_BITS) | ordinal
-
-
-def split_uid(uid: int) -> tuple[int, int]:
-    """Inverse of :func:`make_uid` up to the hash: ``(file_hash, ordinal)``."""
-    return uid >> UID_ORDINAL_BITS, uid & ((1 << UID_ORDINAL_BITS) - 1)
 
 
 @dataclass

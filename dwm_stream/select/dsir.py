@@ -44,10 +44,14 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from dwm_stream.select.budget import select_to_budget
-from dwm_stream.format.reader import CorpusReader, parallel_map
+from dwm_stream.convert.sources import read_jsonl_zst
+from dwm_stream.convert.tokenizer import load_tokenizer
+from dwm_stream.format.reader import CorpusReader
 from dwm_stream.format.shards import make_uid
 from dwm_stream.format.storage import is_remote
+from dwm_stream.parallel import parallel_map
+from dwm_stream.progress import Progress
+from dwm_stream.select import pipeline
 
 __all__ = [
     'DEFAULT_NGRAMS', 'DEFAULT_NUM_BUCKETS', 'SMOOTHING', 'word_punct_tokenize', 'hash_bucket',
@@ -185,7 +189,6 @@ def iter_target_texts(path: str, domains: Optional[Sequence[str]] = None) -> Ite
     ``text``, or ``context + continuation`` (LAMBADA format); ``.txt``: the whole file.
     """
     if path.endswith('.jsonl.zst'):
-        from dwm_stream.convert.sources import read_jsonl_zst
         for doc in read_jsonl_zst(path):
             if domains is None or doc.domain in domains:
                 yield doc.text
@@ -223,7 +226,6 @@ def _hasher(ngrams: int, num_buckets: int) -> NgramHasher:
 
 def _tokenizer(name: str):
     if name not in _TOKENIZERS:
-        from dwm_stream.convert.tokenizer import load_tokenizer
         _TOKENIZERS[name] = load_tokenizer(name)
     return _TOKENIZERS[name]
 
@@ -275,7 +277,6 @@ def _mds_task(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _jsonl_task(task: dict[str, Any]) -> dict[str, Any]:
-    from dwm_stream.convert.sources import read_jsonl_zst
     hasher = _hasher(task['ngrams'], task['num_buckets'])
     docs = read_jsonl_zst(task['path'], name=task['relpath'])
     if task['mode'] == 'count':
@@ -346,6 +347,11 @@ class DSIRScores:
         features = sum(int(np.maximum(self.num_words - k + 1, 0).sum()) for k in range(1, self.ngrams + 1))
         return features / self.seconds_score if self.seconds_score else 0.0
 
+    def candidates(self) -> pipeline.Candidates:
+        """The scored units, as the shared selection pipeline takes them."""
+        return pipeline.Candidates(corpus=self.raw, unit=self.unit, uids=self.uids, num_tokens=self.num_tokens,
+                                   domain=self.domain, domain_names=self.domain_names, sources=self.sources)
+
 
 def _is_mds(raw: str) -> bool:
     if is_remote(raw):
@@ -405,7 +411,8 @@ def compute_dsir(raw: str,
     common = {'ngrams': ngrams, 'num_buckets': num_buckets}
     target_tasks = [{'path': p, 'domains': list(target_domains) if target_domains else None, **common}
                     for p in target_files]
-    target_counts = sum(parallel_map(_target_task, target_tasks, workers, 'dsir target' if progress else None))
+    target_counts = sum(parallel_map(_target_task, target_tasks, workers,
+                                     Progress('dsir target', len(target_tasks), 'files', progress)))
     if target_counts.sum() <= 0:
         what = f' in domains {list(target_domains)}' if target_domains else ''
         raise ValueError(f'--target {" ".join(targets)}: no text{what} (empty target); DSIR needs '
@@ -422,6 +429,7 @@ def compute_dsir(raw: str,
         tasks = [{'reader': reader, 'shard': s, 'tokenizer': tok, 'limit': limit, **common}
                  for s in range(n_tasks)]
         job = _mds_task
+        task_unit = 'shards'
         sources: list[str] = []
     else:
         sources = _jsonl_sources(raw)
@@ -434,14 +442,15 @@ def compute_dsir(raw: str,
         tasks = [{'path': os.path.join(root, r), 'relpath': r, 'tokenizer': tokenizer, 'limit': limit, **common}
                  for r in sources]
         job = _jsonl_task
+        task_unit = 'files'
     raw_counts = sum(r['counts'] for r in parallel_map(job, [{**t, 'mode': 'count'} for t in tasks], workers,
-                                                       'dsir fit raw' if progress else None))
+                                                       Progress('dsir fit raw', len(tasks), task_unit, progress)))
     lr = log_ratio(target_counts, raw_counts)
     seconds_fit = time.perf_counter() - start
 
     start = time.perf_counter()
     results = list(parallel_map(job, [{**t, 'mode': 'score', 'log_ratio': lr} for t in tasks], workers,
-                                'dsir score' if progress else None))
+                                Progress('dsir score', len(tasks), task_unit, progress)))
     seconds_score = time.perf_counter() - start
     log_weight = np.concatenate([r['log_weight'] for r in results])
     num_words = np.concatenate([r['num_words'] for r in results])
@@ -466,30 +475,18 @@ def compute_dsir(raw: str,
 
 
 @dataclass
-class DSIRReport:
-    """What :func:`select_dsir` did.
+class DSIRReport(pipeline.SelectionReport):
+    """What :func:`select_dsir` did (``selected`` indexes ``scores``).
 
     Args:
-        out (str): The selection file.
+        out, candidates, selected, materialized: As :class:`~dwm_stream.select.pipeline.SelectionReport`.
         scores (DSIRScores): The scores of every unit.
-        selected (np.ndarray): int64 indices (into ``scores``) of the selected units.
         budget_tokens (int | None): The budget (``None``: every unit kept).
         sample (bool): Gumbel-top-k sampling rather than top-k.
-        materialized (str | None): Where the subset was materialised.
     """
-    out: str
     scores: DSIRScores
-    selected: np.ndarray
     budget_tokens: Optional[int]
     sample: bool
-    materialized: Optional[str] = None
-
-    def shares(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Token share per domain: ``(raw, selected)``."""
-        from dwm_stream.select.budget import token_shares
-        s = self.scores
-        return (token_shares(s.domain, s.num_tokens, s.domain_names),
-                token_shares(s.domain, s.num_tokens, s.domain_names, self.selected))
 
     def __str__(self) -> str:
         s = self.scores
@@ -500,13 +497,7 @@ class DSIRReport:
                  f'{s.target_features:,} target n-gram features; fit {s.seconds_fit:.1f}s, score '
                  f'{s.seconds_score:.1f}s, {s.features_per_second:,.0f} features/s)',
                  f'selected {len(self.selected):,} {s.unit}s, {tokens:,} tokens: {how} -> {self.out}']
-        raw_share, sel_share = self.shares()
-        lines.append(f'  {"domain":<28}{"raw share":>10}{"selected":>10}')
-        for name in s.domain_names:
-            lines.append(f'  {name:<28}{raw_share[name]:>10.3f}{sel_share[name]:>10.3f}')
-        if self.materialized:
-            lines.append(f'materialised to {self.materialized}')
-        return '\n'.join(lines)
+        return '\n'.join(lines + self.share_lines('raw share'))
 
 
 def select_dsir(raw: str,
@@ -529,7 +520,8 @@ def select_dsir(raw: str,
     """Score a raw corpus with DSIR, select to a token budget and write a selection file.
 
     The selection file has ``uid``, ``score_dsir`` (per-token log importance) and, with
-    ``prior_weight``, ``prior_weight`` (:func:`importance_prior` over the selected units).
+    ``prior_weight``, ``prior_weight`` (:func:`importance_prior` over the selected units). The steps
+    after scoring are :mod:`dwm_stream.select.pipeline`'s.
 
     Args:
         raw, targets, tokenizer, ngrams, num_buckets, workers, raw_fit_features, target_domains,
@@ -546,36 +538,22 @@ def select_dsir(raw: str,
             raw corpus, ``.jsonl.zst`` files for a ``.jsonl.zst`` one. Default: ``None``.
         overwrite (bool): Replace an existing ``out`` / ``materialize``. Default: ``False``.
     """
-    from dwm_stream.data.selection import write_selection
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f'--out {out} already exists; pass --overwrite to replace it.')
-    if budget_tokens is not None and budget_tokens <= 0:
-        raise ValueError(f'--budget-tokens {budget_tokens}: must be a positive number of tokens.')
+    pipeline.check_request(out, budget_tokens, overwrite)
     scores = compute_dsir(raw, targets, tokenizer=tokenizer, ngrams=ngrams, num_buckets=num_buckets,
                           workers=workers, raw_fit_features=raw_fit_features, target_domains=target_domains,
                           progress=progress)
-    if budget_tokens is None:
-        selected = np.arange(len(scores.uids), dtype=np.int64)
-    else:
-        logits = np.where(scores.num_words >= min_words, scores.log_weight, np.nan)
-        selected = select_to_budget(logits, scores.num_tokens, budget_tokens, sample, seed,
-                                    what=f'--raw {raw} ({scores.unit}s with >= {min_words} words)')
+    candidates = scores.candidates()
+    logits = np.where(scores.num_words >= min_words, scores.log_weight, np.nan)
+    selected = pipeline.choose(candidates, logits, budget_tokens, sample, seed,
+                               what=f'--raw {raw} ({scores.unit}s with >= {min_words} words)')
     per_token = scores.per_token[selected]
     info = {'selector': 'dsir', 'raw': raw, 'unit': scores.unit, 'targets': list(targets),
             'target_domains': list(target_domains) if target_domains else None, 'ngrams': ngrams,
             'num_buckets': num_buckets, 'budget_tokens': budget_tokens, 'sample': sample, 'seed': seed,
             'min_words': min_words, 'prior_weight': 'importance' if prior_weight else None,
             'token_unit': 'tokens' if scores.unit == 'sample' or tokenizer else 'words'}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_selection(out, scores.uids[selected],
-                    prior_weight=importance_prior(per_token) if prior_weight else None,
-                    scores={'dsir': per_token.astype(np.float32)}, info=info)
-    report = DSIRReport(out=out, scores=scores, selected=selected, budget_tokens=budget_tokens, sample=sample)
-    if materialize:
-        from dwm_stream.select import materialize as mat
-        if scores.unit == 'sample':
-            mat.materialize(raw, out, materialize, overwrite=overwrite)
-        else:
-            mat.materialize_documents(raw, scores.sources, out, materialize, overwrite=overwrite)
-        report.materialized = materialize
-    return report
+    materialized = pipeline.write(candidates, selected, out, info, scores={'dsir': per_token.astype(np.float32)},
+                                  prior_weight=importance_prior(per_token) if prior_weight else None,
+                                  materialize=materialize, overwrite=overwrite, progress=progress)
+    return DSIRReport(out=out, candidates=candidates, selected=selected, materialized=materialized, scores=scores,
+                      budget_tokens=budget_tokens, sample=sample)

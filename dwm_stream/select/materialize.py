@@ -26,12 +26,15 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
+from streaming import MDSWriter
 
-from dwm_stream.format.reader import CorpusReader
+from dwm_stream.convert.sources import read_jsonl_zst, write_jsonl_zst
 from dwm_stream.data.selection import Selection, read_selection, resolve_selection, write_selection
-from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, TOKENS, UID, UIDS_BASENAME,
-                                     CorpusMeta, make_uid, mds_columns, score_column)
+from dwm_stream.format.reader import CorpusReader
+from dwm_stream.format.shards import (COMPRESSION, DOMAIN, HASHES, META_BASENAME, NUM_TOKENS, SHARD_SIZE_LIMIT,
+                                     TOKENS, UID, UIDS_BASENAME, CorpusMeta, make_uid, mds_columns, score_column)
 from dwm_stream.format.storage import is_remote
+from dwm_stream.progress import track
 
 __all__ = ['materialize', 'materialize_documents', 'MaterializeReport', 'PRIOR_BASENAME']
 
@@ -86,15 +89,12 @@ def materialize(corpus: str,
         selection (str | Selection): A selection file, or a loaded selection.
         out (str): A local directory (empty, or replaced with ``overwrite``).
         overwrite (bool): Replace a non-empty ``out``. Default: ``False``.
-        progress (bool): A progress bar over shards. Default: ``False``.
+        progress (bool): Progress over shards on stderr. Default: ``False``.
 
     Raises:
         ValueError: If the selection names uids the corpus does not have (naming the file).
         FileExistsError: If ``out`` is not empty and ``overwrite`` is false.
     """
-    from streaming import MDSWriter
-
-    from dwm_stream.convert.pipeline import COMPRESSION, HASHES, SHARD_SIZE_LIMIT
     start = time.perf_counter()
     reader = CorpusReader(corpus)
     sel = read_selection(selection) if isinstance(selection, str) else selection
@@ -106,10 +106,7 @@ def materialize(corpus: str,
     shard_scores = [score_column(n) for n in meta.score_names]
     uids: list[np.ndarray] = []
     tokens_per_domain = {name: 0 for name in meta.domains}
-    shards = range(len(reader.shards))
-    if progress:
-        from tqdm import tqdm
-        shards = tqdm(shards, desc='materialize')
+    shards = track(range(len(reader.shards)), 'materialize', unit='shards', enabled=progress)
     with MDSWriter(out=out, columns=mds_columns(meta.seq_len, meta.token_dtype, tuple(score_names)),
                    compression=COMPRESSION, hashes=HASHES, size_limit=SHARD_SIZE_LIMIT) as writer:
         for s in shards:
@@ -162,7 +159,6 @@ def materialize_documents(raw: str,
     Raises:
         ValueError: If the selection names uids that no source document has.
     """
-    from dwm_stream.convert.sources import read_jsonl_zst, write_jsonl_zst
     start = time.perf_counter()
     sel = read_selection(selection) if isinstance(selection, str) else selection
     wanted = set(sel.uids.tolist())

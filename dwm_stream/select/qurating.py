@@ -29,10 +29,15 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from dwm_stream.select.budget import select_to_budget, token_shares
-from dwm_stream.format.reader import CorpusReader, parallel_map
+from dwm_stream.convert.tokenizer import load_tokenizer
+from dwm_stream.format.reader import CorpusReader
 from dwm_stream.format.shards import SCORE_PREFIX, score_column
+from dwm_stream.parallel import parallel_map
+from dwm_stream.progress import Progress, track
+from dwm_stream.select import pipeline
 
 __all__ = ['CRITERIA', 'qurating_logits', 'window_bounds', 'token_weighted_mean', 'read_annotations',
            'select_qurating', 'QuRatingReport', 'annotate_qurating', 'AnnotateReport']
@@ -93,7 +98,6 @@ def read_annotations(path: str, criterion: str, corpus_uids: np.ndarray, corpus:
         FileNotFoundError: If ``path`` does not exist.
         ValueError: If the column is missing, or the file names uids that the corpus does not have.
     """
-    import pyarrow.parquet as pq
     if not os.path.exists(path):
         raise FileNotFoundError(f'--annotations {path} does not exist; write it with `dwm-stream annotate qurating`.')
     try:
@@ -121,46 +125,41 @@ def read_annotations(path: str, criterion: str, corpus_uids: np.ndarray, corpus:
 
 
 @dataclass
-class QuRatingReport:
-    """What :func:`select_qurating` did (indices are into the corpus's samples)."""
-    out: str
-    corpus: str
+class QuRatingReport(pipeline.SelectionReport):
+    """What :func:`select_qurating` did (``selected`` and ``scores`` index the corpus's samples).
+
+    Args:
+        out, candidates, selected, materialized: As :class:`~dwm_stream.select.pipeline.SelectionReport`.
+        criterion (str): The criterion selected by.
+        tau (float): The temperature.
+        sample (bool): Gumbel-top-k sampling rather than top-k.
+        per_domain (bool): The budget was split across domains.
+        budget_tokens (int): The budget.
+        scores (np.ndarray): float64 [n], the criterion of every sample (NaN: unrated).
+        unrated (int): Samples without a rating (never selected).
+        seconds (float): Wall time.
+    """
     criterion: str
     tau: float
     sample: bool
     per_domain: bool
     budget_tokens: int
-    selected: np.ndarray
-    num_tokens: np.ndarray
-    domain: np.ndarray
-    domain_names: list[str]
     scores: np.ndarray
-    unrated: int = 0
-    materialized: Optional[str] = None
+    unrated: int
     seconds: float = 0.0
-
-    def shares(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Token share per domain: ``(corpus, selected)``."""
-        return (token_shares(self.domain, self.num_tokens, self.domain_names),
-                token_shares(self.domain, self.num_tokens, self.domain_names, self.selected))
 
     def __str__(self) -> str:
         how = f'sampled ∝ softmax(score/{self.tau:g})' if self.sample else 'top-k'
-        tokens = int(self.num_tokens[self.selected].sum())
+        num_tokens = self.candidates.num_tokens
+        tokens = int(num_tokens[self.selected].sum())
         lines = [f'QuRating {self.criterion}: {how}{" per domain" if self.per_domain else ""}, '
-                 f'{len(self.selected):,} of {len(self.num_tokens):,} samples, {tokens:,} tokens '
+                 f'{len(self.selected):,} of {len(num_tokens):,} samples, {tokens:,} tokens '
                  f'(budget {self.budget_tokens:,}) -> {self.out} in {self.seconds:.1f}s',
                  f'  mean {self.criterion}: corpus {np.nanmean(self.scores):.3f}, '
                  f'selected {np.nanmean(self.scores[self.selected]):.3f}']
         if self.unrated:
             lines.append(f'  {self.unrated:,} samples without a rating were not eligible')
-        corpus_share, sel_share = self.shares()
-        lines.append(f'  {"domain":<28}{"corpus":>10}{"selected":>10}')
-        for name in self.domain_names:
-            lines.append(f'  {name:<28}{corpus_share[name]:>10.3f}{sel_share[name]:>10.3f}')
-        if self.materialized:
-            lines.append(f'materialised to {self.materialized}')
-        return '\n'.join(lines)
+        return '\n'.join(lines + self.share_lines('corpus'))
 
 
 def select_qurating(corpus: str,
@@ -179,6 +178,8 @@ def select_qurating(corpus: str,
                     progress: bool = False) -> QuRatingReport:
     """Select samples of a corpus by one QuRating criterion to a token budget; write a selection file.
 
+    The steps after scoring are :mod:`dwm_stream.select.pipeline`'s.
+
     Args:
         corpus (str): A converted corpus (local or ``s3://``).
         criterion (str): The score, e.g. ``educational_value``.
@@ -193,16 +194,14 @@ def select_qurating(corpus: str,
         workers (int): Processes reading shards. Default: ``1``.
         materialize (str, optional): Also write the subset as an MDS corpus there. Default: ``None``.
         overwrite (bool): Replace an existing ``out`` / ``materialize``. Default: ``False``.
-        progress (bool): A progress bar. Default: ``False``.
+        progress (bool): Progress on stderr. Default: ``False``.
 
     Raises:
         ValueError: A missing score column (naming the corpus or file and the scores it has), a
             budget larger than the corpus, or annotations naming unknown uids.
     """
-    from dwm_stream.data.selection import write_selection
     start = time.perf_counter()
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f'--out {out} already exists; pass --overwrite to replace it.')
+    pipeline.check_request(out, budget_tokens, overwrite)
     reader = CorpusReader(corpus)
     column = None
     if annotations is None:
@@ -213,41 +212,35 @@ def select_qurating(corpus: str,
         column = score_column(criterion)
     qurating_logits(np.zeros(1), tau)  # validate tau before reading the corpus
     tasks = [{'reader': reader, 'shard': s, 'column': column} for s in range(len(reader.shards))]
-    parts = list(parallel_map(_columns_task, tasks, workers, 'qurating read' if progress else None))
-    num_tokens = np.concatenate([p['num_tokens'] for p in parts])
-    domain = np.concatenate([p['domain'] for p in parts])
+    parts = list(parallel_map(_columns_task, tasks, workers, Progress('qurating read', len(tasks), 'shards', progress)))
+    candidates = pipeline.Candidates(corpus=corpus, unit='sample', uids=reader.uids,
+                                     num_tokens=np.concatenate([p['num_tokens'] for p in parts]),
+                                     domain=np.concatenate([p['domain'] for p in parts]),
+                                     domain_names=list(reader.meta.domains))
     if annotations is None:
         scores = np.concatenate([p['score'] for p in parts])
     else:
         scores = read_annotations(annotations, criterion, reader.uids, corpus)
     unrated = int(np.sum(~np.isfinite(scores)))
     scores = np.where(np.isfinite(scores), scores, np.nan)
-    logits = qurating_logits(scores, tau, zscore)
-    selected = select_to_budget(logits, num_tokens, budget_tokens, sample, seed,
-                                domain=domain if per_domain else None, what=f'--corpus {corpus}')
+    selected = pipeline.choose(candidates, qurating_logits(scores, tau, zscore), budget_tokens, sample, seed,
+                               per_domain=per_domain, what=f'--corpus {corpus}')
     info = {'selector': 'qurating', 'corpus': corpus, 'criterion': criterion, 'tau': tau, 'sample': sample,
             'per_domain': per_domain, 'zscore': zscore, 'annotations': annotations,
             'budget_tokens': budget_tokens, 'seed': seed}
     extra = {}
     if annotations is not None:  # the shards lack these scores: carry every rated criterion for DWM's analysis
-        import pyarrow.parquet as pq
         names = [n[len(SCORE_PREFIX):] for n in pq.ParquetFile(annotations).schema_arrow.names
                  if n.startswith(SCORE_PREFIX)]
         for name in names:
             values = scores if name == criterion else read_annotations(annotations, name, reader.uids, corpus)
             extra[name] = values[selected].astype(np.float32)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_selection(out, reader.uids[selected], scores=extra, info=info)
-    report = QuRatingReport(out=out, corpus=corpus, criterion=criterion, tau=tau, sample=sample,
-                            per_domain=per_domain, budget_tokens=budget_tokens, selected=selected,
-                            num_tokens=num_tokens, domain=domain, domain_names=list(reader.meta.domains),
-                            scores=scores, unrated=unrated)
-    if materialize:
-        from dwm_stream.select.materialize import materialize as write_subset
-        write_subset(corpus, out, materialize, overwrite=overwrite)
-        report.materialized = materialize
-    report.seconds = time.perf_counter() - start
-    return report
+    materialized = pipeline.write(candidates, selected, out, info, scores=extra, materialize=materialize,
+                                  overwrite=overwrite, progress=progress)
+    return QuRatingReport(out=out, candidates=candidates, selected=selected, materialized=materialized,
+                          criterion=criterion, tau=tau, sample=sample, per_domain=per_domain,
+                          budget_tokens=budget_tokens, scores=scores, unrated=unrated,
+                          seconds=time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,12 +299,10 @@ def annotate_qurating(model: str,
         ValueError: If the model's number of outputs differs from ``labels``, or token ids exceed its
             vocabulary.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    # torch and transformers load in seconds and only annotation needs them: imported here.
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from dwm_stream.convert.tokenizer import load_tokenizer
     start = time.perf_counter()
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f'--out {out} already exists; pass --overwrite to replace it.')
@@ -343,10 +334,7 @@ def annotate_qurating(model: str,
                                               'corpus': corpus}).encode()}
     tmp = out + '.tmp'
     num_windows = 0
-    shards = range(len(reader.shards))
-    if progress:
-        from tqdm import tqdm
-        shards = tqdm(shards, desc='annotate')
+    shards = track(range(len(reader.shards)), 'annotate', unit='shards', enabled=progress)
     with pq.ParquetWriter(tmp, schema.with_metadata(meta)) as writer:
         for s in shards:
             records = reader.read_shard(s)

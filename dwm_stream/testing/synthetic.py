@@ -12,9 +12,11 @@ import os
 from typing import Optional
 
 import numpy as np
+from streaming import MDSWriter
 
-from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, TOKENS, UID, UIDS_BASENAME,
-                                     CorpusMeta, make_uid, mds_columns, score_column)
+from dwm_stream.format.shards import (COMPRESSION, DOMAIN, HASHES, META_BASENAME, NUM_TOKENS, TOKENS, UID,
+                                      UIDS_BASENAME, CorpusMeta, make_uid, mds_columns, score_column,
+                                      token_dtype_for)
 
 __all__ = ['write_synthetic_corpus', 'expected_tokens', 'SYNTHETIC_DOMAINS']
 
@@ -24,8 +26,7 @@ SYNTHETIC_DOMAINS = ['RedPajamaWikipedia', 'RedPajamaGithub', 'RedPajamaCommonCr
 def expected_tokens(seed: int, ordinal: int, seq_len: int, vocab_size: int) -> np.ndarray:
     """The token ids of synthetic sample ``ordinal``."""
     rng = np.random.default_rng([seed, ordinal])
-    return rng.integers(0, vocab_size, seq_len, dtype=np.uint32).astype(
-        np.uint16 if vocab_size <= 65536 else np.uint32)
+    return rng.integers(0, vocab_size, seq_len, dtype=np.uint32).astype(token_dtype_for(vocab_size))
 
 
 def write_synthetic_corpus(out: str,
@@ -35,15 +36,16 @@ def write_synthetic_corpus(out: str,
                            seed: int = 0,
                            size_limit: int = 1 << 20,
                            score_names: tuple[str, ...] = ('quality',),
-                           compression: Optional[str] = 'zstd',
+                           compression: Optional[str] = COMPRESSION,
                            num_sources: int = 4) -> CorpusMeta:
     """Write ``num_samples`` samples to ``out`` (local dir) with ``dwm.json`` and ``uids.npy``.
 
     Sample ``i`` comes from source ``i % num_sources``; its domain is ``i % 3``; its score
-    ``quality`` is ``i / num_samples``; the last sample of each source is half padding.
+    ``quality`` is ``i / num_samples``; the last sample of each source is half padding. Shards are
+    written as ``convert`` writes them (:mod:`dwm_stream.format.shards`: columns, token dtype,
+    hashes), except that ``size_limit`` and ``compression`` can be chosen.
     """
-    from streaming import MDSWriter
-    token_dtype = 'uint16' if vocab_size <= 65536 else 'uint32'
+    token_dtype = token_dtype_for(vocab_size)
     columns = mds_columns(seq_len, token_dtype, tuple(score_names))
     uids = []
     per_source = [0] * num_sources
@@ -51,7 +53,7 @@ def write_synthetic_corpus(out: str,
                       for s in range(num_sources) if s < num_samples}
     tokens_per_domain = {name: 0 for name in SYNTHETIC_DOMAINS}
     total_tokens = 0
-    with MDSWriter(out=out, columns=columns, compression=compression, hashes=['xxh64'],
+    with MDSWriter(out=out, columns=columns, compression=compression, hashes=HASHES,
                    size_limit=size_limit) as writer:
         for i in range(num_samples):
             source = i % num_sources

@@ -3,79 +3,75 @@
 The YAML layout is LLM Foundry's (``model``, ``tokenizer``, ``train_loader``, ``eval_loader``,
 ``algorithms``, ``optimizer``, ``scheduler``, ``callbacks``, ``loggers``); ``dwm_stream.train.entry``
 assembles the pieces into a Composer ``Trainer``, and ``dwm_stream.train.foundry`` exposes the same
-dataloader and algorithm to LLM Foundry's registries.
+dataloader and algorithm to LLM Foundry's registries. Each builder first checks its section against the
+schema in :mod:`dwm_stream.train.config`, so an error names the YAML key however the builder is reached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
+from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+from composer.core import DataSpec, Time
+from composer.loggers import FileLogger, TensorboardLogger
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import HuggingFaceModel
+from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
+                            LinearWithWarmupScheduler)
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from algorithms.dwm import DWM
+from algorithms.dwm import DWM, ValidationBatches
+from dwm_stream.convert.tokenizer import load_tokenizer
 from dwm_stream.data.loader import build_dataloader, build_dataset, collate_samples, widen_batch
+from dwm_stream.train import config
+from dwm_stream.train.callbacks import TrainedSamples
+from dwm_stream.train.loggers import MetricsJSONLLogger
 
 __all__ = ['build_tokenizer', 'build_model', 'build_optimizer', 'build_scheduler', 'build_callbacks',
-           'build_loggers', 'build_train_dataloader', 'ConfiguredDWM', 'WidenedLoader']
+           'build_loggers', 'build_train_dataloader', 'build_eval_dataloader', 'ConfiguredDWM', 'WidenedLoader']
+
+OPTIMIZERS = {'decoupled_adamw': DecoupledAdamW, 'adamw': torch.optim.AdamW}
+# scheduler.name -> Composer class; config.SCHEDULER_CONFIGS holds each one's schema (same names).
+SCHEDULERS = {
+    'cosine_with_warmup': CosineAnnealingWithWarmupScheduler,
+    'linear_decay_with_warmup': LinearWithWarmupScheduler,
+    'constant_with_warmup': ConstantWithWarmupScheduler,
+}
+# callbacks.<name> / loggers.<name> -> class; config.CallbacksConfig / LoggersConfig hold their schemas.
+CALLBACKS = {'lr_monitor': LRMonitor, 'speed_monitor': SpeedMonitor, 'memory_monitor': MemoryMonitor,
+             'runtime_estimator': RuntimeEstimator, 'trained_samples': TrainedSamples}
+LOGGERS = {'metrics_jsonl': MetricsJSONLLogger, 'file': FileLogger, 'tensorboard': TensorboardLogger}
 
 
-def _check_keys(cfg: Mapping[str, Any], valid: set[str], where: str) -> None:
-    unknown = set(cfg) - valid
-    if unknown:
-        raise ValueError(f'{where}: unknown key(s) {sorted(unknown)}; valid keys are {sorted(valid)}.')
-
-
-def _type_ok(value: Any, kind: Any) -> bool:
-    """Whether a YAML value fits a (simple) annotation; unknown/complex annotations are accepted."""
-    import types
-    import typing
-    if kind is Any:
-        return True
-    origin = typing.get_origin(kind)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_type_ok(value, k) for k in typing.get_args(kind))
-    if kind is type(None):
-        return value is None
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is str:
-        return isinstance(value, str)
-    if kind in (list, tuple) or origin in (list, tuple) or getattr(origin, '__name__', '') == 'Sequence':
-        return isinstance(value, (list, tuple))
-    if kind is dict or origin is dict:
-        return isinstance(value, dict)
-    return True
-
-
-def _check_types(cfg: Mapping[str, Any], kinds: Mapping[str, Any], where: str) -> None:
-    """Raise naming the key when a value does not fit its annotation in ``kinds``."""
-    for key, value in cfg.items():
-        if key in kinds and not _type_ok(value, kinds[key]):
-            kind = kinds[key]
-            name = getattr(kind, '__name__', None) or str(kind).replace('typing.', '')
-            raise ValueError(f'{where}.{key}: expected {name}, got {type(value).__name__} ({value!r}).')
+def _settings(section: Any) -> dict[str, Any]:
+    """A checked section (a dataclass, or ``None`` for 'all defaults') as keyword arguments."""
+    return dataclasses.asdict(section) if section is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------- model
 def build_tokenizer(cfg: Mapping[str, Any]):
     """``tokenizer: {name: PATH_OR_HF_NAME, kwargs: {...}}``."""
-    _check_keys(cfg, {'name', 'kwargs'}, 'tokenizer')
-    from dwm_stream.convert.tokenizer import load_tokenizer
-    if 'name' not in cfg:
-        raise ValueError('tokenizer.name is required: a local tokenizer directory or an HF tokenizer name.')
-    tokenizer = load_tokenizer(cfg['name'], **dict(cfg.get('kwargs') or {}))
+    settings = config.check(config.TokenizerConfig, cfg, 'tokenizer')
+    tokenizer = load_tokenizer(settings.name, **settings.kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-MODEL_KEYS = {'name', 'config_overrides', 'pretrained_model_name_or_path', 'pretrained', 'init_device',
-              'attn_implementation'}
+def _llama_overrides_schema() -> type:
+    """``model.config_overrides`` for ``name: llama``: every ``LlamaConfig`` setting, typed by its default
+    (a setting whose default is ``None`` or a container takes any value)."""
+    fields = []
+    for key, default in LlamaConfig().to_dict().items():
+        if key.startswith('_') or key in ('transformers_version', 'model_type'):
+            continue
+        kind = type(default) if type(default) in (int, float, bool, str) else Any
+        fields.append((key, Optional[kind], None))
+    return dataclasses.make_dataclass('LlamaConfigOverrides', fields)
 
 
 def build_model(cfg: Mapping[str, Any], tokenizer):
@@ -86,95 +82,67 @@ def build_model(cfg: Mapping[str, Any], tokenizer):
     ``pretrained_model_name_or_path: LOCAL_DIR`` loads one (``pretrained: true`` for its weights).
     ``init_device: meta`` builds without allocating (used to check big YAMLs).
     """
-    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
-    from composer.models import HuggingFaceModel
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-    _check_keys(cfg, MODEL_KEYS, 'model')
-    name = cfg.get('name', 'llama')
-    overrides = dict(cfg.get('config_overrides') or {})
-    attn = cfg.get('attn_implementation', 'sdpa')
-    init_device = cfg.get('init_device', 'cpu')
-    if name == 'llama':
-        defaults = LlamaConfig().to_dict()
-        _check_keys(overrides, {k for k in defaults if not k.startswith('_')} - {'transformers_version', 'model_type'},
-                    'model.config_overrides')
-        _check_types({k: v for k, v in overrides.items() if v is not None},  # null: leave to LlamaConfig
-                     {k: type(v) for k, v in defaults.items() if type(v) in (int, float, bool, str)},
-                     'model.config_overrides')
+    settings = config.check(config.ModelConfig, cfg, 'model')
+    overrides = dict(settings.config_overrides)
+    if settings.name == 'llama':
+        config.check(_llama_overrides_schema(), overrides, 'model.config_overrides')
+        overrides = {k: v for k, v in overrides.items() if v is not None}  # null: leave to LlamaConfig
         overrides.setdefault('vocab_size', len(tokenizer))
         overrides.setdefault('bos_token_id', tokenizer.bos_token_id)
         overrides.setdefault('eos_token_id', tokenizer.eos_token_id)
         overrides.setdefault('pad_token_id', tokenizer.pad_token_id)
         try:
-            config = LlamaConfig(**overrides, attn_implementation=attn)
+            model_config = LlamaConfig(**overrides, attn_implementation=settings.attn_implementation)
         except TypeError as e:
             raise ValueError(f'model.config_overrides: {e}') from e
-        with torch.device(init_device):
-            model = LlamaForCausalLM(config)
-    elif name == 'hf_causal_lm':
-        path = cfg.get('pretrained_model_name_or_path')
+        with torch.device(settings.init_device):
+            model = LlamaForCausalLM(model_config)
+    elif settings.name == 'hf_causal_lm':
+        path = settings.pretrained_model_name_or_path
         if not path:
             raise ValueError('model.pretrained_model_name_or_path is required for name: hf_causal_lm.')
-        config = AutoConfig.from_pretrained(path, **overrides)
-        config._attn_implementation = attn
-        if cfg.get('pretrained', False) and init_device != 'meta':
-            model = AutoModelForCausalLM.from_pretrained(path, config=config)
+        model_config = AutoConfig.from_pretrained(path, **overrides)
+        model_config._attn_implementation = settings.attn_implementation
+        if settings.pretrained and settings.init_device != 'meta':
+            model = AutoModelForCausalLM.from_pretrained(path, config=model_config)
         else:
-            with torch.device(init_device):
-                model = AutoModelForCausalLM.from_config(config)
+            with torch.device(settings.init_device):
+                model = AutoModelForCausalLM.from_config(model_config)
     else:
-        raise ValueError(f"model.name: {name!r} is not supported; use 'llama' or 'hf_causal_lm'.")
-    metrics = [LanguageCrossEntropy(), LanguagePerplexity()]
+        raise ValueError(f"model.name: {settings.name!r} is not supported; use 'llama' or 'hf_causal_lm'.")
     return HuggingFaceModel(model, tokenizer=tokenizer, use_logits=True, shift_labels=True,
-                            metrics=metrics, eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()])
+                            metrics=[LanguageCrossEntropy(), LanguagePerplexity()],
+                            eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()])
 
 
 # ---------------------------------------------------------------------------------------------- optim
-def build_optimizer(cfg: Mapping[str, Any], model: torch.nn.Module):
-    """``optimizer: {name: decoupled_adamw | adamw, lr, betas, eps, weight_decay}``."""
-    from composer.optim import DecoupledAdamW
-    cfg = dict(cfg)
-    name = cfg.pop('name', 'decoupled_adamw')
-    _check_keys(cfg, {'lr', 'betas', 'eps', 'weight_decay'}, 'optimizer')
-    _check_types(cfg, {'lr': float, 'eps': float, 'weight_decay': float, 'betas': list}, 'optimizer')
-    if 'betas' in cfg and (len(cfg['betas']) != 2 or not all(_type_ok(b, float) for b in cfg['betas'])):
-        raise ValueError(f"optimizer.betas: expected two numbers, got {cfg['betas']!r}.")
-    if 'betas' in cfg:
-        cfg['betas'] = tuple(cfg['betas'])
-    classes = {'decoupled_adamw': DecoupledAdamW, 'adamw': torch.optim.AdamW}
-    if name not in classes:
-        raise ValueError(f'optimizer.name: {name!r} is not supported; use one of {sorted(classes)}.')
-    return classes[name](model.parameters(), **cfg)
+def build_optimizer(cfg: Optional[Mapping[str, Any]], model: torch.nn.Module):
+    """``optimizer: {name: decoupled_adamw | adamw, lr, betas, eps, weight_decay}`` (unset: the optimizer's default)."""
+    settings = config.check(config.OptimizerConfig, cfg, 'optimizer')
+    if settings.name not in OPTIMIZERS:
+        raise ValueError(f'optimizer.name: {settings.name!r} is not supported; use one of {sorted(OPTIMIZERS)}.')
+    kwargs = {k: v for k, v in _settings(settings).items() if k != 'name' and v is not None}
+    if 'betas' in kwargs:
+        if len(kwargs['betas']) != 2:
+            raise ValueError(f"optimizer.betas: expected two numbers, got {kwargs['betas']!r}.")
+        kwargs['betas'] = tuple(kwargs['betas'])
+    return OPTIMIZERS[settings.name](model.parameters(), **kwargs)
 
 
 def build_scheduler(cfg: Optional[Mapping[str, Any]]):
-    """``scheduler: {name: cosine_with_warmup | linear_decay_with_warmup | constant_with_warmup, t_warmup, alpha_f}``."""
-    from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
-                                LinearWithWarmupScheduler)
-    if not cfg:
+    """``scheduler: {name: cosine_with_warmup | linear_decay_with_warmup | constant_with_warmup, t_warmup, ...}``."""
+    settings = config.check_scheduler(cfg)
+    if settings is None:
         return None
-    cfg = dict(cfg)
-    name = cfg.pop('name')
-    classes = {
-        'cosine_with_warmup': (CosineAnnealingWithWarmupScheduler, {'t_warmup', 'alpha_f', 't_max'}),
-        'linear_decay_with_warmup': (LinearWithWarmupScheduler, {'t_warmup', 'alpha_i', 'alpha_f', 't_max'}),
-        'constant_with_warmup': (ConstantWithWarmupScheduler, {'t_warmup', 'alpha', 't_max'}),
-    }
-    if name not in classes:
-        raise ValueError(f'scheduler.name: {name!r} is not supported; use one of {sorted(classes)}.')
-    cls, keys = classes[name]
-    _check_keys(cfg, keys, f'scheduler ({name})')
-    from composer.core import Time
-    for key, value in cfg.items():
+    kwargs = _settings(settings)
+    for key, value in kwargs.items():
         if key.startswith('t_'):
             try:
                 Time.from_input(value)
             except (ValueError, TypeError) as e:
                 raise ValueError(f'scheduler.{key}: expected a Composer time such as 100ba or 0.1dur, '
                                  f'got {value!r} ({e}).') from e
-        elif not _type_ok(value, float):
-            raise ValueError(f'scheduler.{key}: expected a number, got {type(value).__name__} ({value!r}).')
-    return cls(**cfg)
+    return SCHEDULERS[cfg['name']](**kwargs)
 
 
 def build_callbacks(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str] = None) -> list:
@@ -184,78 +152,66 @@ def build_callbacks(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str] = N
     ``trained_samples`` (ours, :mod:`dwm_stream.train.callbacks`) records the uids of every trained batch, by
     default to ``<run_dir>/trained_samples-rank{rank}.jsonl``.
     """
-    from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
-    from dwm_stream.train.callbacks import TrainedSamples
-    known = {'lr_monitor': LRMonitor, 'speed_monitor': SpeedMonitor, 'memory_monitor': MemoryMonitor,
-             'runtime_estimator': RuntimeEstimator, 'trained_samples': TrainedSamples}
+    settings = config.check(config.CallbacksConfig, cfg, 'callbacks')
     callbacks = []
-    for name, kwargs in (cfg or {}).items():
-        if name not in known:
-            raise ValueError(f'callbacks.{name}: unknown callback; valid are {sorted(known)}.')
-        kwargs = dict(kwargs or {})
+    for name in cfg or {}:  # the order of the YAML; `name: null` enables it with its defaults
+        kwargs = _settings(getattr(settings, name))
         if name == 'trained_samples':
-            _check_keys(kwargs, {'filename', 'fsync'}, 'callbacks.trained_samples')
             kwargs['run_dir'] = run_dir
-        try:
-            callbacks.append(known[name](**kwargs))
-        except TypeError as e:
-            raise ValueError(f'callbacks.{name}: {e}') from e
+        callbacks.append(CALLBACKS[name](**kwargs))
     return callbacks
 
 
 def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str]) -> list:
-    """``loggers: {metrics_jsonl: {filename}, file: {filename}, tensorboard: {}}``.
+    """``loggers: {metrics_jsonl: {filename}, file: {filename, ...}, tensorboard: {log_dir, ...}}``.
 
     ``metrics_jsonl`` (ours) writes every logged metric with its batch index, which
     ``dwm-stream report`` and the demo read.
     """
-    from composer.loggers import FileLogger
-    from dwm_stream.train.loggers import MetricsJSONLLogger
+    settings = config.check(config.LoggersConfig, cfg, 'loggers')
     loggers = []
-    for name, kwargs in (cfg or {}).items():
-        kwargs = dict(kwargs or {})
+    for name in cfg or {}:
+        kwargs = _settings(getattr(settings, name))
         if name == 'metrics_jsonl':
-            filename = kwargs.pop('filename', None) or os.path.join(run_dir or '.', 'metrics.jsonl')
-            _check_keys(kwargs, set(), 'loggers.metrics_jsonl')
-            loggers.append(MetricsJSONLLogger(filename))
-        elif name == 'file':
-            loggers.append(FileLogger(**kwargs))
-        elif name == 'tensorboard':
-            from composer.loggers import TensorboardLogger
-            loggers.append(TensorboardLogger(**kwargs))
-        else:
-            raise ValueError(f'loggers.{name}: unknown logger; valid are [file, metrics_jsonl, tensorboard].')
+            kwargs['filename'] = kwargs.get('filename') or os.path.join(run_dir or '.', 'metrics.jsonl')
+        loggers.append(LOGGERS[name](**kwargs))
     return loggers
 
 
 # ---------------------------------------------------------------------------------------------- data
-LOADER_KEYS = {'name', 'dataset', 'num_workers', 'drop_last', 'prefetch_factor', 'persistent_workers',
-               'pin_memory', 'timeout'}
+def _build_loader(schema: type, cfg: Mapping[str, Any], device_batch_size: int, where: str) -> DataSpec:
+    settings = config.check(schema, cfg, where)
+    if settings.name != 'dwm':
+        raise ValueError(f"{where}.name: {settings.name!r}; dwm-stream builds `name: dwm` loaders.")
+    return build_dataloader(cfg['dataset'], device_batch_size, num_workers=settings.num_workers,
+                            drop_last=settings.drop_last, prefetch_factor=settings.prefetch_factor,
+                            persistent_workers=settings.persistent_workers, pin_memory=settings.pin_memory,
+                            timeout=settings.timeout, where=f'{where}.dataset')
 
 
-def build_train_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'train_loader'):
+def build_train_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'train_loader') -> DataSpec:
     """``train_loader: {name: dwm, dataset: {...}, num_workers, drop_last, ...}`` -> ``DataSpec``."""
-    cfg = dict(cfg)
-    _check_keys(cfg, LOADER_KEYS, where)
-    name = cfg.pop('name', 'dwm')
-    if name != 'dwm':
-        raise ValueError(f"{where}.name: {name!r}; dwm-stream builds `name: dwm` loaders.")
-    if 'dataset' not in cfg:
-        raise ValueError(f'{where}.dataset is required (remote/local/streams/selection/shuffle...).')
-    dataset = cfg.pop('dataset')
-    return build_dataloader(dataset, device_batch_size, where=f'{where}.dataset', **cfg)
+    return _build_loader(config.LoaderConfig, cfg, device_batch_size, where)
+
+
+def build_eval_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'eval_loader') -> DataSpec:
+    """``eval_loader``: as ``train_loader``, but ``drop_last`` defaults to ``false``."""
+    return _build_loader(config.EvalLoaderConfig, cfg, device_batch_size, where)
 
 
 class WidenedLoader:
-    """Re-iterable: a ``DWMDataset`` loader whose batches are widened (int64 ids + labels)."""
+    """Re-iterable: a ``DWMDataset`` loader whose batches are widened (int64 ids + labels).
+
+    The config is checked when the loader is made; the dataset is built at the first iteration.
+    """
 
     def __init__(self, dataset_cfg: Mapping[str, Any], batch_size: int, where: str) -> None:
+        config.check(config.DatasetConfig, dataset_cfg, where)
         self.dataset_cfg, self.batch_size, self.where = dict(dataset_cfg), batch_size, where
         self._loader = None
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._loader is None:
-            from torch.utils.data import DataLoader
             dataset = build_dataset(self.dataset_cfg, self.batch_size, where=self.where)
             self._loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_samples,
                                       drop_last=True)
@@ -263,14 +219,11 @@ class WidenedLoader:
 
 
 # ---------------------------------------------------------------------------------------------- DWM
-REFIT_LOADER_KEYS = {'dataset', 'batch_size'}
-VALIDATION_KEYS = {'lambada', 'dataset', 'tokenizer', 'batch_size', 'max_length'}
-
-
 class ConfiguredDWM(DWM):
     """:class:`algorithms.dwm.DWM` built from YAML: its loaders are given as configs.
 
-    Takes every ``DWM`` argument, except that the two loaders are configs:
+    Takes every ``DWM`` argument (checked against :class:`dwm_stream.train.config.DWMConfig`), except that the two
+    loaders are configs:
 
     Args:
         refit_loader (dict, optional): ``{dataset: {...}, batch_size}``: batches from the training
@@ -294,47 +247,36 @@ class ConfiguredDWM(DWM):
                  tokenizer: Any = None,
                  device_batch_size: Optional[int] = None,
                  **kwargs: Any) -> None:
-        import inspect
-        valid = set(inspect.signature(DWM.__init__).parameters) - {'self', 'refit_dataloader', 'val_dataloader'}
-        valid |= {'refit_loader', 'validation'}
-        unknown = set(kwargs) - valid
-        if unknown:
-            raise ValueError(f'algorithms.dwm: unknown key(s) {sorted(unknown)}; valid keys are {sorted(valid)}.')
-        import typing
-        _check_types(kwargs, typing.get_type_hints(DWM.__init__), 'algorithms.dwm')
+        settings = config.check(config.DWMConfig, {**kwargs, 'refit_loader': refit_loader, 'validation': validation},
+                                'algorithms.dwm')
+        dwm_kwargs = {key: getattr(settings, key) for key in kwargs}  # as typed by the schema; DWM's defaults
         refit_cfg = dict(refit_loader or {})
-        _check_keys(refit_cfg, REFIT_LOADER_KEYS, 'algorithms.dwm.refit_loader')
         val_cfg = dict(validation or {})
-        _check_keys(val_cfg, VALIDATION_KEYS, 'algorithms.dwm.validation')
         batch_size = refit_cfg.get('batch_size') or device_batch_size or 8
         refit = None
-        if kwargs.get('refit', True):
-            dataset_cfg = dict(train_dataset or {})
-            dataset_cfg.update(refit_cfg.get('dataset') or {})
+        if settings.refit:
+            refit_dataset = dict(refit_cfg.get('dataset') or {})
+            dataset_cfg = {**(train_dataset or {}), **refit_dataset}
             if not dataset_cfg:
                 raise ValueError('algorithms.dwm.refit_loader.dataset is required (the training corpus, '
                                  'with its own shuffle_seed).')
-            if 'dataset' not in refit_cfg or 'shuffle_seed' not in refit_cfg['dataset']:
+            if 'shuffle_seed' not in refit_dataset:
                 dataset_cfg['shuffle_seed'] = int(dataset_cfg.get('shuffle_seed', 9176)) + 1
-            if dataset_cfg.get('remote') and 'local' in dataset_cfg and not (refit_cfg.get('dataset') or {}).get('local'):
+            if dataset_cfg.get('remote') and 'local' in dataset_cfg and not refit_dataset.get('local'):
                 dataset_cfg['local'] = str(dataset_cfg['local']).rstrip('/') + '.refit'
             dataset_cfg.pop('batch_size', None)
             refit = WidenedLoader(dataset_cfg, batch_size, 'algorithms.dwm.refit_loader.dataset')
         val = None
         if val_cfg:
             val_batch = val_cfg.get('batch_size') or batch_size
-            if 'lambada' in val_cfg:
-                from algorithms.dwm import ValidationBatches
-                tok = tokenizer
-                if val_cfg.get('tokenizer'):
-                    from dwm_stream.convert.tokenizer import load_tokenizer
-                    tok = load_tokenizer(val_cfg['tokenizer'])
+            if val_cfg.get('lambada'):
+                tok = load_tokenizer(val_cfg['tokenizer']) if val_cfg.get('tokenizer') else tokenizer
                 if tok is None:
                     raise ValueError('algorithms.dwm.validation.tokenizer is required (the LLM tokenizer).')
                 val = ValidationBatches(val_cfg['lambada'], tok, batch_size=val_batch,
                                         max_length=val_cfg.get('max_length'))
-            elif 'dataset' in val_cfg:
+            elif val_cfg.get('dataset'):
                 val = WidenedLoader(val_cfg['dataset'], val_batch, 'algorithms.dwm.validation.dataset')
             else:
                 raise ValueError('algorithms.dwm.validation needs `lambada: PATH` or `dataset: {...}`.')
-        super().__init__(refit_dataloader=refit, val_dataloader=val, **kwargs)
+        super().__init__(refit_dataloader=refit, val_dataloader=val, **dwm_kwargs)

@@ -81,7 +81,7 @@ class TrainedSamples(Callback):
                 raise ValueError('trained_samples: the batch has no `uid` column; it records DWMDataset batches.')
             record: dict[str, Any] = {'event': 'batch', 'batch': int(state.timestamp.batch) - 1,
                                       'uids': [int(u) for u in uids.tolist()]}
-            from algorithms.dwm.dwm import WEIGHT_KEY
+            from algorithms.dwm.functional import WEIGHT_KEY
             weights = batch.get(WEIGHT_KEY)
             if weights is not None:
                 record['weights'] = [float(w) for w in weights.detach().cpu().tolist()]

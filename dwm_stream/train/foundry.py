@@ -17,7 +17,9 @@ dataset and the validation tokenizer are given in full (``dwm-stream train`` fil
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Union
+
+from composer.core import DataSpec
 
 from dwm_stream.train.builders import ConfiguredDWM, build_train_dataloader
 
@@ -25,15 +27,21 @@ __all__ = ['DWMAlgorithm', 'build_dwm_dataloader']
 
 
 class DWMAlgorithm(ConfiguredDWM):
-    """The DWM algorithm as LLM Foundry's registry builds it (every key from the YAML)."""
+    """The DWM algorithm as LLM Foundry's registry builds it (every key from the YAML, checked against
+    :class:`dwm_stream.train.config.DWMConfig`)."""
 
 
-def build_dwm_dataloader(tokenizer: Any, device_batch_size: Union[int, float], dataset: dict[str, Any],
-                         num_workers: int = 0, drop_last: bool = True, prefetch_factor: Optional[int] = None,
-                         persistent_workers: bool = False, pin_memory: bool = False, timeout: float = 0):
-    """LLM Foundry's dataloader builder signature -> a ``DataSpec`` over ``DWMDataset``."""
-    del tokenizer  # the corpus is already tokenized; DWM reads the tokenizer from the model
-    cfg = {'name': 'dwm', 'dataset': dataset, 'num_workers': num_workers, 'drop_last': drop_last,
-           'prefetch_factor': prefetch_factor, 'persistent_workers': persistent_workers,
-           'pin_memory': pin_memory, 'timeout': timeout}
-    return build_train_dataloader(cfg, int(device_batch_size))
+def build_dwm_dataloader(tokenizer: Any, device_batch_size: Union[int, float], **loader_cfg: Any) -> DataSpec:
+    """LLM Foundry's dataloader builder signature -> a ``DataSpec`` over ``DWMDataset``.
+
+    Args:
+        tokenizer (Any): Foundry's tokenizer; unused (the corpus is already tokenized, and DWM reads the
+            tokenizer from the model).
+        device_batch_size (int | float): Samples per batch on this rank.
+        **loader_cfg: The loader's YAML keys other than ``name`` (``dataset``, ``num_workers``, ``drop_last``,
+            ...), checked against :class:`dwm_stream.train.config.LoaderConfig`, so that an unknown key is named
+            with the valid ones. Foundry builds eval loaders through the same function, and does not say which
+            loader it is building: messages name it ``train_loader``.
+    """
+    del tokenizer
+    return build_train_dataloader({'name': 'dwm', **loader_cfg}, int(device_batch_size))

@@ -97,7 +97,10 @@ def format_tables(tables: PreferenceTables) -> str:
 
 def plot_preferences(tables: PreferenceTables, path: str, title: Optional[str] = None) -> None:
     """Draw preference by criterion and by domain across stages into a PNG."""
-    import matplotlib
+    try:  # the plot is the only use of matplotlib in a training install: an extra, imported on demand
+        import matplotlib
+    except ImportError as err:
+        raise RuntimeError("dwm-stream report draws its plot with matplotlib: pip install 'dwm-stream[demo]'") from err
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))

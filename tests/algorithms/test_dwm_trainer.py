@@ -10,7 +10,8 @@ from composer.loggers import InMemoryLogger
 from dwm_testing import ToyCorpus, composer_llama, loader, val_batches
 from torch.utils.data import DataLoader
 
-from algorithms.dwm import DWM, WEIGHT_KEY, load_schedule
+from algorithms.dwm import DWM, load_schedule
+from algorithms.dwm.functional import WEIGHT_KEY, normalize_with_prior
 
 
 def _trainer(model, algorithms=(), batch_size=8, microbatch=None, tokens=False, max_duration='2ba', optimizer=None,
@@ -190,7 +191,6 @@ def test_nonfinite_weights_fall_back_to_uniform():
 
 
 def test_prior_weight_multiplies_and_renormalises():
-    from algorithms.dwm import normalize_with_prior
     w = torch.tensor([1.0, 1.0, 2.0, 0.0 + 0.5])
     prior = torch.tensor([2.0, 1.0, 1.0, 0.0])
     out = normalize_with_prior(w, prior)

@@ -5,9 +5,9 @@ import torch
 from dwm_testing import clean_sequence, noisy_sequence, tiny_llama
 from torch.func import functional_call
 
-from algorithms.dwm.hypergradient import (adam_preconditioner, directional_derivative_fd, hypergradient,
-                                          hypergradient_autograd, lookahead)
-from algorithms.dwm.loss import loss_contributions, per_sample_loss_sums
+from algorithms.dwm.hypergradient import (adam_preconditioner, directional_derivative_fd, eager_attention, hypergradient,
+                                          hypergradient_autograd, jvp_attention, lookahead)
+from algorithms.dwm.functional import loss_contributions, per_sample_loss_sums
 
 LR = 0.5
 
@@ -169,7 +169,6 @@ def test_fd_zero_direction():
 def test_jvp_through_sdpa_math_backend(padded):
     """DWM's JVP on an ``sdpa`` Llama keeps SDPA on its math backend (the fused CPU kernel has no forward-mode rule),
     with and without a padding mask; it equals the create_graph reference and the eager-attention JVP."""
-    from algorithms.dwm.dwm import _eager_attention, _jvp_attention
 
     model = tiny_llama(hidden=16, layers=1, seed=3, dtype=torch.float64, attn='sdpa')
     gen = torch.Generator().manual_seed(3)
@@ -194,10 +193,10 @@ def test_jvp_through_sdpa_math_backend(padded):
     with pytest.raises(NotImplementedError):  # the fused kernel: why the context is needed at all
         hypergradient(contributions_fn, val_loss_fn, params, weights, LR)
     exact = hypergradient(contributions_fn, val_loss_fn, params, weights, LR,
-                          jvp_context=lambda: _jvp_attention(model)).hypergradient
+                          jvp_context=lambda: jvp_attention(model)).hypergradient
     eager = hypergradient(contributions_fn, val_loss_fn, params, weights, LR,
-                          jvp_context=lambda: _eager_attention(model)).hypergradient
-    with _jvp_attention(model):  # double backward through the fused kernel is not implemented either
+                          jvp_context=lambda: eager_attention(model)).hypergradient
+    with jvp_attention(model):  # double backward through the fused kernel is not implemented either
         reference = hypergradient_autograd(contributions_fn, val_loss_fn, params, weights, LR)
     assert model.config._attn_implementation == 'sdpa'
     assert reference.abs().max() > 1e-5

@@ -1,32 +1,16 @@
 """The loader benchmark runs end to end (``--quick``), writes valid JSON, and RESULTS.md is made from it."""
 
-import json
 import os
 import re
 
 import pytest
-from bench_module import load_bench
-
-
-
-def _load_bench():
-    return load_bench('loader_throughput')
+from bench_module import OTHER_SECTION
+from bench_module import quick_run as run_bench
 
 
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
-    bench = _load_bench()
-    root = tmp_path_factory.mktemp('bench')
-    results_md = root / 'RESULTS.md'
-    # Another section, owned by another benchmark, must survive the regeneration untouched.
-    other = '## Overhead\n\n<!-- overhead:begin -->\nkeep me 1.23\n<!-- overhead:end -->\n'
-    results_md.write_text('# Benchmark results\n\n' + other + '\n' + bench.BEGIN_MARK + '\nstale 9.99\n' +
-                          bench.END_MARK + '\n\ntrailing text\n')
-    out = root / 'results'
-    assert bench.main(['--quick', '--out', str(out)]) == 0
-    with open(out / 'loader.json') as f:
-        results = json.load(f)
-    return bench, results, out, results_md, other
+    return (*run_bench('loader_throughput', tmp_path_factory.mktemp('bench'), 'loader.json'), OTHER_SECTION)
 
 
 def _positive(x):
@@ -106,14 +90,3 @@ def test_results_md_section_is_rendered_from_the_json(quick_run):
         assert re.search(re.escape(f'| {r["name"]} |') + r'[^\n]*' + re.escape(f'| {r["median"]:.2f} |'), section)
     m = results['machine']
     assert f'{m["nproc"]} CPUs' in section and f'{results["settings"]["reps"]} repetitions' in section
-
-
-def test_replace_section_creates_and_replaces(tmp_path):
-    bench = _load_bench()
-    path = tmp_path / 'RESULTS.md'
-    bench.replace_section(str(path), bench.BEGIN_MARK + '\nfirst\n' + bench.END_MARK)
-    assert bench.read_section(str(path)) == bench.BEGIN_MARK + '\nfirst\n' + bench.END_MARK
-    path.write_text(path.read_text() + '\n## Other\nkept\n')
-    bench.replace_section(str(path), bench.BEGIN_MARK + '\nsecond\n' + bench.END_MARK)
-    text = path.read_text()
-    assert 'first' not in text and 'second' in text and text.endswith('## Other\nkept\n')

@@ -3,9 +3,14 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
-from bench_module import load_bench
+from bench_module import OTHER_SECTION, load_bench
+from bench_module import quick_run as run_bench
+
+from dwm_stream.data.selection import read_selection
+from dwm_stream.demo.data import prepare_data
 
 METHODS = ('uniform', 'dwm', 'static_domain', 'loss_reweighting')
 
@@ -16,18 +21,8 @@ def _load_bench():
 
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
-    bench = _load_bench()
     root = tmp_path_factory.mktemp('bench')
-    results_md = root / 'RESULTS.md'
-    # Other sections, owned by other benchmarks, must survive the regeneration untouched.
-    other = '<!-- loader:begin -->\n## Loader\nkeep me 1.23\n<!-- loader:end -->\n'
-    results_md.write_text('# Benchmark results\n\n' + other + '\n' + bench.BEGIN_MARK + '\nstale 9.99\n' +
-                          bench.END_MARK + '\n\ntrailing text\n')
-    out = root / 'results'
-    assert bench.main(['--quick', '--out', str(out), '--data-dir', str(root / 'data')]) == 0
-    with open(out / 'quality.json') as f:
-        results = json.load(f)
-    return bench, results, out, results_md, other
+    return (*run_bench('quality', root, 'quality.json', ('--data-dir', str(root / 'data'))), OTHER_SECTION)
 
 
 def _number(x):
@@ -101,22 +96,10 @@ def test_steps_to_reach_interpolates():
     assert bench.steps_to_reach(curve, 4.0) is None
 
 
-def test_replace_section_creates_and_replaces(tmp_path):
-    bench = _load_bench()
-    path = tmp_path / 'RESULTS.md'
-    bench.replace_section(str(path), bench.BEGIN_MARK + '\nfirst\n' + bench.END_MARK)
-    assert bench.read_section(str(path)) == bench.BEGIN_MARK + '\nfirst\n' + bench.END_MARK
-    path.write_text(path.read_text() + '\n## Other\nkept\n')
-    bench.replace_section(str(path), bench.BEGIN_MARK + '\nsecond\n' + bench.END_MARK)
-    text = path.read_text()
-    assert 'first' not in text and 'second' in text and text.endswith('## Other\nkept\n')
-
-
 @pytest.mark.slow
 def test_investigation_runs_dwm_only_and_is_rendered_from_its_json(quick_run, tmp_path):
     """``--investigate`` re-runs DWM only (same seeds/budget), fits V1 on held-out samples the evaluation never reads,
     and its subsection of RESULTS.md is the one its JSON produces."""
-    import shutil
     bench, results, out, _, _ = quick_run
     inv_out = tmp_path / 'results'
     shutil.copytree(out, inv_out)
@@ -134,10 +117,9 @@ def test_investigation_runs_dwm_only_and_is_rendered_from_its_json(quick_run, tm
     assert all(r['steps'] == results['budget']['steps'] for r in runs)
     assert inv['variant_info']['heldout_val']['settings'] == {'dwm_validation': 'heldout'}
     # The held-out split is disjoint from the evaluated samples.
-    budget = bench.Budget(**results['budget'])
-    paths = bench.prepare_data(str(data_dir), budget)
+    budget = bench.Budget.from_record(results['budget'])
+    paths = prepare_data(str(data_dir), budget.data)
     eval_uids = {u for b in bench._eval_batches_uids(paths, budget) for u in b}
-    from dwm_stream.data.selection import read_selection
     sel = read_selection(inv['heldout_selection']['path'])
     assert len(sel) == inv['heldout_selection']['samples'] > 0 and not set(sel.uids.tolist()) & eval_uids
     a = inv['analysis']

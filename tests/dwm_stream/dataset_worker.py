@@ -11,8 +11,11 @@ import json
 import os
 import sys
 
-import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
+
+from dwm_stream.data.dataset import DWMDataset
+from dwm_stream.data.loader import collate_samples
 
 
 def main() -> None:
@@ -21,10 +24,7 @@ def main() -> None:
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     if world_size > 1:
-        import torch.distributed as dist
         dist.init_process_group('gloo')
-    from dwm_stream.data.dataset import DWMDataset
-    from dwm_stream.data.loader import collate_samples
     dataset = DWMDataset(**cfg['dataset'])
     if cfg.get('state_in'):
         with open(cfg['state_in']) as f:
@@ -48,8 +48,8 @@ def main() -> None:
         json.dump({'uids': uids, 'prior_weight': priors, 'world_size': world_size,
                    'domain_names': dataset.domain_names}, f)
     if world_size > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

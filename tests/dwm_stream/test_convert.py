@@ -17,6 +17,7 @@ from dwm_stream.convert.pipeline import PART_BASENAME, PARTS_DIR, convert, part_
 from dwm_stream.format.shards import (META_BASENAME, UID_ORDINAL_BITS, UIDS_BASENAME, CorpusMeta,
                                      make_uid)
 from dwm_stream.convert.sources import BadRecordError, iter_documents, write_tar_shards
+from dwm_stream.demo.loopback_s3 import upload_dir
 
 SEQ_LEN = 256
 
@@ -179,9 +180,7 @@ def test_two_workers_give_identical_output(small_corpus, small_tokenizer, conver
 def test_s3_source_and_output_match_local(small_corpus, small_tokenizer, converted_mds,
                                           loopback_s3):
     client = loopback_s3.client()
-    train = small_corpus.train_dir
-    for path in glob.glob(f'{train}/**/*.jsonl.zst', recursive=True):
-        client.upload_file(path, 'dwm-test', f'corpus/train/{os.path.relpath(path, train)}')
+    upload_dir(client, small_corpus.train_dir, 'dwm-test', 'corpus/train', include=lambda name: name.endswith('.jsonl.zst'))
     report = convert('s3://dwm-test/corpus/train', 's3://dwm-test/mds/train', small_tokenizer,
                      SEQ_LEN, workers=2, progress=False)
     local = _file_hashes(converted_mds)

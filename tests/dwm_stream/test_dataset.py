@@ -6,13 +6,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
 from dwm_stream.data.dataset import DWMDataset, DWMStream
 from dwm_stream.data.loader import collate_samples, widen_batch
-from dwm_stream.demo.loopback_s3 import LoopbackS3
+from dwm_stream.demo.loopback_s3 import LoopbackS3, upload_dir
 from dwm_stream.data.selection import read_selection, write_selection
 from dwm_stream.testing.synthetic import SYNTHETIC_DOMAINS, expected_tokens, write_synthetic_corpus
 
@@ -160,8 +162,6 @@ def test_selection_errors_name_the_file(corpus, tmp_path, problem):
         with pytest.raises(ValueError, match=r'unknown\.parquet: 1 of 10 selected uid\(s\) are not in'):
             DWMDataset(local=corpus, selection=path, batch_size=2)
         return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     if problem == 'duplicate':
         uids[3] = uids[4]
         pq.write_table(pa.table({'uid': uids}), path)
@@ -217,8 +217,7 @@ def test_exactly_once_composer_two_ranks_two_workers(corpus, selection_file, tmp
 def test_s3_streams_the_same_sequence_as_local(corpus, selection_file, tmp_path):
     with LoopbackS3(buckets=['corpus']) as s3:
         client = s3.client()
-        for name in os.listdir(corpus):
-            client.upload_file(os.path.join(corpus, name), 'corpus', f'mds/{name}')
+        upload_dir(client, corpus, 'corpus', 'mds')
         client.upload_file(selection_file, 'corpus', 'sel/half.parquet')
         for selection in (None, 's3://corpus/sel/half.parquet'):
             local_sel = selection_file if selection else None

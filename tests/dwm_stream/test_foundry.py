@@ -17,7 +17,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
+from transformers import AutoTokenizer, LlamaConfig
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +37,6 @@ def test_entry_points_are_registered():
 
 
 def _foundry_yaml(tmp_path, mds: str, tokenizer: str, lambada: str) -> str:
-    from transformers import AutoTokenizer, LlamaConfig
     tok = AutoTokenizer.from_pretrained(tokenizer)
     model_dir = str(tmp_path / 'tiny-llama')
     LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -84,7 +85,6 @@ def _foundry_yaml(tmp_path, mds: str, tokenizer: str, lambada: str) -> str:
 
 
 def test_llm_foundry_train_runs_dwm(tmp_path, converted_mds, small_tokenizer, small_corpus):
-    import torch
     mds = str(tmp_path / 'mds')
     shutil.copytree(converted_mds, mds)  # the session fixture must not be modified
     config = _foundry_yaml(tmp_path, mds, small_tokenizer, small_corpus.lambada_path)

@@ -10,6 +10,7 @@ from dwm_stream.cli import main as cli_main
 from dwm_stream.select.qurating import (CRITERIA, annotate_qurating, qurating_logits, select_qurating,
                                  token_weighted_mean, window_bounds)
 from dwm_stream.data.selection import read_selection, write_selection
+from dwm_stream.demo.loopback_s3 import upload_dir
 from dwm_stream.testing.synthetic import SYNTHETIC_DOMAINS, write_synthetic_corpus
 
 N = 400
@@ -150,11 +151,7 @@ def test_annotate_then_select(tiny_rater, converted_mds, tmp_path):
 
 @pytest.mark.slow
 def test_selects_from_s3_as_from_local(rated_corpus, loopback_s3, tmp_path):
-    client = loopback_s3.client()
-    for d, _, files in os.walk(rated_corpus):
-        for f in files:
-            path = os.path.join(d, f)
-            client.upload_file(path, 'dwm-test', f'qurating-test/mds/{os.path.relpath(path, rated_corpus)}')
+    upload_dir(loopback_s3.client(), rated_corpus, 'dwm-test', 'qurating-test/mds')
     local = select_qurating(rated_corpus, 'required_expertise', str(tmp_path / 'local.parquet'), 60 * SEQ_LEN,
                             tau=0.5, seed=2)
     remote = select_qurating('s3://dwm-test/qurating-test/mds', 'required_expertise',

@@ -13,6 +13,10 @@ import sys
 import uuid
 
 import pytest
+import torch
+
+from dwm_stream.demo.loopback_s3 import upload_dir
+from dwm_stream.train.loggers import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -29,11 +33,7 @@ def s3_corpus(loopback_s3, converted_mds) -> str:
     client = loopback_s3.client()
     prefix = f'train-cli-{uuid.uuid4().hex[:8]}'
     for split in ('train', 'validation'):
-        for root, _, files in os.walk(converted_mds):
-            for name in files:
-                path = os.path.join(root, name)
-                key = f'{prefix}/{split}/{os.path.relpath(path, converted_mds)}'
-                client.upload_file(path, 'dwm-test', key)
+        upload_dir(client, converted_mds, 'dwm-test', f'{prefix}/{split}')
     return f's3://dwm-test/{prefix}'
 
 
@@ -59,8 +59,7 @@ def _overrides(tmp_path, s3_corpus: str, small_tokenizer: str, lambada: str, max
         'algorithms.dwm.refit_steps=1',
         f'algorithms.dwm.validation.lambada={lambada}',
         'algorithms.dwm.validation.batch_size=4',
-        'console_log_interval=1ba',
-        'log_to_console=true',
+        'console_log_interval=1ba',  # progress_bar/log_to_console unset: one line per batch off a terminal
     ]
 
 
@@ -75,7 +74,6 @@ def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 
 
 def _metrics(run_dir) -> list[dict]:
-    from dwm_stream.train.loggers import read_metrics
     return read_metrics(os.path.join(run_dir, 'metrics.jsonl'))
 
 
@@ -85,13 +83,18 @@ def _loss_batches(records: list[dict]) -> list[int]:
 
 def test_train_cli_from_s3_checkpoint_and_autoresume(tmp_path, loopback_s3, s3_corpus, small_tokenizer,
                                                     small_corpus):
-    import torch
     assert os.environ.get('S3_ENDPOINT_URL') == loopback_s3.endpoint_url
     run_dir = tmp_path / 'run'
     lambada = small_corpus.lambada_path
 
     # --- first run: 4 batches from s3://, DWM refits at 0 and 2ba, checkpoints at 2ba and 4ba.
-    _run(_overrides(tmp_path, s3_corpus, small_tokenizer, lambada, f'{FIRST_BATCHES}ba'), tmp_path)
+    proc = _run(_overrides(tmp_path, s3_corpus, small_tokenizer, lambada, f'{FIRST_BATCHES}ba'), tmp_path)
+    # Off a terminal: no progress-bar redraws, one short console line per batch (and one per eval).
+    assert '\r' not in proc.stderr
+    progress_lines = [line for line in proc.stderr.splitlines() if line.startswith('[batch=')]
+    assert [line.split()[0] for line in progress_lines if line.split()[1:2] != ['eval']] == \
+        [f'[batch={b}/{FIRST_BATCHES}]' for b in range(1, FIRST_BATCHES + 1)], proc.stderr[-3000:]
+    assert any(line.startswith('[batch=2/4] eval metrics/eval/LanguageCrossEntropy') for line in progress_lines)
     checkpoints = sorted(p for p in os.listdir(run_dir) if p.endswith('.pt') and p.startswith('ep'))
     assert any(f'ba{FIRST_BATCHES}-' in p for p in checkpoints), checkpoints
     assert os.path.exists(run_dir / 'latest-rank0.pt')

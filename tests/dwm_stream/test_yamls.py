@@ -9,6 +9,7 @@ the key (and, for unknown keys, lists the valid ones).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import shutil
@@ -16,9 +17,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from composer.core import Precision, Time, TimeUnit
 
+from algorithms.dwm.export import load_schedule, save_weighter, write_schedule
+from algorithms.dwm import Weighter, WeighterConfig
+from dwm_stream.data.selection import write_selection
 from dwm_stream.train import builders
-from dwm_stream.train.entry import build_trainer, load_config, main
+from dwm_stream.train.config import TrainConfig
+from dwm_stream.train.entry import ConsoleLineLogger, build_trainer, load_config, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 YAML_DIR = os.path.join(REPO, 'yamls')
@@ -100,7 +106,6 @@ def _build_dwm(cfg: dict, tokenizer, device_batch: int) -> list:
 
 
 def _write_selection(local_mds: str, path: str, score: str) -> np.ndarray:
-    from dwm_stream.data.selection import write_selection
     uids = np.load(os.path.join(local_mds, 'uids.npy'))
     rng = np.random.default_rng(0)
     chosen = np.sort(rng.choice(uids, size=len(uids) // 2, replace=False))
@@ -131,7 +136,6 @@ def test_yaml_has_header_comment(name):
 @pytest.mark.parametrize('name', PAPER_YAMLS)
 def test_paper_yaml_settings(name, yaml_env):
     """30B tokens, 5 stages, seq 2048, LAMBADA validation, S3 placeholders, bf16 on GPU, right sizes."""
-    from composer.core import Precision, Time, TimeUnit
     cfg = load_config(_path(name), ['model.init_device=meta',
                                     f'model.config_overrides.vocab_size={GPT_NEOX_VOCAB}'])
     assert cfg['tokenizer']['name'] == os.environ['DWM_TOKENIZER']
@@ -201,8 +205,6 @@ def test_lambada_path_is_required(name, yaml_env, monkeypatch):
 @pytest.mark.parametrize('name', PAPER_YAMLS)
 def test_paper_yaml_builds(name, yaml_env, local_mds, small_tokenizer, monkeypatch):
     """Tokenizer, meta-device model, DWM, optimizer, scheduler, callbacks, loggers; data from a local copy."""
-    from composer.core import Time
-    from dwm_stream.train.entry import TOP_LEVEL_KEYS
     tmp = yaml_env
     selection = None
     chosen = None
@@ -215,7 +217,7 @@ def test_paper_yaml_builds(name, yaml_env, local_mds, small_tokenizer, monkeypat
     cfg = load_config(_path(name), ['model.init_device=meta', 'global_train_batch_size=4',
                                     'device_train_microbatch_size=4', 'device_eval_batch_size=4',
                                     *_local_data_overrides(raw, local_mds, selection)])
-    assert set(cfg) <= set(TOP_LEVEL_KEYS)
+    assert set(cfg) <= {f.name for f in dataclasses.fields(TrainConfig)}
     tokenizer = builders.build_tokenizer(cfg['tokenizer'])
     assert len(tokenizer) == 2048  # the test tokenizer, not the network's
     model = builders.build_model(cfg['model'], tokenizer)
@@ -242,7 +244,7 @@ def test_paper_yaml_builds(name, yaml_env, local_mds, small_tokenizer, monkeypat
     if chosen is not None:
         assert set(batch['uid'].tolist()) <= set(chosen.tolist())
         assert not torch.all(batch['prior_weight'] == 1)
-    builders.build_train_dataloader({'drop_last': False, **cfg['eval_loader']}, 4, where='eval_loader')
+    builders.build_eval_dataloader(cfg['eval_loader'], 4)
 
     if algorithms:
         dwm = algorithms[0]
@@ -256,7 +258,6 @@ def test_paper_yaml_builds(name, yaml_env, local_mds, small_tokenizer, monkeypat
             assert val_batch['input_ids'].shape[0] <= raw['algorithms']['dwm']['validation']['batch_size']
             assert (val_batch['labels'] != -100).any()
         else:
-            from algorithms.dwm.export import load_schedule
             stages = load_schedule(dwm.schedule_path)
             assert stages[0][1].config.vocab_size == len(tokenizer)
 
@@ -269,8 +270,6 @@ def _loader_of(dwm, which: str):
 
 def _write_schedule(save_dir: str, tokenizer_dir: str) -> str:
     """A small 2-stage weighter schedule, as a 370M DWM run writes it (for the transfer YAML)."""
-    from algorithms.dwm.export import save_weighter, write_schedule
-    from algorithms.dwm.weighter import Weighter, WeighterConfig
     tokenizer = builders.build_tokenizer({'name': tokenizer_dir})
     stages = []
     for stage in range(2):
@@ -285,7 +284,6 @@ def _write_schedule(save_dir: str, tokenizer_dir: str) -> str:
 
 def test_demo_yaml_builds_a_trainer(yaml_env, local_mds):
     """demo-cpu.yaml is small enough to build the whole Composer Trainer (DWM's INIT included)."""
-    from composer.core import Time
     name = 'demo-cpu.yaml'
     raw = load_config(_path(name))
     cfg = load_config(_path(name), [*_local_data_overrides(raw, local_mds), f'save_folder={yaml_env / "run"}'])
@@ -297,6 +295,10 @@ def test_demo_yaml_builds_a_trainer(yaml_env, local_mds):
         assert dwm[0].save_dir == str(yaml_env / 'run' / 'dwm_schedule')
         assert trainer.state.max_duration == Time.from_timestring(raw['max_duration'])
         assert trainer.state.device_train_microbatch_size == raw['device_train_microbatch_size']
+        # Off a terminal (pytest captures stderr), no progress bar: one console line per interval instead.
+        destinations = trainer.logger.destinations
+        assert not any(type(d).__name__ == 'ProgressBarLogger' for d in destinations)
+        assert sum(isinstance(d, ConsoleLineLogger) for d in destinations) == 1
     finally:
         trainer.close()
 
@@ -305,7 +307,9 @@ def test_demo_yaml_builds_a_trainer(yaml_env, local_mds):
 DWM_YAML = 'slimpajama-370m-random-dwm.yaml'
 
 
-def _build_section(cfg: dict, section: str, tokenizer):
+def _build_section(cfg: dict, section: str | None, tokenizer):
+    if section is None:  # the config is checked when it is loaded
+        return None
     if section == 'model':
         return builders.build_model(cfg['model'], tokenizer)
     if section == 'train_loader':
@@ -322,49 +326,82 @@ def _build_section(cfg: dict, section: str, tokenizer):
 
 
 @pytest.mark.parametrize('override, section, where, valid_key', [
-    ('bogus=1', None, 'unknown top-level key', 'max_duration'),
-    ('model.bogus=1', 'model', 'model', 'config_overrides'),
+    ('bogus=1', None, '', 'max_duration'),
+    ('model.bogus=1', None, 'model', 'config_overrides'),
     ('model.config_overrides.hiden_size=8', 'model', 'model.config_overrides', 'hidden_size'),
-    ('train_loader.bogus=1', 'train_loader', 'train_loader', 'num_workers'),
-    ('train_loader.dataset.bogus=1', 'train_loader', 'train_loader.dataset', 'shuffle_seed'),
-    ('algorithms.dwm.bogus=1', 'algorithms', 'algorithms.dwm', 'num_stages'),
-    ('algorithms.dwm.refit_loader.bogus=1', 'algorithms', 'algorithms.dwm.refit_loader', 'dataset'),
-    ('algorithms.dwm.validation.bogus=1', 'algorithms', 'algorithms.dwm.validation', 'lambada'),
-    ('algorithms.dwm.weighter.bogus=1', 'algorithms', 'weighter', 'd_model'),
-    ('optimizer.bogus=1', 'optimizer', 'optimizer', 'weight_decay'),
-    ('scheduler.bogus=1', 'scheduler', 'scheduler', 't_warmup'),
+    ('train_loader.bogus=1', None, 'train_loader', 'num_workers'),
+    ('train_loader.dataset.bogus=1', None, 'train_loader.dataset', 'shuffle_seed'),
+    ('algorithms.gradient_clipping.clipping_type=norm', None, 'algorithms', 'dwm'),
+    ('algorithms.dwm.bogus=1', None, 'algorithms.dwm', 'num_stages'),
+    ('algorithms.dwm.refit_loader.bogus=1', None, 'algorithms.dwm.refit_loader', 'dataset'),
+    ('algorithms.dwm.refit_loader.dataset.bogus=1', None, 'algorithms.dwm.refit_loader.dataset', 'shuffle_seed'),
+    ('algorithms.dwm.validation.bogus=1', None, 'algorithms.dwm.validation', 'lambada'),
+    ('algorithms.dwm.weighter.bogus=1', None, 'algorithms.dwm.weighter', 'd_model'),
+    ('optimizer.bogus=1', None, 'optimizer', 'weight_decay'),
+    ('scheduler.bogus=1', None, 'scheduler', 't_warmup'),
+    ('callbacks.bogus={}', None, 'callbacks', 'lr_monitor'),
+    ('callbacks.speed_monitor.bogus=1', None, 'callbacks.speed_monitor', 'window_size'),
+    ('loggers.bogus={}', None, 'loggers', 'metrics_jsonl'),
 ])
 def test_unknown_key_lists_valid_keys(override, section, where, valid_key, yaml_env, small_tokenizer):
+    """Unknown keys fail when the config is loaded (``section`` None) or, for model.config_overrides, when the
+    section is built; the message names the full key path, the unknown key and the valid keys."""
     tokenizer = builders.build_tokenizer({'name': small_tokenizer})
     with pytest.raises(ValueError) as info:
         cfg = load_config(_path(DWM_YAML), ['model.init_device=meta', override])
         _build_section(cfg, section, tokenizer)
     message = str(info.value)
-    assert where in message, message
-    assert override.split('.')[-1].split('=')[0] in message, f'the unknown key is not named: {message}'
+    assert (f'{where}: unknown key' if where else 'unknown top-level key') in message, message
+    if section is None:
+        assert message.startswith(_path(DWM_YAML)), f'the file is not named: {message}'
+    key_path = override.split('=')[0]
+    unknown = (key_path[len(where) + 1:] if where else key_path).split('.')[0]
+    assert repr(unknown) in message, f'the unknown key is not named: {message}'
     assert valid_key in message, f'the valid keys are not listed: {message}'
 
 
 @pytest.mark.parametrize('override, section, key', [
-    ('seed=abc', 'trainer', 'seed'),
-    ('global_train_batch_size=lots', 'trainer', 'global_train_batch_size'),
-    ('model.config_overrides.hidden_size=big', 'model', 'hidden_size'),
-    ('model.config_overrides.tie_word_embeddings=sometimes', 'model', 'tie_word_embeddings'),
-    ('algorithms.dwm.num_stages=five', 'algorithms', 'num_stages'),
-    ('algorithms.dwm.refit_steps=many', 'algorithms', 'refit_steps'),
-    ('algorithms.dwm.refit_lr=fast', 'algorithms', 'refit_lr'),
-    ('algorithms.dwm.refit=maybe', 'algorithms', 'refit'),
-    ('optimizer.lr=fast', 'optimizer', 'lr'),
-    ('optimizer.betas=0.9', 'optimizer', 'betas'),
-    ('scheduler.t_warmup=soon', 'scheduler', 't_warmup'),
-    ('scheduler.alpha_f=low', 'scheduler', 'alpha_f'),
+    ('seed=abc', None, 'seed'),
+    ('global_train_batch_size=lots', None, 'global_train_batch_size'),
+    ('model.config_overrides.hidden_size=big', 'model', 'model.config_overrides.hidden_size'),
+    ('model.config_overrides.tie_word_embeddings=sometimes', 'model', 'model.config_overrides.tie_word_embeddings'),
+    ('algorithms.dwm.num_stages=five', None, 'algorithms.dwm.num_stages'),
+    ('algorithms.dwm.refit_steps=many', None, 'algorithms.dwm.refit_steps'),
+    ('algorithms.dwm.refit_lr=fast', None, 'algorithms.dwm.refit_lr'),
+    ('algorithms.dwm.refit=maybe', None, 'algorithms.dwm.refit'),
+    ('algorithms.dwm.weighter.d_model=big', None, 'algorithms.dwm.weighter.d_model'),
+    ('algorithms.dwm.weighter=big', None, 'algorithms.dwm.weighter'),
+    ('algorithms.dwm.validation.batch_size=lots', None, 'algorithms.dwm.validation.batch_size'),
+    ('train_loader.dataset.shuffle="false"', None, 'train_loader.dataset.shuffle'),
+    ('train_loader.dataset.shuffle=1', None, 'train_loader.dataset.shuffle'),
+    ('train_loader.num_workers="2"', None, 'train_loader.num_workers'),
+    ('eval_loader.dataset.shuffle_seed=abc', None, 'eval_loader.dataset.shuffle_seed'),
+    ('optimizer.lr=fast', None, 'optimizer.lr'),
+    ('optimizer.betas=0.9', None, 'optimizer.betas'),
+    ('optimizer.betas=[0.9,high]', None, 'optimizer.betas[1]'),
+    ('scheduler.t_warmup=soon', 'scheduler', 'scheduler.t_warmup'),
+    ('scheduler.alpha_f=low', None, 'scheduler.alpha_f'),
+    ('callbacks.speed_monitor.window_size=wide', None, 'callbacks.speed_monitor.window_size'),
 ])
 def test_wrong_type_names_the_key(override, section, key, yaml_env, small_tokenizer):
+    """A wrong type fails when the config is loaded (``section`` None) or when its section is built (a Composer
+    time that does not parse, a LlamaConfig setting); the message names the full key path."""
     tokenizer = builders.build_tokenizer({'name': small_tokenizer})
-    cfg = load_config(_path(DWM_YAML), ['model.init_device=meta', override])
     with pytest.raises(ValueError) as info:
+        cfg = load_config(_path(DWM_YAML), ['model.init_device=meta', override])
         _build_section(cfg, section, tokenizer)
-    assert key in str(info.value), str(info.value)
+    assert f'{key}:' in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize('override, key', [
+    ('max_duration=null', 'max_duration'),
+    ('tokenizer.name=null', 'tokenizer.name'),
+    ('train_loader.dataset=null', 'train_loader.dataset'),
+    ('scheduler.t_warmup=null', 'scheduler.t_warmup'),
+])
+def test_required_key_is_named(override, key, yaml_env):
+    with pytest.raises(ValueError, match=key.replace('.', r'\.')):
+        load_config(_path(DWM_YAML), [override])
 
 
 def test_cli_rejects_unknown_dataset_key(yaml_env, local_mds):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -71,7 +72,6 @@ def test_training_over_a_flaky_store_matches_the_clean_run(loopback_s3, s3_train
 @pytest.mark.parametrize('target', ['shard', 'index'])
 def test_persistent_failure_names_object_and_endpoint(target, loopback_s3, s3_train, converted_mds, tmp_path,
                                                       monkeypatch):
-    import json
     with open(os.path.join(converted_mds, 'index.json')) as f:
         shard_file = json.load(f)['shards'][0]['zip_data']['basename']
     path = shard_file if target == 'shard' else 'train/index.json'

@@ -16,11 +16,15 @@ appears, so kills land mid-step, mid-checkpoint or mid-refit.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -111,7 +115,6 @@ def test_kill9_three_times_loses_and_repeats_nothing(tmp_path, loopback_s3, s3_t
 
 # ------------------------------------------------------------------------------------ conversion
 def _file_hashes(root: str) -> dict[str, str]:
-    import hashlib
     out = {}
     for dirpath, _, files in os.walk(root):
         for name in files:
@@ -125,8 +128,6 @@ def test_kill9_during_convert_then_resume_gives_identical_shards(small_corpus, s
                                                                   tmp_path):
     """SIGKILL ``dwm-stream convert --workers 2`` once some parts are written (seeded delay), then
     ``--resume``: byte-identical output (same shard hashes in index.json) to a clean conversion."""
-    import json
-    import sys
     dwm = os.path.join(os.path.dirname(sys.executable), 'dwm-stream')
     out = str(tmp_path / 'out')
     args = [dwm, 'convert', '--src', small_corpus.train_dir, '--out', out, '--tokenizer', small_tokenizer,
@@ -134,7 +135,7 @@ def test_kill9_during_convert_then_resume_gives_identical_shards(small_corpus, s
     delay = random.Random(KILL_SEED).uniform(0.0, 0.3)
     killed = False
     for attempt in range(3):  # if the whole conversion beat the kill, start over and kill sooner
-        shutil_rm(out)
+        shutil.rmtree(out, ignore_errors=True)
         proc = subprocess.Popen(args, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.monotonic() + 300
@@ -165,8 +166,3 @@ def _parts_done(out: str) -> int:
     if not os.path.isdir(parts):
         return 0
     return sum(os.path.exists(os.path.join(parts, p, 'part.json')) for p in os.listdir(parts))
-
-
-def shutil_rm(path: str) -> None:
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)

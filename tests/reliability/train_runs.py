@@ -8,18 +8,13 @@ import subprocess
 import sys
 from typing import Optional
 
+from dwm_stream.demo.loopback_s3 import upload_dir  # noqa: F401 - re-exported: conftest.py imports it from here
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_YAML = os.path.join(REPO, 'yamls', 'demo-cpu.yaml')
 DWM_STREAM = os.path.join(os.path.dirname(sys.executable), 'dwm-stream')
 NUM_BATCHES = 12
 TRAINED_SAMPLES = 'trained_samples-rank0.jsonl'
-
-
-def upload_dir(client, local_dir: str, bucket: str, prefix: str) -> None:
-    for root, _, files in os.walk(local_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            client.upload_file(path, bucket, f'{prefix}/{os.path.relpath(path, local_dir)}')
 
 
 def train_args(run_root: str, remote: str, tokenizer: str, lambada: str, num_batches: int = NUM_BATCHES,

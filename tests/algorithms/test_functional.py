@@ -1,9 +1,13 @@
 """Per-sample and weighted losses against HuggingFace's own causal-LM loss."""
 
+import math
+
 import torch
 from dwm_testing import tiny_llama
+from scipy.stats import spearmanr
 
-from algorithms.dwm.loss import loss_contributions, per_sample_loss, per_sample_loss_sums, weighted_loss
+from algorithms.dwm.functional import (logits_of, loss_contributions, per_sample_loss, per_sample_loss_sums, spearman,
+                                       weighted_loss)
 
 
 def _logits_and_labels():
@@ -20,7 +24,8 @@ def _logits_and_labels():
 def test_all_ones_weights_equal_hf_loss():
     logits, labels, hf_loss = _logits_and_labels()
     ours = weighted_loss(logits, labels, torch.ones(4))
-    torch.testing.assert_close(ours, hf_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.loss, hf_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.per_sample, per_sample_loss(logits, labels))
 
 
 def test_per_sample_loss_matches_single_sample_hf_loss():
@@ -52,7 +57,23 @@ def test_weights_scale_sample_contributions():
     loss_sum, count = per_sample_loss_sums(logits, labels)
     w = torch.tensor([0.0, 2.0, 1.0, 1.0])
     expected = (w * loss_sum).sum() / count.sum()
-    torch.testing.assert_close(weighted_loss(logits, labels, w), expected)
-    sample = weighted_loss(logits, labels, w, normalization='sample')
+    torch.testing.assert_close(weighted_loss(logits, labels, w).loss, expected)
+    sample = weighted_loss(logits, labels, w, normalization='sample').loss
     torch.testing.assert_close(sample, (w * loss_sum / count).mean())
     torch.testing.assert_close(loss_contributions(loss_sum, count, total_tokens=100.0), loss_sum / 100.0)
+
+
+def test_spearman_matches_scipy_with_ties_and_is_nan_when_undefined():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randint(0, 5, (40,), generator=g).double()  # many ties
+        y = torch.randn(40, generator=g, dtype=torch.float64) + x
+        assert abs(spearman(x, y) - float(spearmanr(x.numpy(), y.numpy()).statistic)) < 1e-12
+    assert math.isnan(spearman(torch.ones(10), torch.randn(10)))
+    assert math.isnan(spearman(torch.randn(2), torch.randn(2)))
+
+
+def test_logits_of_reads_dict_and_object_outputs():
+    logits = torch.randn(2, 3, 5)
+    assert logits_of({'logits': logits}) is logits
+    assert logits_of(type('Out', (), {'logits': logits})()) is logits

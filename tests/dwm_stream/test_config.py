@@ -1,0 +1,258 @@
+"""The YAML schema (``dwm_stream.train.config``): it matches what it configures, and it is strict.
+
+The schema's dataclasses are written out, so each is compared here with the signature it mirrors
+(``StreamingDataset``, ``Stream``, ``DWM``, ``build_dataloader``, the Composer schedulers, callbacks and
+loggers): a new argument upstream, or a changed default, fails a test instead of being silently refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import types
+import typing
+from types import SimpleNamespace
+from typing import Any, Optional, Sequence, Union
+
+import pytest
+from composer.core import Time, Timestamp
+from streaming import Stream, StreamingDataset
+
+from algorithms.dwm import DWM, WeighterConfig
+from dwm_stream.data.dataset import DWMDataset, DWMStream
+from dwm_stream.data.loader import build_dataloader
+from dwm_stream.train import builders, config, entry
+from dwm_stream.train.config import ConfigError, check
+from dwm_stream.train.foundry import DWMAlgorithm, build_dwm_dataloader
+
+
+def _parameters(fn, leave_out: Sequence[str] = ()) -> dict[str, inspect.Parameter]:
+    return {name: p for name, p in inspect.signature(fn).parameters.items()
+            if name not in ('self', *leave_out) and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _fields(schema: type, leave_out: Sequence[str] = ()) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(schema) if f.name not in leave_out}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return inspect.Parameter.empty if f.default == '???' else f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _simple(kind: Any) -> Any:
+    """An annotation with Sequence/tuple read as list, Optional unwrapped, unions as frozensets (order-free)."""
+    if isinstance(kind, str):
+        return kind
+    origin = typing.get_origin(kind)
+    if origin in (Union, types.UnionType):
+        return frozenset(_simple(a) for a in typing.get_args(kind))
+    if origin is not None and getattr(origin, '__name__', '') in ('Sequence', 'list', 'tuple'):
+        return list
+    return kind
+
+
+def assert_matches(schema: type, fn, leave_out_params: Sequence[str] = (), leave_out_fields: Sequence[str] = (),
+                   compare_types: bool = True) -> None:
+    """The schema's fields are ``fn``'s parameters, with the same defaults (and the same simple types)."""
+    params = _parameters(fn, leave_out_params)
+    fields = _fields(schema, leave_out_fields)
+    assert sorted(fields) == sorted(params), f'{schema.__name__} vs {fn.__qualname__}'
+    hints = typing.get_type_hints(schema)
+    param_hints = typing.get_type_hints(fn)
+    for name, p in params.items():
+        assert _default(fields[name]) == p.default, f'{schema.__name__}.{name}: default differs from {fn.__qualname__}'
+        if compare_types and name in param_hints:
+            ours, theirs = _simple(hints[name]), _simple(param_hints[name])
+            if all(isinstance(k, (type, frozenset)) for k in (ours, theirs)):
+                # a Composer Time is written as a str in YAML; a float field takes an int too
+                theirs = theirs - {Time} if isinstance(theirs, frozenset) else theirs
+                ours = frozenset({ours}) if not isinstance(ours, frozenset) else ours
+                theirs = frozenset({theirs}) if not isinstance(theirs, frozenset) else theirs
+                widened = float in ours and theirs - ours == {int}
+                assert ours == theirs or widened, f'{schema.__name__}.{name}: {set(ours)} vs {set(theirs)}'
+
+
+# ------------------------------------------------------------------------------------------------ drift
+def test_dataset_schema_matches_streaming_dataset():
+    """Every StreamingDataset argument (but the registry-built stream's, which DWMDataset never uses) + selection."""
+    assert_matches(config.DatasetConfig, StreamingDataset.__init__,
+                   leave_out_params=('streams', 'stream_name', 'stream_config'),
+                   leave_out_fields=('streams', 'selection'))
+    assert 'selection' in inspect.signature(DWMDataset.__init__).parameters
+    hints = typing.get_type_hints(config.DatasetConfig)
+    assert hints['streams'] == Optional[dict[str, config.StreamConfig]]
+
+
+def test_stream_schema_matches_stream():
+    assert_matches(config.StreamConfig, Stream.__init__, leave_out_fields=('selection',))
+    assert 'selection' in inspect.signature(DWMStream.__init__).parameters
+
+
+def test_dwm_schema_matches_dwm():
+    """Every DWM argument with DWM's default; the loaders as configs; the weighter as WeighterConfig itself."""
+    assert_matches(config.DWMConfig, DWM.__init__, leave_out_params=('refit_dataloader', 'val_dataloader'),
+                   leave_out_fields=('refit_loader', 'validation'), compare_types=False)
+    hints = typing.get_type_hints(config.DWMConfig)
+    assert hints['weighter'] == Optional[WeighterConfig]
+    for name, kind in typing.get_type_hints(DWM.__init__).items():
+        if kind in (int, float, bool, str) and name in hints:
+            assert hints[name] is kind, name
+    extra = set(inspect.signature(builders.ConfiguredDWM.__init__).parameters) - {'self', 'kwargs'}
+    assert {'refit_loader', 'validation'} <= extra
+
+
+def test_loader_schema_matches_build_dataloader():
+    assert_matches(config.LoaderConfig, build_dataloader,
+                   leave_out_params=('dataset_cfg', 'device_batch_size', 'where'),
+                   leave_out_fields=('name', 'dataset'))
+    assert config.EvalLoaderConfig().drop_last is False
+
+
+def test_scheduler_schemas_match_composer():
+    assert set(config.SCHEDULER_CONFIGS) == set(builders.SCHEDULERS)
+    for name, schema in config.SCHEDULER_CONFIGS.items():
+        assert_matches(schema, builders.SCHEDULERS[name].__init__)
+
+
+def test_callback_and_logger_schemas_match_their_classes():
+    assert set(_fields(config.CallbacksConfig)) == set(builders.CALLBACKS)
+    assert set(_fields(config.LoggersConfig)) == set(builders.LOGGERS)
+    hints = typing.get_type_hints(config.CallbacksConfig) | typing.get_type_hints(config.LoggersConfig)
+    for name, cls in (builders.CALLBACKS | builders.LOGGERS).items():
+        schema = typing.get_args(hints[name])[0]
+        if name == 'metrics_jsonl':  # the file defaults to <run_dir>/metrics.jsonl
+            assert set(_fields(schema)) == set(_parameters(cls.__init__))
+            continue
+        assert_matches(schema, cls.__init__, leave_out_params=('run_dir',) if name == 'trained_samples' else ())
+
+
+def test_optimizer_schema_keys_are_optimizer_arguments():
+    for cls in builders.OPTIMIZERS.values():
+        assert set(_fields(config.OptimizerConfig, ('name',))) <= set(_parameters(cls.__init__))
+
+
+# ------------------------------------------------------------------------------------------------ strictness
+def _error(schema: type, cfg: Any, where: str = 'x') -> str:
+    with pytest.raises(ConfigError) as info:
+        check(schema, cfg, where)
+    return str(info.value)
+
+
+@pytest.mark.parametrize('value', ['false', 'true', 'no', 1, 0])
+def test_bool_takes_only_a_bool(value):
+    """OmegaConf alone would read "false", "no" or 0 as False and "true" or 1 as True."""
+    message = _error(config.DatasetConfig, {'shuffle': value}, 'train_loader.dataset')
+    assert message.startswith('train_loader.dataset.shuffle: expected bool'), message
+
+
+@pytest.mark.parametrize('schema, cfg, key', [
+    (config.DWMConfig, {'weighter': {'d_model': 'big'}}, 'algorithms.dwm.weighter.d_model'),
+    (config.DWMConfig, {'weighter': {'tau': '1.0'}}, 'algorithms.dwm.weighter.tau'),
+    (config.DWMConfig, {'num_stages': 2.5}, 'algorithms.dwm.num_stages'),
+    (config.DWMConfig, {'num_stages': True}, 'algorithms.dwm.num_stages'),
+    (config.DWMConfig, {'stage_boundaries': '10ba'}, 'algorithms.dwm.stage_boundaries'),
+    (config.DWMConfig, {'refit_loader': {'dataset': {'shuffle_seed': 'x'}}},
+     'algorithms.dwm.refit_loader.dataset.shuffle_seed'),
+    (config.DWMConfig, {'validation': {'dataset': {'streams': {'a': {'proportion': 'half'}}}}},
+     'algorithms.dwm.validation.dataset.streams.a.proportion'),
+])
+def test_wrong_type_names_the_full_key(schema, cfg, key):
+    message = _error(schema, cfg, 'algorithms.dwm')
+    assert message.startswith(f'{key}: expected'), message
+
+
+def test_unknown_keys_are_all_named_with_the_valid_ones():
+    message = _error(config.DatasetConfig, {'shufle': True, 'lcoal': '/tmp'}, 'train_loader.dataset')
+    assert "unknown key(s) ['lcoal', 'shufle']" in message and "'shuffle'" in message and "'local'" in message
+
+
+def test_streams_mapping_and_list():
+    cfg = {'streams': {'web': {'local': '/a', 'proportion': 0.75}, 'code': {'local': '/b', 'proportion': 1}}}
+    dataset = check(config.DatasetConfig, cfg)
+    assert dataset.streams['code'].proportion == 1.0 and isinstance(dataset.streams['code'].proportion, float)
+    message = _error(config.DatasetConfig, {'streams': [{'local': '/a'}, {'lcoal': '/b'}]}, 'd')
+    assert message.startswith("d.streams.1: unknown key(s) ['lcoal']"), message
+
+
+def test_a_scalar_where_a_section_belongs():
+    message = _error(config.DWMConfig, {'weighter': 64}, 'algorithms.dwm')
+    assert message.startswith('algorithms.dwm.weighter: expected a mapping of') and 'd_model' in message
+
+
+def test_defaults_and_typed_values():
+    dwm = check(config.DWMConfig, {'weighter': {'d_model': 64}, 'refit_lr': 1})
+    assert isinstance(dwm.weighter, WeighterConfig) and dwm.weighter.d_model == 64
+    assert dwm.refit_lr == 1.0 and isinstance(dwm.refit_lr, float)
+    assert dwm.num_stages == 5  # DWM's default
+    loader = check(config.LoaderConfig, {'dataset': {'local': '/x'}})
+    assert loader.dataset.shuffle_seed == 9176 and loader.drop_last is True
+
+
+def test_required_keys():
+    message = _error(config.TrainConfig, {'model': {}}, '')
+    for key in ('global_train_batch_size', 'max_duration', 'tokenizer', 'train_loader'):
+        assert f'`{key}`' in message, message
+    assert '`model`' not in message  # given (all its keys have defaults)
+
+
+def test_scheduler_by_name():
+    assert config.check_scheduler({'name': 'cosine_with_warmup', 't_warmup': '10ba'}).alpha_f == 0.0
+    with pytest.raises(ConfigError, match=r"scheduler\.name: 'cosine'.*cosine_with_warmup"):
+        config.check_scheduler({'name': 'cosine', 't_warmup': '10ba'})
+    with pytest.raises(ConfigError, match=r"scheduler: unknown key\(s\) \['alpha'\].*alpha_f"):
+        config.check_scheduler({'name': 'cosine_with_warmup', 't_warmup': '10ba', 'alpha': 0.1})
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+def test_foundry_dataloader_names_the_key():
+    """Under LLM Foundry the same schema applies, before any data is read."""
+    with pytest.raises(ConfigError) as info:
+        build_dwm_dataloader(None, 4, dataset={'local': '/nonexistent', 'shufle': True})
+    assert str(info.value).startswith("train_loader.dataset: unknown key(s) ['shufle']")
+    assert "'shuffle'" in str(info.value)
+    with pytest.raises(ConfigError, match=r'^train_loader\.dataset\.shuffle: expected bool'):
+        build_dwm_dataloader(None, 4, dataset={'local': '/nonexistent', 'shuffle': 'false'})
+    with pytest.raises(ConfigError, match=r"^train_loader: unknown key\(s\) \['num_worker'\]"):
+        build_dwm_dataloader(None, 4, dataset={'local': '/nonexistent'}, num_worker=2)
+
+
+def test_foundry_algorithm_names_the_key():
+    with pytest.raises(ConfigError, match=r"^algorithms\.dwm\.weighter\.d_model: expected int, got str \('big'\)"):
+        DWMAlgorithm(num_stages=2, refit=False, weighter={'d_model': 'big'})
+    with pytest.raises(ConfigError, match=r"^algorithms\.dwm: unknown key\(s\) \['num_stage'\].*num_stages"):
+        DWMAlgorithm(num_stage=2)
+
+
+# ------------------------------------------------------------------------------------------------ console output
+@pytest.mark.parametrize('progress_bar, log_to_console, terminal, expected', [
+    (None, None, True, (True, False, False)),  # a bar on a terminal
+    (None, None, False, (False, False, True)),  # one line per interval off it
+    (True, None, False, (True, False, False)),  # what the YAML says wins
+    (False, None, False, (False, True, False)),
+    (None, True, True, (False, True, False)),
+    (False, False, False, (False, False, False)),
+])
+def test_console_output(progress_bar, log_to_console, terminal, expected, monkeypatch):
+    monkeypatch.setattr(entry, 'is_terminal', lambda stream=None: terminal)
+    train = SimpleNamespace(progress_bar=progress_bar, log_to_console=log_to_console, console_log_interval='5ba')
+    bar, console, extra = entry._console_output(train)
+    assert (bar, console, bool(extra)) == expected
+    if extra:
+        assert isinstance(extra[0], entry.ConsoleLineLogger) and extra[0].log_interval == Time.from_timestring('5ba')
+
+
+def test_console_line_logger_writes_one_short_line():
+    stream = io.StringIO()
+    logger = entry.ConsoleLineLogger(log_interval='10ba', stream=stream)
+    state = SimpleNamespace(max_duration=Time.from_timestring('400ba'), timestamp=Timestamp(batch=50))
+    metrics = {f'dwm/domain/d{i}/weight': 1.0 for i in range(20)}
+    metrics.update({'loss/train/total': 3.25, 'lr-DecoupledAdamW/group0': 0.003, 'dwm/weight/ess': 0.9,
+                    'time/batch': 50})
+    logger.log_to_console(metrics, state=state, prefix='Train ')
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith('[batch=50/400] loss/train/total: 3.2500'), lines[0]
+    assert 'lr-DecoupledAdamW/group0' in lines[0] and 'dwm/weight/ess' in lines[0] and 'dwm/domain' not in lines[0]
