@@ -6,8 +6,8 @@ The algorithm runs on ``Event.INIT``, ``Event.FIT_START``, ``Event.AFTER_DATALOA
 ``Event.BATCH_END``. See ``README.md`` in this folder for the method card.
 """
 
-from algorithms.dwm.dwm import (DWM, WEIGHT_KEY, ensure_labels, gumbel_top_k, normalize_with_prior, subset_batch,
-                                uniform_if_nonfinite, weight_statistics)
+from algorithms.dwm.dwm import (DWM, WEIGHT_KEY, ensure_labels, gumbel_top_k, kl_to_uniform, normalize_with_prior,
+                                refit_objective, subset_batch, uniform_if_nonfinite, weight_statistics)
 from algorithms.dwm.export import load_schedule, load_weighter, save_weighter, write_schedule
 from algorithms.dwm.hypergradient import (HypergradientResult, adam_preconditioner, directional_derivative_fd,
                                           directional_derivative_jvp, hypergradient, hypergradient_autograd, lookahead)
@@ -15,7 +15,7 @@ from algorithms.dwm.loss import loss_contributions, per_sample_loss, per_sample_
 from algorithms.dwm.schedule import boundary_reached, stage_boundaries
 from algorithms.dwm.validation import (ValidationBatches, build_validation_batches, read_lambada_jsonl,
                                        tokenize_lambada_example)
-from algorithms.dwm.weighter import Weighter, WeighterConfig, mean_pool
+from algorithms.dwm.weighter import Weighter, WeighterConfig, mean_pool, normalize_embeddings
 
 __all__ = [
     'DWM',
@@ -23,6 +23,7 @@ __all__ = [
     'Weighter',
     'WeighterConfig',
     'mean_pool',
+    'normalize_embeddings',
     'HypergradientResult',
     'adam_preconditioner',
     'lookahead',
@@ -48,6 +49,8 @@ __all__ = [
     'normalize_with_prior',
     'uniform_if_nonfinite',
     'weight_statistics',
+    'kl_to_uniform',
+    'refit_objective',
     'gumbel_top_k',
     'subset_batch',
 ]
