@@ -327,8 +327,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                        'eval_seconds': probe.eval_seconds})
     if method == 'dwm':
         refit = {}
-        for key in sorted(k for k in memory.data if k.startswith('dwm/refit/')):
-            refit[key.split('/')[-1]] = [float(v) for _, v in memory.data.get(key, [])]
+        for key in sorted(k for k in memory.data if k.startswith(('dwm/refit/', 'dwm/stage/'))):
+            refit[key[len('dwm/'):].replace('refit/', '')] = [float(v) for _, v in memory.data.get(key, [])]
         result['refit'] = refit
     if spec.get('proxy'):
         result['proxy'] = static_weights_from_proxy(lm, tokenizer, paths, budget, domain_names)

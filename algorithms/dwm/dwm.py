@@ -12,6 +12,7 @@ Events:
   weighted loss is computed there from the logits and handed to Composer as ``outputs['loss']``.
 * ``AFTER_LOSS``: ``state.loss`` becomes the weighted loss of the microbatch.
 * ``BATCH_END``: metrics; at a stage boundary, with the LLM frozen, ``refit_steps`` Adam updates of the weighter.
+* ``FIT_END``: the last stage's ESS metrics.
 """
 
 from __future__ import annotations
@@ -461,7 +462,7 @@ class DWM(Algorithm):
     # ------------------------------------------------------------------------------------------------------------
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.BEFORE_FORWARD,
-                         Event.AFTER_FORWARD, Event.AFTER_LOSS, Event.BATCH_END)
+                         Event.AFTER_FORWARD, Event.AFTER_LOSS, Event.BATCH_END, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -478,6 +479,8 @@ class DWM(Algorithm):
             self._after_loss(state)
         elif event == Event.BATCH_END:
             self._batch_end(state, logger)
+        elif event == Event.FIT_END:
+            self._log_stage_ess(logger)  # the last stage has no boundary after it
 
     # ------------------------------------------------------------------------------------------------------------
     def _init(self, state: State) -> None:

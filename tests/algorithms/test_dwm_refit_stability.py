@@ -108,13 +108,15 @@ def test_refit_objective_beta_zero_is_linear_and_gibbs_is_its_minimiser():
 
 # ------------------------------------------------------------------------------------------------- DWM in a Trainer
 def test_refit_kl_keeps_ess_high_and_metrics_are_logged():
-    free, kl = _dwm(refit_lr=0.3, refit_steps=6), _dwm(refit_lr=0.3, refit_steps=6, refit_kl=10.0)
+    bounds = ['2ba', '3ba']  # the last stage (batch 4) ends at FIT_END, not at a boundary
+    free = _dwm(refit_lr=0.3, refit_steps=6, stage_boundaries=bounds)
+    kl = _dwm(refit_lr=0.3, refit_steps=6, refit_kl=10.0, stage_boundaries=bounds)
     log_free, log_kl = _fit(free), _fit(kl)
     for key in ('ess_min', 'ess_mean', 'weight_std', 'lookahead_gain', 'kl', 'grad_norm', 'dead', 'dead_refits',
                 'ess_out_of_band', 'ess_after', 'weight_std_after', 'val_loss_before', 'val_loss_after'):
         assert f'dwm/refit/{key}' in log_kl.data, key
     for key in ('ess_min', 'ess_mean', 'ess_out_of_band'):
-        assert f'dwm/stage/{key}' in log_kl.data, key
+        assert len(log_kl.data[f'dwm/stage/{key}']) == 3, key  # every stage, the last one at FIT_END
     ess_free = min(float(v) for _, v in log_free.data['dwm/weight/ess'])
     ess_kl = min(float(v) for _, v in log_kl.data['dwm/weight/ess'])
     assert ess_free < 1.0 and ess_kl < 1.0  # both moved off uniform
