@@ -187,3 +187,17 @@ def test_val_batches_per_step_is_the_token_mean_over_all_batches():
 def test_option_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _dwm(**kwargs)
+
+
+def test_refit_is_bit_identical_across_runs():
+    runs = []
+    for _ in range(2):
+        dwm = _dwm(refit_lr=0.3, refit_kl=3.0, weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1,
+                                                          'embed_norm': 'batch'})
+        logger = _fit(dwm)
+        runs.append((dwm, logger))
+    (a, log_a), (b, log_b) = runs
+    for (name, p), (_, q) in zip(a.weighter.named_parameters(), b.weighter.named_parameters()):
+        assert torch.equal(p, q), name
+    for key in ('dwm/refit/ess_min', 'dwm/refit/lookahead_gain', 'loss/train/total'):
+        assert [float(v) for _, v in log_a.data[key]] == [float(v) for _, v in log_b.data[key]], key
