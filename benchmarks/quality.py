@@ -109,6 +109,11 @@ class Budget:
     tau: float = 1.0
     mix_uniform: float = 0.1
     val_batch_size: int = 16
+    # DWM refit stabilisation (issue 12; 0 / 'none' / 1.0 / 1 = the earlier behaviour)
+    refit_kl: float = 0.0
+    embed_norm: str = 'none'
+    refit_backbone_lr_scale: float = 1.0
+    val_batches_per_step: int = 1
     # Sow et al.'s defaults
     sow_r: float = 1.0
     sow_warmup_frac: float = 0.05
@@ -274,8 +279,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             num_stages=budget.num_stages, refit_steps=budget.refit_steps, refit_lr=budget.refit_lr,
             lookahead=budget.lookahead, lookahead_lr=budget.lookahead_lr, hypergrad='jvp', tau=budget.tau,
             mix_uniform=budget.mix_uniform, domain_names=domain_names,
+            refit_kl=budget.refit_kl, refit_backbone_lr_scale=budget.refit_backbone_lr_scale,
+            val_batches_per_step=budget.val_batches_per_step,
             weighter={'d_model': budget.weighter_d_model, 'n_layers': 1, 'n_heads': 4,
-                      'max_seq_len': budget.seq_len, 'batch_layers': 1},
+                      'max_seq_len': budget.seq_len, 'batch_layers': 1, 'embed_norm': budget.embed_norm},
             validation=_dwm_validation(spec, paths, budget)))
     elif method == 'static_domain':
         algorithms.append(StaticDomainWeighting(spec['static_weights'], domain_names=domain_names))
@@ -310,8 +317,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                        'eval_seconds': probe.eval_seconds})
     if method == 'dwm':
         refit = {}
-        for key in ('dwm/refit/val_loss_before', 'dwm/refit/val_loss_after', 'dwm/refit/wall_time'):
-            refit[key.split('/')[-1]] = [float(v) for _, v in memory.data.get(key, [])]
+        for key in sorted(k for k in memory.data if k.startswith(('dwm/refit/', 'dwm/stage/'))):
+            refit[key[len('dwm/'):].replace('refit/', '')] = [float(v) for _, v in memory.data.get(key, [])]
         result['refit'] = refit
     if spec.get('proxy'):
         result['proxy'] = static_weights_from_proxy(lm, tokenizer, paths, budget, domain_names)

@@ -12,6 +12,7 @@ Events:
   weighted loss is computed there from the logits and handed to Composer as ``outputs['loss']``.
 * ``AFTER_LOSS``: ``state.loss`` becomes the weighted loss of the microbatch.
 * ``BATCH_END``: metrics; at a stage boundary, with the LLM frozen, ``refit_steps`` Adam updates of the weighter.
+* ``FIT_END``: the last stage's ESS metrics.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from algorithms.dwm.export import load_schedule, save_weighter, write_schedule
 from algorithms.dwm.hypergradient import (adam_preconditioner, hypergradient, iter_named_trainable, jvp_attention,
                                           lookahead)
 from algorithms.dwm.functional import (IGNORE_INDEX, WEIGHT_KEY, ensure_labels, gumbel_top_k, logits_of,
-                                       loss_contributions, normalize_with_prior, per_sample_loss_sums, spearman, subset_batch,
+                                       loss_contributions, normalize_with_prior, per_sample_loss_sums, refit_objective, spearman, subset_batch,
                                        uniform_if_nonfinite, weight_statistics, weighted_loss)
 from algorithms.dwm.schedule import boundary_reached
 from algorithms.dwm.schedule import stage_boundaries as compute_stage_boundaries  # `stage_boundaries` is an argument
@@ -175,6 +176,27 @@ class DWM(Algorithm):
             are not kept through the look-ahead, validation and JVP passes of the LLM but recomputed for the
             weighter's backward (one more weighter forward per refit step; the same gradients). Worth it when the
             weighter is large (ratio ~1) and refit memory matters. Default: ``False``.
+        refit_kl (float): **[ours]** ``beta`` of a trust region toward uniform in the refit loss, which becomes
+            ``sum_i h_i w_i + beta * sum_i w_i log w_i``, i.e. ``n * (<p, h> + beta * KL(p || u))`` with
+            ``p = w / n`` (the weighter's own weights, before any prior, mean 1) and ``u`` uniform. The KL is
+            ``KL(p || u)`` (not ``KL(u || p)``): it penalises large weights (runaway onto a few samples), and its
+            minimiser is the Gibbs weighting ``w_i ∝ exp(-h_i / beta)`` (before the uniform mix). With
+            ``normalize_hypergradient`` the ``h`` have RMS 1, so ``beta`` is a temperature in units of the
+            hypergradient's RMS. ``0`` is the paper's objective (linear in the weights). Default: ``0.0``.
+        refit_backbone_lr_scale (float): **[ours]** The weighter's backbone (the per-sample embedder) learns at
+            ``refit_lr`` times this; the batch layers and the score head at ``refit_lr``. ``0`` freezes the
+            backbone (random features); below 1 slows the collapse of the sample embeddings. Default: ``1.0``.
+        val_batches_per_step (int): **[ours]** Validation batches per refit step; the upper-level loss is the
+            token mean over all of them (one larger validation sample per step, the same cost in LLM passes per
+            token). ``1`` is the method as described. Default: ``1``.
+        ess_band (Sequence[float]): ``(low, high)`` band of the effective sample size share
+            ``ESS = (sum w)^2 / (n sum w^2)`` (1 = uniform). A refit whose refit-batch weights leave it, or a stage
+            whose training batches leave it, gives a warning (and the metrics ``dwm/refit/ess_out_of_band``,
+            ``dwm/stage/ess_out_of_band``). Default: ``(0.5, 1.0)``.
+        dead_tol (float): A refit is *dead* when, at every one of its steps, all weights of the refit batch are
+            within ``dead_tol`` of each other (the weighter gives exactly uniform weights and cannot be moved by
+            the refit: collapsed embeddings or a zero score head); it is counted (``dwm/refit/dead``,
+            ``dwm/refit/dead_refits``) and warned about. Default: ``1e-6``.
     """
 
     def __init__(
@@ -207,6 +229,11 @@ class DWM(Algorithm):
         log_every: int = 1,
         single_loss_pass: bool = True,
         refit_checkpoint_weighter: bool = False,
+        refit_kl: float = 0.0,
+        refit_backbone_lr_scale: float = 1.0,
+        val_batches_per_step: int = 1,
+        ess_band: Sequence[float] = (0.5, 1.0),
+        dead_tol: float = 1e-6,
     ):
         if lookahead not in ('sgd', 'adam'):
             raise ValueError(f"DWM lookahead must be 'sgd' or 'adam', got {lookahead!r}")
@@ -216,6 +243,14 @@ class DWM(Algorithm):
             raise ValueError(f"DWM mode must be 'weight' or 'select', got {mode!r}")
         if loss_normalization not in ('token', 'sample'):
             raise ValueError(f"DWM loss_normalization must be 'token' or 'sample', got {loss_normalization!r}")
+        if refit_kl < 0:
+            raise ValueError(f'DWM refit_kl must be >= 0, got {refit_kl}')
+        if refit_backbone_lr_scale < 0:
+            raise ValueError(f'DWM refit_backbone_lr_scale must be >= 0, got {refit_backbone_lr_scale}')
+        if int(val_batches_per_step) < 1:
+            raise ValueError(f'DWM val_batches_per_step must be >= 1, got {val_batches_per_step}')
+        if len(ess_band) != 2 or not 0.0 <= float(ess_band[0]) <= float(ess_band[1]):
+            raise ValueError(f'DWM ess_band must be (low, high) with 0 <= low <= high, got {ess_band}')
         if mode == 'select' and select_factor < 1:
             raise ValueError(f'DWM select_factor must be >= 1, got {select_factor}')
         self.num_stages = num_stages
@@ -243,6 +278,13 @@ class DWM(Algorithm):
         self.log_every = max(1, int(log_every))
         self.single_loss_pass = single_loss_pass
         self.refit_checkpoint_weighter = refit_checkpoint_weighter
+        self.refit_kl = float(refit_kl)
+        self.refit_backbone_lr_scale = float(refit_backbone_lr_scale)
+        self.val_batches_per_step = int(val_batches_per_step)
+        self.ess_band = (float(ess_band[0]), float(ess_band[1]))
+        self.dead_tol = float(dead_tol)
+        self.dead_refits = 0
+        self._stage_ess: list[float] = []
         self._held_batch: Optional[dict[str, Any]] = None  # the microbatch whose labels are held back
         self._precomputed_loss: Optional[torch.Tensor] = None
 
@@ -266,7 +308,7 @@ class DWM(Algorithm):
     # ------------------------------------------------------------------------------------------------------------
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.BEFORE_FORWARD,
-                         Event.AFTER_FORWARD, Event.AFTER_LOSS, Event.BATCH_END)
+                         Event.AFTER_FORWARD, Event.AFTER_LOSS, Event.BATCH_END, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -283,6 +325,8 @@ class DWM(Algorithm):
             self._after_loss(state)
         elif event == Event.BATCH_END:
             self._batch_end(state, logger)
+        elif event == Event.FIT_END:
+            self._log_stage_ess(logger)  # the last stage has no boundary after it
 
     # ------------------------------------------------------------------------------------------------------------
     def _init(self, state: State) -> None:
@@ -311,7 +355,19 @@ class DWM(Algorithm):
     def _set_weighter(self, weighter: Weighter) -> None:
         self.weighter = weighter.to(self._device).eval()
         self.weighter_config = weighter.config
-        self.weighter_optimizer = torch.optim.Adam(self.weighter.parameters(), lr=self.refit_lr)
+        self.weighter_optimizer = self._make_weighter_optimizer()
+
+    def _make_weighter_optimizer(self) -> torch.optim.Optimizer:
+        """Adam over the weighter; with ``refit_backbone_lr_scale != 1`` the backbone is a group of its own."""
+        assert self.weighter is not None
+        if self.refit_backbone_lr_scale == 1.0:
+            return torch.optim.Adam(self.weighter.parameters(), lr=self.refit_lr)
+        backbone = self.weighter.backbone_parameter_names()
+        named = list(self.weighter.named_parameters())
+        groups = [{'params': [p for n, p in named if n in backbone],
+                   'lr': self.refit_lr * self.refit_backbone_lr_scale},
+                  {'params': [p for n, p in named if n not in backbone], 'lr': self.refit_lr}]
+        return torch.optim.Adam(groups, lr=self.refit_lr)
 
     def _fit_start(self, state: State, logger: Logger) -> None:
         # Domain and score names default to the train dataset's (a DWMDataset has both); the train dataloader is
@@ -440,6 +496,8 @@ class DWM(Algorithm):
             scores, _ = all_gather_cat(batch['scores'].to(self._device).float())
             self._stage_weights.append(weights.detach().cpu())
             self._stage_scores.append(scores.cpu())
+        if self.mode == 'weight':
+            self._stage_ess.append(weight_statistics(weights)['ess'])
         if int(state.timestamp.batch) % self.log_every == 0:
             stats = weight_statistics(weights)
             logger.log_metrics({f'dwm/weight/{k}': v for k, v in stats.items()})
@@ -480,6 +538,7 @@ class DWM(Algorithm):
 
     # ------------------------------------------------------------------------------------------------------------
     def _end_stage(self, logger: Logger) -> None:
+        self._log_stage_ess(logger)
         if not self._stage_weights:
             return
         weights = torch.cat(self._stage_weights).double()
@@ -491,6 +550,22 @@ class DWM(Algorithm):
             metrics[f'dwm/spearman/{name}'] = spearman(weights[valid], scores[valid, k])
         logger.log_metrics(metrics)
         self._stage_weights, self._stage_scores = [], []
+
+    def _log_stage_ess(self, logger: Logger) -> None:
+        """Min/mean ESS share of the stage's training batches; a warning when some left ``ess_band``."""
+        if not self._stage_ess:
+            return
+        low, high = self.ess_band
+        out = sum(1 for e in self._stage_ess if e < low or e > high)
+        logger.log_metrics({'dwm/stage/ess_min': min(self._stage_ess),
+                            'dwm/stage/ess_mean': sum(self._stage_ess) / len(self._stage_ess),
+                            'dwm/stage/ess_out_of_band': out})
+        if out:
+            message = (f'DWM: {out} of {len(self._stage_ess)} training batches of stage {self.stage_index} had an '
+                       f'ESS share outside {list(self.ess_band)} (min {min(self._stage_ess):.3f})')
+            warnings.warn(message)
+            log.warning(message)
+        self._stage_ess = []
 
     def _enter_stage(self, stage: int, state: State, logger: Logger) -> None:
         self.stage_index = stage
@@ -529,11 +604,14 @@ class DWM(Algorithm):
         batch = ensure_labels(dict(batch))
         return {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def _make_functions(self, lm: torch.nn.Module, refit_batch: dict, val_batch: dict):
+    def _make_functions(self, lm: torch.nn.Module, refit_batch: dict, val_batches: Union[dict, Sequence[dict]]):
+        """``contributions_fn`` of the refit batch and ``val_loss_fn``: the token-mean validation loss over all of
+        ``val_batches`` (one batch or several, ``val_batches_per_step``), global under DDP."""
+        if isinstance(val_batches, dict):
+            val_batches = [val_batches]
         ids, mask, labels = refit_batch['input_ids'], refit_batch.get('attention_mask'), refit_batch['labels']
-        v_ids, v_mask, v_labels = val_batch['input_ids'], val_batch.get('attention_mask'), val_batch['labels']
         token_total = (labels[:, 1:] != IGNORE_INDEX).sum().double().reshape(1)
-        val_total = (v_labels[:, 1:] != IGNORE_INDEX).sum().double().reshape(1)
+        val_total = sum((b['labels'][:, 1:] != IGNORE_INDEX).sum() for b in val_batches).double().reshape(1)
         sample_total = torch.tensor([float(ids.shape[0])], dtype=torch.float64, device=ids.device)
         all_reduce_sum_([token_total, val_total, sample_total])
 
@@ -550,8 +628,12 @@ class DWM(Algorithm):
                                       total_samples=int(sample_total.item()))
 
         def val_loss_fn(params):
-            loss_sum, _ = per_sample_loss_sums(forward_logits(params, v_ids, v_mask), v_labels)
-            return loss_sum.sum() / val_total.to(loss_sum.dtype)[0].clamp(min=1)
+            total = None
+            for b in val_batches:
+                loss_sum, _ = per_sample_loss_sums(forward_logits(params, b['input_ids'], b.get('attention_mask')),
+                                                   b['labels'])
+                total = loss_sum.sum() if total is None else total + loss_sum.sum()
+            return total / val_total.to(total.dtype)[0].clamp(min=1)
 
         return contributions_fn, val_loss_fn
 
@@ -571,66 +653,116 @@ class DWM(Algorithm):
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         val_losses, hyper_norms, step_times = [], [], []
+        ess, stds, kls, gains, grad_norms = [], [], [], [], []
+        dead_steps = 0
         first_pair = None
         self.weighter.train()
         try:
             for _ in range(self.refit_steps):
                 step_started = time.perf_counter()
                 refit_batch = self._batch_to_device(self.refit_batches.next())
-                val_batch = self._batch_to_device(self.val_batches.next())
+                val_batches = [self._batch_to_device(self.val_batches.next()) for _ in range(self.val_batches_per_step)]
                 if first_pair is None:
-                    first_pair = (refit_batch, val_batch)
+                    first_pair = (refit_batch, val_batches)
                 n_local = refit_batch['input_ids'].shape[0]
-                contributions_fn, val_loss_fn = self._make_functions(lm, refit_batch, val_batch)
+                contributions_fn, val_loss_fn = self._make_functions(lm, refit_batch, val_batches)
                 with torch.enable_grad():
-                    weights, offset, _ = self._global_weights(refit_batch, grad=True)
+                    weights, offset, scores = self._global_weights(refit_batch, grad=True)
+                stats = weight_statistics(weights)
+                ess.append(stats['ess'])
+                stds.append(stats['std'])
+                if stats['max'] - stats['min'] <= self.dead_tol:
+                    dead_steps += 1
                 local_weights = weights[offset:offset + n_local].detach()
                 result = hypergradient(contributions_fn, val_loss_fn, params, local_weights, lr, precond,
                                        method=self.hypergrad, fd_eps=self.fd_eps, grad_reduce=grad_reduce,
                                        jvp_context=lambda: jvp_attention(lm))
+                gains.append(self._val_loss(val_loss_fn, params) - result.val_loss)
                 hyper, _ = all_gather_cat(result.hypergradient.to(weights.dtype))
                 hyper_norm = float(hyper.norm())
                 if self.normalize_hypergradient:
                     hyper = hyper / hyper.pow(2).mean().sqrt().clamp(min=1e-30)
                 self.weighter_optimizer.zero_grad(set_to_none=False)
                 with torch.enable_grad():
-                    (hyper.detach() * weights).sum().backward()
+                    own = self.weighter.weights_from_scores(scores)  # before any prior: mean 1
+                    refit_loss, kl = refit_objective(hyper, weights, own, self.refit_kl)
+                    refit_loss.backward()
+                kls.append(float(kl.detach()))
                 self._sync_weighter_grads(backbone_names, world)
+                grad_norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum())
+                                                for p in self.weighter.parameters() if p.grad is not None)))
                 self.weighter_optimizer.step()
                 val_losses.append(result.val_loss)
                 hyper_norms.append(hyper_norm)
                 step_times.append(time.perf_counter() - step_started)
+            steps = max(len(step_times), 1)
             metrics = {
                 'dwm/refit/val_loss_before': val_losses[0] if val_losses else math.nan,
-                'dwm/refit/hypergradient_norm': float(sum(hyper_norms) / max(len(hyper_norms), 1)),
-                'dwm/refit/step_time': float(sum(step_times) / max(len(step_times), 1)),
+                'dwm/refit/hypergradient_norm': float(sum(hyper_norms) / steps),
+                'dwm/refit/step_time': float(sum(step_times) / steps),
                 'dwm/refit/steps': len(step_times),
+                'dwm/refit/ess_min': min(ess) if ess else math.nan,
+                'dwm/refit/ess_mean': sum(ess) / steps if ess else math.nan,
+                'dwm/refit/weight_std': sum(stds) / steps if stds else math.nan,
+                'dwm/refit/kl': sum(kls) / steps if kls else math.nan,
+                'dwm/refit/lookahead_gain': sum(gains) / steps if gains else math.nan,
+                'dwm/refit/grad_norm': sum(grad_norms) / steps if grad_norms else math.nan,
             }
             if first_pair is not None:
-                metrics['dwm/refit/val_loss_after'] = self._lookahead_val_loss(lm, params, lr, precond, *first_pair)
+                after, after_stats = self._lookahead_val_loss(lm, params, lr, precond, *first_pair)
+                metrics['dwm/refit/val_loss_after'] = after
+                metrics['dwm/refit/ess_after'] = after_stats['ess']
+                metrics['dwm/refit/weight_std_after'] = after_stats['std']
+                dead = dead_steps == len(step_times) and after_stats['max'] - after_stats['min'] <= self.dead_tol
+            else:
+                dead = False
         finally:
             self.weighter.eval()
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
         self.refits_done += 1
+        self.dead_refits += int(dead)
+        low, high = self.ess_band
+        refit_ess = ess + ([metrics['dwm/refit/ess_after']] if 'dwm/refit/ess_after' in metrics else [])
+        out_of_band = sum(1 for e in refit_ess if e < low or e > high)
+        metrics['dwm/refit/ess_out_of_band'] = out_of_band
+        metrics['dwm/refit/dead'] = int(dead)
+        metrics['dwm/refit/dead_refits'] = self.dead_refits
+        if dead:
+            message = (f'DWM: the weighter is dead at refit {self.refits_done} (stage {self.stage_index}): all weights '
+                       f'of every refit batch within {self.dead_tol:g} of each other, the refit cannot move them '
+                       f'(weighter grad norm {metrics["dwm/refit/grad_norm"]:.3g})')
+            warnings.warn(message)
+            log.warning(message)
+        elif out_of_band:
+            message = (f'DWM: ESS share left {list(self.ess_band)} in {out_of_band} of {len(refit_ess)} refit batches '
+                       f'at refit {self.refits_done} (min {min(refit_ess):.3f})')
+            warnings.warn(message)
+            log.warning(message)
         metrics['dwm/refit/wall_time'] = time.perf_counter() - started
         metrics['dwm/refit/count'] = self.refits_done
         self.last_refit_metrics = metrics
         logger.log_metrics(metrics)
 
-    def _lookahead_val_loss(self, lm, params, lr, precond, refit_batch, val_batch) -> float:
-        """``L_val(theta'(w))`` with the current weighter on the first refit pair (the 'after' figure)."""
+    @staticmethod
+    def _val_loss(val_loss_fn: Callable, params: dict[str, torch.Tensor]) -> float:
+        """``L_val(theta)`` (global under DDP), for the look-ahead gain ``L_val(theta) - L_val(theta')``."""
+        with torch.no_grad():
+            loss = val_loss_fn(params).detach().reshape(1).double()
+        all_reduce_sum_([loss])
+        return float(loss[0])
+
+    def _lookahead_val_loss(self, lm, params, lr, precond, refit_batch, val_batch) -> tuple[float, dict[str, float]]:
+        """``L_val(theta'(w))`` with the current weighter on the first refit pair (the 'after' figure), and the
+        statistics of those weights."""
         contributions_fn, val_loss_fn = self._make_functions(lm, refit_batch, val_batch)
         with torch.no_grad():
             weights, offset, _ = self._global_weights(refit_batch)
         n_local = refit_batch['input_ids'].shape[0]
         grad_reduce = all_reduce_sum_dict if dist.get_world_size() > 1 else None
         theta_prime = lookahead(contributions_fn, params, weights[offset:offset + n_local], lr, precond, grad_reduce)
-        with torch.no_grad():
-            loss = val_loss_fn(theta_prime).detach().reshape(1).double()
-        all_reduce_sum_([loss])
-        return float(loss[0])
+        return self._val_loss(val_loss_fn, theta_prime), weight_statistics(weights)
 
     def _sync_weighter_grads(self, backbone_names: set[str], world: int) -> None:
         """Backbone grads hold only this rank's samples: sum them. Batch-layer grads are already global on every
@@ -652,6 +784,7 @@ class DWM(Algorithm):
             'val_batches_drawn': self.val_batches.drawn,
             'nonfinite_batches': self.nonfinite_batches,
             'refits_done': self.refits_done,
+            'dead_refits': self.dead_refits,
             'exports': copy.deepcopy(self.exports),
             'weighter_config': self.weighter_config.to_dict(),
         }
@@ -667,6 +800,7 @@ class DWM(Algorithm):
         self.stage_index = int(state['stage_index'])
         self.nonfinite_batches = int(state.get('nonfinite_batches', 0))
         self.refits_done = int(state.get('refits_done', 0))
+        self.dead_refits = int(state.get('dead_refits', 0))
         self.exports = list(state.get('exports', []))
         if 'weighter' in state:
             config = WeighterConfig.from_any(state.get('weighter_config', self.weighter_config.to_dict()))
@@ -674,7 +808,7 @@ class DWM(Algorithm):
                 self._set_weighter(Weighter(config))
             self.weighter.load_state_dict(state['weighter'])
             self.weighter.to(self._device).eval()
-            self.weighter_optimizer = torch.optim.Adam(self.weighter.parameters(), lr=self.refit_lr)
+            self.weighter_optimizer = self._make_weighter_optimizer()
             self.weighter_optimizer.load_state_dict(state['weighter_optimizer'])
         for cycler, key in ((self.refit_batches, 'refit_batches_drawn'), (self.val_batches, 'val_batches_drawn')):
             if int(state.get(key, 0)) > 0:

@@ -30,6 +30,8 @@ __all__ = [
     'gumbel_top_k',
     'subset_batch',
     'spearman',
+    'kl_to_uniform',
+    'refit_objective',
 ]
 
 IGNORE_INDEX = -100
@@ -254,3 +256,33 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     rx, ry = _average_ranks(x.double()), _average_ranks(y.double())
     rx, ry = rx - rx.mean(), ry - ry.mean()
     return float((rx * ry).sum() / (rx.norm() * ry.norm()))
+
+
+def kl_to_uniform(weights: torch.Tensor) -> torch.Tensor:
+    """``KL(p || u)`` for ``p = w / sum(w)`` and ``u`` uniform over the ``n`` samples (0 for uniform weights)."""
+    p = weights / weights.sum()
+    return torch.xlogy(p, p).sum() + math.log(weights.shape[0])
+
+
+def refit_objective(hyper: torch.Tensor, weights: torch.Tensor, own_weights: torch.Tensor,
+                    beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighter's refit loss ``sum_i h_i w_i + beta * n * KL(w'/n || u)`` and the KL (detached).
+
+    ``sum_i h_i w_i`` has gradient ``h`` in ``w``: the exact one-step hypergradient (the paper's objective, linear in
+    the weights). The trust region **[ours]** is taken on ``w'``, the weighter's own weights (mean 1, before any
+    prior weight); with ``w' = w`` its minimiser over the simplex is ``w_i ∝ exp(-h_i / beta)``.
+
+    Args:
+        hyper (torch.Tensor): ``[n]`` hypergradient ``dL_val/dw`` (constant; optionally RMS-normalised).
+        weights (torch.Tensor): ``[n]`` the weights used in training (with a graph to the weighter).
+        own_weights (torch.Tensor): ``[n]`` the weighter's weights before any prior (with a graph).
+        beta (float): Trust-region strength; ``0`` adds nothing (not even a zero term).
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: the scalar loss and ``KL(w'/n || u)``.
+    """
+    loss = (hyper.detach() * weights).sum()
+    kl = kl_to_uniform(own_weights)
+    if beta > 0:
+        loss = loss + beta * own_weights.shape[0] * kl
+    return loss, kl.detach()

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['WeighterConfig', 'Weighter', 'mean_pool']
+__all__ = ['WeighterConfig', 'Weighter', 'mean_pool', 'normalize_embeddings', 'EMBED_NORMS']
+
+EMBED_NORMS = ('none', 'layernorm', 'batch')
 
 
 @dataclass
@@ -49,6 +51,14 @@ class WeighterConfig:
             Default: ``0.1``.
         pad_token_id (int, optional): Used to build an attention mask when none is given. Default: ``None``.
         seed (int): Initialisation seed, so that every rank builds the same weighter. Default: ``0``.
+        embed_norm (str): **[ours]** Normalisation of the per-sample embeddings before the batch layers, against
+            representation collapse (the backbone's sample embeddings shrinking toward one vector, after which all
+            scores tie and the refit gradient is zero for good). ``'none'`` (no normalisation); ``'layernorm'``
+            (each sample's embedding standardised over its features, no affine parameters: fixes the scale of
+            each embedding, not the spread between samples); ``'batch'`` (each feature standardised over the
+            samples of the (global) batch: the spread between samples is 1 by construction, so it cannot be
+            shrunk; a batch of identical samples stays identical). An untrained weighter is uniform in every
+            mode (the score head starts at zero). Default: ``'none'``.
     """
 
     vocab_size: Optional[int] = None
@@ -63,6 +73,11 @@ class WeighterConfig:
     mix_uniform: float = 0.1
     pad_token_id: Optional[int] = None
     seed: int = 0
+    embed_norm: str = 'none'
+
+    def __post_init__(self) -> None:
+        if self.embed_norm not in EMBED_NORMS:
+            raise ValueError(f'WeighterConfig.embed_norm must be one of {EMBED_NORMS}, got {self.embed_norm!r}')
 
     @classmethod
     def from_any(cls, cfg: 'WeighterConfig | dict[str, Any] | None', **overrides: Any) -> 'WeighterConfig':
@@ -89,6 +104,28 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     """Mean of ``hidden`` ``[n, L, d]`` over the positions where ``attention_mask`` ``[n, L]`` is set -> ``[n, d]``."""
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def normalize_embeddings(embeddings: torch.Tensor, mode: str, eps: float = 1e-5) -> torch.Tensor:
+    """Per-sample embeddings ``[n, d]`` normalised as ``WeighterConfig.embed_norm`` says.
+
+    Args:
+        embeddings (torch.Tensor): ``[n, d]``, the (global) batch.
+        mode (str): ``'none'``, ``'layernorm'`` (over features, per sample) or ``'batch'`` (over samples, per
+            feature; population variance).
+        eps (float): Added to the variance. Default: ``1e-5``.
+
+    Returns:
+        torch.Tensor: ``[n, d]``.
+    """
+    if mode == 'none':
+        return embeddings
+    if mode == 'layernorm':
+        return F.layer_norm(embeddings, embeddings.shape[-1:], eps=eps)
+    if mode == 'batch':
+        centred = embeddings - embeddings.mean(dim=0, keepdim=True)
+        return centred * torch.rsqrt(centred.pow(2).mean(dim=0, keepdim=True) + eps)
+    raise ValueError(f'embed_norm must be one of {EMBED_NORMS}, got {mode!r}')
 
 
 class _Block(nn.Module):
@@ -197,7 +234,8 @@ class Weighter(nn.Module):
 
     def scores_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Scores ``s`` ``[n]`` of the samples, each seeing the whole batch ``embeddings`` ``[n, d]``."""
-        x = embeddings.unsqueeze(0)  # the batch is the attention sequence: [1, n, d], no positions
+        x = normalize_embeddings(embeddings, self.config.embed_norm)
+        x = x.unsqueeze(0)  # the batch is the attention sequence: [1, n, d], no positions
         for layer in self.batch_layers:
             x = layer(x)
         return self.score_head(self.batch_norm(x)).squeeze(0).squeeze(-1)

@@ -171,6 +171,11 @@ class DWMConfig:
     log_every: int = 1
     single_loss_pass: bool = True
     refit_checkpoint_weighter: bool = False
+    refit_kl: float = 0.0
+    refit_backbone_lr_scale: float = 1.0
+    val_batches_per_step: int = 1
+    ess_band: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    dead_tol: float = 1e-6
 
 
 @dataclass

@@ -63,7 +63,8 @@ def assert_matches(schema: type, fn, leave_out_params: Sequence[str] = (), leave
     hints = typing.get_type_hints(schema)
     param_hints = typing.get_type_hints(fn)
     for name, p in params.items():
-        assert _default(fields[name]) == p.default, f'{schema.__name__}.{name}: default differs from {fn.__qualname__}'
+        default = list(p.default) if isinstance(p.default, tuple) else p.default  # YAML has lists, not tuples
+        assert _default(fields[name]) == default, f'{schema.__name__}.{name}: default differs from {fn.__qualname__}'
         if compare_types and name in param_hints:
             ours, theirs = _simple(hints[name]), _simple(param_hints[name])
             if all(isinstance(k, (type, frozenset)) for k in (ours, theirs)):
