@@ -52,7 +52,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dwm_stream.demo.run import run_demo
-    run_demo(out_dir=args.out, quick=args.quick, seed=args.seed)
+    run_demo(out_dir=args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
     return 0
 
 

@@ -171,7 +171,10 @@ def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0,
                 f'algorithms.dwm.num_stages={budget.num_stages}',
                 f'algorithms.dwm.refit_steps={budget.refit_steps}',
                 f'max_duration={budget.max_duration}', f'eval_interval={budget.eval_interval}',
-                f'progress_bar={str(progress).lower()}', 'save_interval=1000ep',
+                'save_interval=1000ep',
+                # progress: Composer's bar on a terminal, a short line per interval in a log (dwm-stream train's
+                # rule); quiet: neither
+                *([] if progress else ['progress_bar=false', 'log_to_console=false']),
             ]
             _say(f'[4/6] training a tiny Llama from s3:// with {label} weights ({budget.max_duration})')
             runs[label] = _train(label, overrides, with_dwm)

@@ -34,7 +34,7 @@ from typing import Any, Optional
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
-__all__ = ['TrainedSamples', 'read_records', 'committed_batches', 'trained_uids']
+__all__ = ['TrainedSamples', 'read_records', 'committed_batches']
 
 
 class TrainedSamples(Callback):
@@ -122,8 +122,3 @@ def committed_batches(path: str) -> dict[int, dict[str, Any]]:
                 raise ValueError(f'{path}: batch {b} recorded twice without a fit_start between them.')
             history[b] = record
     return dict(sorted(history.items()))
-
-
-def trained_uids(path: str) -> list[int]:
-    """The committed uids in training order (the *trained multiset*, as a list)."""
-    return [u for record in committed_batches(path).values() for u in record['uids']]
