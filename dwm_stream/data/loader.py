@@ -12,6 +12,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
+from composer.core import DataSpec
+from streaming import StreamingDataLoader
+
+from dwm_stream.data.dataset import DWMDataset, DWMStream
 
 __all__ = ['collate_samples', 'widen_batch', 'num_tokens_in_batch', 'build_dataset', 'build_dataloader']
 
@@ -123,7 +127,6 @@ def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = Non
         device_batch_size (int, optional): Sets ``batch_size`` if the config does not.
         where (str): Config path for error messages. Default: ``'dataset'``.
     """
-    from dwm_stream.data.dataset import DWMDataset, DWMStream
     cfg = dict(cfg)
     streams_cfg = cfg.pop('streams', None)
     streams = None
@@ -154,8 +157,6 @@ def build_dataloader(dataset_cfg: Mapping[str, Any],
     Uses streaming's ``StreamingDataLoader`` so that LLM Foundry and Composer checkpoint the
     dataset position the usual way.
     """
-    from composer.core import DataSpec
-    from streaming import StreamingDataLoader
     dataset = build_dataset(dataset_cfg, device_batch_size, where=where)
     loader = StreamingDataLoader(
         dataset,

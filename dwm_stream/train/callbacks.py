@@ -33,6 +33,9 @@ from typing import Any, Optional
 
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
+from composer.utils import dist
+
+from algorithms.dwm.functional import WEIGHT_KEY
 
 __all__ = ['TrainedSamples', 'read_records', 'committed_batches']
 
@@ -55,7 +58,6 @@ class TrainedSamples(Callback):
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is None:
-            from composer.utils import dist
             path = self.filename.format(rank=dist.get_global_rank())
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._file = open(path, 'a+')
@@ -81,7 +83,6 @@ class TrainedSamples(Callback):
                 raise ValueError('trained_samples: the batch has no `uid` column; it records DWMDataset batches.')
             record: dict[str, Any] = {'event': 'batch', 'batch': int(state.timestamp.batch) - 1,
                                       'uids': [int(u) for u in uids.tolist()]}
-            from algorithms.dwm.functional import WEIGHT_KEY
             weights = batch.get(WEIGHT_KEY)
             if weights is not None:
                 record['weights'] = [float(w) for w in weights.detach().cpu().tolist()]

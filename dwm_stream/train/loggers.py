@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional
 
 from composer.loggers import LoggerDestination
+from composer.utils import dist
 
 __all__ = ['MetricsJSONLLogger', 'read_metrics']
 
@@ -31,7 +32,6 @@ class MetricsJSONLLogger(LoggerDestination):
         self._state = None
 
     def init(self, state, logger) -> None:
-        from composer.utils import dist
         self._state = state
         if dist.get_global_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from dwm_stream.train.loggers import read_metrics
+
 __all__ = ['PreferenceTables', 'preference_tables', 'format_tables', 'plot_preferences', 'write_report']
 
 _SPEARMAN = 'dwm/spearman/'
@@ -146,7 +148,6 @@ def write_report(run_dir: str, out: Optional[str] = None) -> tuple[str, str]:
         FileNotFoundError: If there is no ``metrics.jsonl``.
         ValueError: If it holds no DWM preference metrics.
     """
-    from dwm_stream.train.loggers import read_metrics
     metrics_file = run_dir if os.path.isfile(run_dir) else os.path.join(run_dir, 'metrics.jsonl')
     if not os.path.exists(metrics_file):
         raise FileNotFoundError(f'{metrics_file} does not exist; give a run directory trained with the '
