@@ -34,8 +34,8 @@ from torch.func import functional_call
 
 from algorithms.dwm.distributed import all_gather_cat, all_reduce_sum_, all_reduce_sum_dict, gather_with_local_grad
 from algorithms.dwm.export import load_schedule, save_weighter, write_schedule
-from algorithms.dwm.hypergradient import (adam_preconditioner, hypergradient, iter_named_trainable, jvp_attention,
-                                          lookahead)
+from algorithms.dwm.hypergradient import (adam_preconditioner, hypergradient_multistep, iter_named_trainable,
+                                          jvp_attention, lookahead)
 from algorithms.dwm.functional import (IGNORE_INDEX, WEIGHT_KEY, ensure_labels, gumbel_top_k, logits_of,
                                        loss_contributions, normalize_with_prior, per_sample_loss_sums, refit_objective, spearman, subset_batch,
                                        uniform_if_nonfinite, weight_statistics, weighted_loss)
@@ -189,6 +189,11 @@ class DWM(Algorithm):
         val_batches_per_step (int): **[ours]** Validation batches per refit step; the upper-level loss is the
             token mean over all of them (one larger validation sample per step, the same cost in LLM passes per
             token). ``1`` is the method as described. Default: ``1``.
+        lookahead_steps (int): **[ours]** ``K`` virtual steps per refit step, each on its own refit batch weighted by
+            the weighter, and the validation loss after the ``K``-th (a less myopic upper level: it sees the other
+            batches' updates). The hypergradient of each step's weights is first order beyond ``K = 1``
+            (:func:`~algorithms.dwm.hypergradient.hypergradient_multistep`); memory: ``K`` copies of the LLM's
+            parameters. ``1`` is the paper's exact one-step hypergradient. Default: ``1``.
         ess_band (Sequence[float]): ``(low, high)`` band of the effective sample size share
             ``ESS = (sum w)^2 / (n sum w^2)`` (1 = uniform). A refit whose refit-batch weights leave it, or a stage
             whose training batches leave it, gives a warning (and the metrics ``dwm/refit/ess_out_of_band``,
@@ -232,6 +237,7 @@ class DWM(Algorithm):
         refit_kl: float = 0.0,
         refit_backbone_lr_scale: float = 1.0,
         val_batches_per_step: int = 1,
+        lookahead_steps: int = 1,
         ess_band: Sequence[float] = (0.5, 1.0),
         dead_tol: float = 1e-6,
     ):
@@ -249,6 +255,8 @@ class DWM(Algorithm):
             raise ValueError(f'DWM refit_backbone_lr_scale must be >= 0, got {refit_backbone_lr_scale}')
         if int(val_batches_per_step) < 1:
             raise ValueError(f'DWM val_batches_per_step must be >= 1, got {val_batches_per_step}')
+        if int(lookahead_steps) < 1:
+            raise ValueError(f'DWM lookahead_steps must be >= 1, got {lookahead_steps}')
         if len(ess_band) != 2 or not 0.0 <= float(ess_band[0]) <= float(ess_band[1]):
             raise ValueError(f'DWM ess_band must be (low, high) with 0 <= low <= high, got {ess_band}')
         if mode == 'select' and select_factor < 1:
@@ -281,6 +289,7 @@ class DWM(Algorithm):
         self.refit_kl = float(refit_kl)
         self.refit_backbone_lr_scale = float(refit_backbone_lr_scale)
         self.val_batches_per_step = int(val_batches_per_step)
+        self.lookahead_steps = int(lookahead_steps)
         self.ess_band = (float(ess_band[0]), float(ess_band[1]))
         self.dead_tol = float(dead_tol)
         self.dead_refits = 0
@@ -660,34 +669,44 @@ class DWM(Algorithm):
         try:
             for _ in range(self.refit_steps):
                 step_started = time.perf_counter()
-                refit_batch = self._batch_to_device(self.refit_batches.next())
+                refit_batches = [self._batch_to_device(self.refit_batches.next()) for _ in range(self.lookahead_steps)]
                 val_batches = [self._batch_to_device(self.val_batches.next()) for _ in range(self.val_batches_per_step)]
                 if first_pair is None:
-                    first_pair = (refit_batch, val_batches)
-                n_local = refit_batch['input_ids'].shape[0]
-                contributions_fn, val_loss_fn = self._make_functions(lm, refit_batch, val_batches)
+                    first_pair = (refit_batches[0], val_batches)
+                contributions_fns, val_loss_fn = [], None
                 with torch.enable_grad():
-                    weights, offset, scores = self._global_weights(refit_batch, grad=True)
-                stats = weight_statistics(weights)
-                ess.append(stats['ess'])
-                stds.append(stats['std'])
-                if stats['max'] - stats['min'] <= self.dead_tol:
-                    dead_steps += 1
-                local_weights = weights[offset:offset + n_local].detach()
-                result = hypergradient(contributions_fn, val_loss_fn, params, local_weights, lr, precond,
-                                       method=self.hypergrad, fd_eps=self.fd_eps, grad_reduce=grad_reduce,
-                                       jvp_context=lambda: jvp_attention(lm))
+                    weighted = [self._global_weights(batch, grad=True) for batch in refit_batches]
+                local_weights = []
+                for batch, (weights, offset, _) in zip(refit_batches, weighted):
+                    contributions_fn, val_loss_fn = self._make_functions(lm, batch, val_batches)
+                    contributions_fns.append(contributions_fn)
+                    n_local = batch['input_ids'].shape[0]
+                    local_weights.append(weights[offset:offset + n_local].detach())
+                    stats = weight_statistics(weights)
+                    ess.append(stats['ess'])
+                    stds.append(stats['std'])
+                    if stats['max'] - stats['min'] <= self.dead_tol:
+                        dead_steps += 1
+                result = hypergradient_multistep(contributions_fns, val_loss_fn, params, local_weights, lr, precond,
+                                                 method=self.hypergrad, fd_eps=self.fd_eps, grad_reduce=grad_reduce,
+                                                 jvp_context=lambda: jvp_attention(lm))
                 gains.append(self._val_loss(val_loss_fn, params) - result.val_loss)
-                hyper, _ = all_gather_cat(result.hypergradient.to(weights.dtype))
-                hyper_norm = float(hyper.norm())
+                hypers = [all_gather_cat(h.to(w.dtype))[0] for h, (w, _, _) in zip(result.hypergradients, weighted)]
+                hyper_norm = float(torch.cat(hypers).norm())
                 if self.normalize_hypergradient:
-                    hyper = hyper / hyper.pow(2).mean().sqrt().clamp(min=1e-30)
+                    rms = torch.cat(hypers).pow(2).mean().sqrt().clamp(min=1e-30)
+                    hypers = [h / rms for h in hypers]
                 self.weighter_optimizer.zero_grad(set_to_none=False)
+                step_kls = []
                 with torch.enable_grad():
-                    own = self.weighter.weights_from_scores(scores)  # before any prior: mean 1
-                    refit_loss, kl = refit_objective(hyper, weights, own, self.refit_kl)
-                    refit_loss.backward()
-                kls.append(float(kl.detach()))
+                    refit_loss = None
+                    for hyper, (weights, _, scores) in zip(hypers, weighted):
+                        own = self.weighter.weights_from_scores(scores)  # before any prior: mean 1
+                        loss, kl = refit_objective(hyper, weights, own, self.refit_kl)
+                        refit_loss = loss if refit_loss is None else refit_loss + loss
+                        step_kls.append(float(kl))
+                    (refit_loss / len(hypers)).backward()
+                kls.append(sum(step_kls) / len(step_kls))
                 self._sync_weighter_grads(backbone_names, world)
                 grad_norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum())
                                                 for p in self.weighter.parameters() if p.grad is not None)))
@@ -713,7 +732,7 @@ class DWM(Algorithm):
                 metrics['dwm/refit/val_loss_after'] = after
                 metrics['dwm/refit/ess_after'] = after_stats['ess']
                 metrics['dwm/refit/weight_std_after'] = after_stats['std']
-                dead = dead_steps == len(step_times) and after_stats['max'] - after_stats['min'] <= self.dead_tol
+                dead = dead_steps == len(ess) and after_stats['max'] - after_stats['min'] <= self.dead_tol
             else:
                 dead = False
         finally:

@@ -19,6 +19,18 @@ Preconditioner ``P``:
   ignored: the look-ahead moves along the fresh, weighted gradient only, which keeps ``theta'`` linear in ``w``.
 
 :func:`hypergradient_autograd` differentiates through a ``create_graph=True`` look-ahead; it is the test oracle.
+
+K-step look-ahead **[ours]** (:func:`hypergradient_multistep`): ``K`` virtual steps on ``K`` refit batches, each
+weighted by the weighter, ``theta_{k+1} = theta_k - eta * P * grad sum_i w_ki c_ki(theta_k)``, and the validation
+loss at ``theta_K``. Its exact gradient needs Hessian-vector products through the later steps
+(``d theta_K / d theta_{k+1}``); the first-order form used here drops them (``d theta_K / d theta_{k+1} ~ I``, the
+approximation of first-order MAML):
+
+    dL_val(theta_K)/dw_ki ~ -eta * < P * grad L_val(theta_K), grad c_ki(theta_k) >
+
+one JVP per step at that step's own ``theta_k``, along the one direction ``u = P * grad L_val(theta_K)``. For
+``K = 1`` it is the exact one-step hypergradient. The error is ``O(eta * ||H||)`` per skipped step;
+:func:`hypergradient_multistep_autograd` (reverse mode through ``create_graph=True`` steps) is its oracle.
 """
 
 from __future__ import annotations
@@ -39,6 +51,9 @@ __all__ = [
     'directional_derivative_fd',
     'hypergradient',
     'hypergradient_autograd',
+    'MultiStepResult',
+    'hypergradient_multistep',
+    'hypergradient_multistep_autograd',
     'jvp_attention',
     'eager_attention',
 ]
@@ -345,3 +360,108 @@ def jvp_attention(lm: torch.nn.Module) -> Iterator[None]:
         return
     with eager_attention(lm):
         yield
+
+
+@dataclass
+class MultiStepResult:
+    """Output of :func:`hypergradient_multistep`.
+
+    Attributes:
+        hypergradients (list[torch.Tensor]): ``[n_k]`` per look-ahead step ``k``, ``dL_val(theta_K)/dw_k``
+            (first order beyond ``K = 1``).
+        val_loss (float): ``L_val(theta_K)``.
+        lookahead_lr (float): The ``eta`` used.
+    """
+
+    hypergradients: list[torch.Tensor]
+    val_loss: float
+    lookahead_lr: float
+
+
+def hypergradient_multistep(
+    contributions_fns: list[Callable[[ParamDict], torch.Tensor]],
+    val_loss_fn: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    weights: list[torch.Tensor],
+    lr: float,
+    preconditioner: Optional[ParamDict] = None,
+    method: str = 'jvp',
+    fd_eps: float = 1e-3,
+    grad_reduce: Optional[GradReduce] = None,
+    jvp_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> MultiStepResult:
+    """First-order ``K``-step hypergradient (module docstring); ``K = len(contributions_fns)``.
+
+    ``K = 1`` calls :func:`hypergradient` (exact, bit-identical). Memory: ``K`` copies of the parameters (each
+    step's ``theta_k`` is kept for its JVP); cost: ``K`` weighted forward+backward passes, one validation
+    forward+backward, ``K`` JVPs.
+
+    Args:
+        contributions_fns (list[Callable]): ``params -> c_k`` ``[n_k]``, one per look-ahead step (its batch).
+        val_loss_fn (Callable): ``params -> L_val``.
+        params (dict[str, torch.Tensor]): ``theta_0`` (not modified).
+        weights (list[torch.Tensor]): ``[n_k]`` per step, treated as constants.
+        lr, preconditioner, method, fd_eps, grad_reduce, jvp_context: as for :func:`hypergradient` (``P`` is held
+            fixed over the ``K`` steps).
+
+    Returns:
+        MultiStepResult: per-step hypergradients, ``L_val(theta_K)`` and ``eta``.
+    """
+    if len(contributions_fns) != len(weights) or not contributions_fns:
+        raise ValueError(f'hypergradient_multistep needs one weight vector per step, got {len(contributions_fns)} '
+                         f'contribution functions and {len(weights)} weight vectors')
+    if len(contributions_fns) == 1:
+        one = hypergradient(contributions_fns[0], val_loss_fn, params, weights[0], lr, preconditioner, method,
+                            fd_eps, grad_reduce, jvp_context)
+        return MultiStepResult([one.hypergradient], one.val_loss, one.lookahead_lr)
+    trajectory = [{k: p.detach() for k, p in params.items()}]
+    for fn, w in zip(contributions_fns, weights):
+        trajectory.append(lookahead(fn, trajectory[-1], w, lr, preconditioner, grad_reduce))
+    leaves = _leaves(trajectory.pop())
+    with torch.enable_grad():
+        val_loss = val_loss_fn(leaves)
+        val_grad = _grad(val_loss, leaves)
+    val_loss_value = val_loss.detach()
+    del val_loss, leaves
+    if grad_reduce is not None:
+        val_grad = grad_reduce(val_grad)
+        val_loss_value = grad_reduce({'loss': val_loss_value.reshape(1)})['loss'][0]
+    direction = _scale_(val_grad, preconditioner)
+    del val_grad
+    hypergradients = []
+    for fn, theta_k in zip(contributions_fns, trajectory):
+        if method == 'jvp':
+            with jvp_context():
+                derivative = directional_derivative_jvp(fn, theta_k, direction)
+        elif method == 'fd':
+            derivative = directional_derivative_fd(fn, theta_k, direction, fd_eps)
+        else:
+            raise ValueError(f"hypergrad method must be 'jvp' or 'fd', got {method!r}")
+        hypergradients.append(-lr * derivative.detach())
+    return MultiStepResult(hypergradients, float(val_loss_value), float(lr))
+
+
+def hypergradient_multistep_autograd(
+    contributions_fns: list[Callable[[ParamDict], torch.Tensor]],
+    val_loss_fn: Callable[[ParamDict], torch.Tensor],
+    params: ParamDict,
+    weights: list[torch.Tensor],
+    lr: float,
+    preconditioner: Optional[ParamDict] = None,
+) -> list[torch.Tensor]:
+    """Exact ``K``-step hypergradient by reverse mode through ``create_graph=True`` steps (tests only).
+
+    Returns:
+        list[torch.Tensor]: ``[n_k]`` per step, ``dL_val(theta_K)/dw_k``.
+    """
+    theta = _leaves(params)
+    ws = [w.detach().clone().requires_grad_(True) for w in weights]
+    with torch.enable_grad():
+        for fn, w in zip(contributions_fns, ws):
+            train_loss = (w * fn(theta)).sum()
+            grads = torch.autograd.grad(train_loss, list(theta.values()), create_graph=True, allow_unused=True)
+            grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(theta.items(), grads)}
+            step = _scale(grads, preconditioner)
+            theta = {k: theta[k] - lr * step[k] for k in theta}
+        hyper = torch.autograd.grad(val_loss_fn(theta), ws)
+    return [h.detach() for h in hyper]

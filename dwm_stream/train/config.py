@@ -174,6 +174,7 @@ class DWMConfig:
     refit_kl: float = 0.0
     refit_backbone_lr_scale: float = 1.0
     val_batches_per_step: int = 1
+    lookahead_steps: int = 1
     ess_band: list[float] = field(default_factory=lambda: [0.5, 1.0])
     dead_tol: float = 1e-6
 

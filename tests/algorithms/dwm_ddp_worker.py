@@ -65,14 +65,14 @@ def fixed_batch_weights():
     return out
 
 
-def main(out_dir):
+def main(out_dir, lookahead_steps=1):
     dist.initialize_dist('cpu')
     world = dist.get_world_size()
     refit_global = list(DataLoader(ToyCorpus(48, seed=1), batch_size=GLOBAL_BATCH, shuffle=False))
     val_global = val_batches(n_batches=3, batch_size=4)
     dwm = DWM(stage_boundaries=['2ba'], refit_steps=3, refit_lr=0.05, lookahead_lr=0.5,
               refit_dataloader=RankSlices(refit_global), val_dataloader=RankSlices(val_global),
-              weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1})
+              lookahead_steps=lookahead_steps, weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1})
     dataset = ToyCorpus(64, seed=0)
     train = DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=dist.get_sampler(dataset, shuffle=False))
     model = composer_llama()
@@ -93,4 +93,4 @@ def main(out_dir):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)

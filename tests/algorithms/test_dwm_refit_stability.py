@@ -181,9 +181,21 @@ def test_val_batches_per_step_is_the_token_mean_over_all_batches():
     assert dwm.refits_done == 1 and dwm.val_batches.drawn == 2 * dwm.refit_steps
 
 
+def test_lookahead_steps_use_k_refit_batches_per_step_and_move_the_weighter():
+    """K = 2: each refit step draws two refit batches (one per virtual step) and one validation batch; the weighter
+    moves off uniform and the two-step look-ahead gain is logged."""
+    dwm = _dwm(lookahead_steps=2, refit_lr=0.3, refit_kl=1.0)
+    logger = _fit(dwm, max_duration='1ba')
+    assert dwm.refits_done == 1
+    assert dwm.refit_batches.drawn == 2 * dwm.refit_steps and dwm.val_batches.drawn == dwm.refit_steps
+    assert math.isfinite(float(logger.data['dwm/refit/lookahead_gain'][0][1]))
+    assert float(logger.data['dwm/refit/ess_after'][0][1]) < 1.0
+
+
 @pytest.mark.parametrize('kwargs,match', [({'refit_kl': -1.0}, 'refit_kl'),
                                           ({'refit_backbone_lr_scale': -0.1}, 'backbone'),
                                           ({'val_batches_per_step': 0}, 'val_batches_per_step'),
+                                          ({'lookahead_steps': 0}, 'lookahead_steps'),
                                           ({'ess_band': (0.9, 0.5)}, 'ess_band')])
 def test_option_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
