@@ -10,6 +10,12 @@ What it adds to its parent, and nothing more:
   existing corpus without rewriting shards. Each shard is presented to streaming with its selected
   count, so streaming's own partitioning, shuffling, exactly-once delivery and resumption operate on
   the selected subset; rows are mapped back to the shard at read time.
+* **LLM Foundry corpora, unconverted**: MDS written by Foundry's conversion scripts (``tokens`` as an
+  integer ``ndarray``, or as ``bytes`` decoded with ``token_encoding_type`` as Foundry's
+  ``StreamingTextDataset`` does), with or without ``dwm.json``. The domain is the stream's name, the uid
+  the stream + the sample's index; see :mod:`dwm_stream.format.foundry` for the rules and what is refused.
+* **Errors at construction, naming the file and the fix**: argument types (:mod:`dwm_stream.data.arguments`),
+  shard files missing from a dataset without ``remote``, a missing or damaged ``dwm.json``, a text-only corpus.
 * **A zero-copy read path** (:mod:`dwm_stream.format.view`) and an iterator without the polling
   ready-thread. Downloading still goes through streaming's ``prepare_shard`` in a background
   thread, but that thread visits only the points where the partition enters a shard, not every
@@ -29,7 +35,8 @@ import hashlib
 import logging
 import os
 import time
-from typing import Any, Iterator, Optional, Sequence
+from collections import Counter
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch.distributed as torch_dist
@@ -37,8 +44,9 @@ from streaming import Stream, StreamingDataset
 
 import dwm_stream.data._streaming_compat as compat
 from dwm_stream.data._streaming_compat import SHARD_LOCAL, EpochIterator, World
+from dwm_stream.data.arguments import check_dataset_arguments, check_stream_arguments
 from dwm_stream.data.selection import ResolvedSelection, read_selection, resolve_selection
-from dwm_stream.format import integrity
+from dwm_stream.format import foundry, integrity
 from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, SCORE_PREFIX, TOKENS, UID,
                                       UIDS_BASENAME, CorpusMeta)
 from dwm_stream.format.storage import download_file
@@ -62,6 +70,11 @@ def _stream_location(stream: Stream) -> str:
     return os.path.join(base, stream.split) if stream.split else base
 
 
+def _is_local_only(stream: Stream) -> bool:
+    """No remote to fetch missing files from (streaming treats ``remote == local`` the same way)."""
+    return not stream.remote or os.path.abspath(stream.remote) == os.path.abspath(stream.local)
+
+
 class DWMStream(compat.DownloadHookStream):
     """A ``streaming.Stream`` that also reads the corpus sidecars and an optional selection.
 
@@ -72,18 +85,33 @@ class DWMStream(compat.DownloadHookStream):
         selection (str, optional): A selection file (local path or ``s3://`` URI) naming the
             samples of this stream to deliver; see :mod:`dwm_stream.data.selection`. Default: ``None``
             (every sample).
+        name (str, optional): The stream's name (the key of a ``streams:`` mapping): the domain name of a
+            corpus without ``dwm.json`` (an LLM Foundry corpus), and the seed of its uids. Default: ``None``
+            (the basename of ``remote``, else of ``local``).
     """
 
-    def __init__(self, *, selection: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(self, *, selection: Optional[str] = None, name: Optional[str] = None, **kwargs: Any) -> None:
+        check_stream_arguments({'selection': selection, 'name': name, **kwargs})
         super().__init__(**kwargs)
         self.selection = selection
+        self.name = name
         self.meta: Optional[CorpusMeta] = None
+        self.meta_file = os.path.join(_stream_location(self), META_BASENAME)  # for messages
+        self.columns: Optional[dict[str, str]] = None  # column -> MDS encoding, as index.json lists them
         self.resolved: Optional[ResolvedSelection] = None
 
     @classmethod
-    def from_stream(cls, stream: Stream, selection: Optional[str] = None) -> 'DWMStream':
-        """A new ``DWMStream`` with the constructor arguments of ``stream`` (and ``selection``)."""
-        return cls(selection=selection, **compat.stream_arguments(stream))
+    def from_stream(cls, stream: Stream, selection: Optional[str] = None, name: Optional[str] = None) -> 'DWMStream':
+        """A new ``DWMStream`` with the constructor arguments of ``stream`` (and ``selection``, ``name``)."""
+        name = name if name is not None else getattr(stream, 'name', None)
+        return cls(selection=selection, name=name, **compat.stream_arguments(stream))
+
+    @property
+    def domain_name(self) -> str:
+        """The domain of a corpus without ``dwm.json``: ``name``, else the basename of ``remote`` or ``local``."""
+        if self.name:
+            return self.name
+        return os.path.basename((self.remote or self.local or '').rstrip('/')) or 'default'
 
     def _fetch_sidecar(self, basename: str, world: World, required: bool) -> Optional[str]:
         """Local path of a file beside ``index.json``, downloading it once per node if needed."""
@@ -91,6 +119,11 @@ class DWMStream(compat.DownloadHookStream):
         missing_marker = filename + '.missing'
         if os.path.exists(filename):
             return filename
+        if not self.remote:  # nothing to fetch: every rank sees the same directory
+            if required:
+                raise FileNotFoundError(f'{filename}: missing; it is written by `dwm-stream convert` beside '
+                                        f'index.json: restore it, or re-run the conversion.')
+            return None
         if world.is_local_leader:
             if self.remote:
                 try:
@@ -152,15 +185,27 @@ class DWMStream(compat.DownloadHookStream):
                 raise
             raise integrity.unsafe_types_error(index_file, e) from e
         integrity.check_shard_paths(shards, index_file)
+        if _is_local_only(self):
+            integrity.check_local_shards(shards, os.path.join(self.local, self.split), index_file)
         if self.validate_hash is None:
             self.validate_hash = integrity.default_validate_hash(shards)
         for shard in shards:  # the physical count, before a selection replaces `samples`
             shard.dwm_raw_samples = shard.samples
+        self.columns = _stream_columns(shards, index_file)
+        ours = self.columns is not None and DOMAIN in self.columns
         meta_file = self._fetch_sidecar(META_BASENAME, world, required=False)
         if meta_file is not None:
-            with open(meta_file) as f:
-                self.meta = CorpusMeta.from_json(f.read(), where=meta_file)
+            with open(meta_file, encoding='utf-8', errors='replace') as f:
+                self.meta = CorpusMeta.from_json(f.read(), where=self.meta_file,
+                                                 fix=foundry.meta_fix(ours, _stream_location(self)))
+        if self.columns is not None:
+            foundry.check_columns(self.columns, self.meta, sum(shard.samples for shard in shards),
+                                  _stream_location(self), index_file, self.meta_file)
         if self.selection is not None:
+            if self.columns is not None and UID not in self.columns:
+                raise ValueError(f'{_stream_location(self)}: `selection` picks samples by uid, and this corpus has '
+                                 f'none (an LLM Foundry corpus); convert it with `dwm-stream convert` to select '
+                                 f'from it, or drop `selection`.')
             selection = read_selection(self._fetch_selection(world))
             uids_file = self._fetch_sidecar(UIDS_BASENAME, world, required=True)
             corpus_uids = np.load(uids_file, allow_pickle=False)
@@ -174,37 +219,84 @@ class DWMStream(compat.DownloadHookStream):
         return shards
 
 
+def _stream_columns(shards: list, index_file: str) -> Optional[dict[str, str]]:
+    """Column name -> MDS encoding, the same for every shard of a stream; ``None`` without shards."""
+    columns: Optional[dict[str, str]] = None
+    for i, shard in enumerate(shards):
+        names, encodings = getattr(shard, 'column_names', None), getattr(shard, 'column_encodings', None)
+        if names is None or encodings is None:
+            return None
+        these = dict(zip(names, encodings))
+        if columns is None:
+            columns = these
+        elif these != columns:
+            raise ValueError(f'{index_file}: shard {i} has columns {these}, shard 0 has {columns}; the shards of '
+                             f'one stream must have the same columns: re-convert it, or give each part as its '
+                             f'own stream.')
+    return columns
+
+
 class DWMDataset(StreamingDataset):
     """A ``StreamingDataset`` that yields DWM sample dicts, with selection overlays.
 
     Takes every argument of ``streaming.StreamingDataset`` unchanged (``streams``, ``remote``,
     ``local``, ``split``, ``batch_size``, ``shuffle``, ``shuffle_seed``, ``predownload``,
-    ``cache_limit``, ...). Plain ``streaming.Stream`` objects are accepted and wrapped.
+    ``cache_limit``, ...). Plain ``streaming.Stream`` objects are accepted and wrapped; ``streams`` may
+    also be a mapping of name -> stream, the name being the domain of a corpus without ``dwm.json``.
+
+    Reads corpora written by ``dwm-stream convert`` and by LLM Foundry's conversion scripts
+    (:mod:`dwm_stream.format.foundry`). A sample longer than ``max_seq_len`` is truncated to it, as
+    Foundry's ``StreamingTextDataset`` does; samples of different lengths (a Foundry corpus written
+    without fixed-size samples) are padded to the longest of their batch by
+    :func:`dwm_stream.data.loader.collate_samples`, with ``num_tokens`` marking the real tokens (labels
+    are -100 past it).
 
     Args:
         selection (str, optional): With ``remote``/``local``: a selection file for that corpus.
             With ``streams``, give each :class:`DWMStream` its own ``selection`` instead.
             Default: ``None``.
+        max_seq_len (int, optional): Truncate every sample to this many tokens. Default: ``None``
+            (samples as stored).
+        token_encoding_type (str): The dtype of ``tokens`` stored as ``bytes`` (older LLM Foundry
+            corpora), as Foundry's option of the same name. Default: ``'int64'`` (Foundry's default).
         **kwargs: Passed to ``StreamingDataset``.
 
     Attributes:
         domain_names (list[str]): ``sample['domain']`` indexes this list (union over streams).
         score_names (list[str]): ``sample['scores']`` columns (union over streams and selections).
-        seq_len (int | None): Tokens per sample, when the corpora have ``dwm.json``.
+        seq_len (int | None): Tokens per sample when every stream's samples have one length (after
+            ``max_seq_len``), else ``max_seq_len`` (an upper bound) or ``None``.
+
+    Raises:
+        ArgumentTypeError: An argument of the wrong type (``shuffle: "false"``), naming the key.
+        FileNotFoundError: A shard file missing from a dataset without ``remote``, naming it.
+        ValueError: A missing or damaged ``dwm.json``, a text-only corpus, or ``tokens`` that cannot be
+            token ids, naming the file and the fix.
     """
 
     def __init__(self,
                  *,
-                 streams: Optional[Sequence[Stream]] = None,
+                 streams: Optional[Union[Sequence[Stream], Mapping[str, Stream]]] = None,
                  remote: Optional[str] = None,
                  local: Optional[str] = None,
                  split: Optional[str] = None,
                  selection: Optional[str] = None,
+                 max_seq_len: Optional[int] = None,
+                 token_encoding_type: str = 'int64',
                  **kwargs: Any) -> None:
+        check_dataset_arguments({'remote': remote, 'local': local, 'split': split, 'selection': selection,
+                                 'max_seq_len': max_seq_len, 'token_encoding_type': token_encoding_type,
+                                 **kwargs})
+        self.max_seq_len = max_seq_len
+        self.token_encoding_type = foundry.check_token_encoding_type(token_encoding_type)
         if streams:
             if selection is not None:
                 raise ValueError('`selection` applies with `remote`/`local`; with `streams`, pass '
                                  '`DWMStream(..., selection=PATH)` for each stream instead.')
+            if isinstance(streams, Mapping):
+                streams = [DWMStream(**{'name': str(name), **s}) if isinstance(s, Mapping) else
+                           DWMStream.from_stream(s, selection=getattr(s, 'selection', None), name=str(name))
+                           for name, s in streams.items()]
             streams = [s if isinstance(s, DWMStream) else DWMStream.from_stream(s) for s in streams]
         else:
             if not (remote or local):
@@ -236,11 +328,11 @@ class DWMDataset(StreamingDataset):
         streams: list[DWMStream] = self.streams  # type: ignore[assignment]
         self.domain_names: list[str] = []
         self.score_names: list[str] = []
-        seq_lens = set()
+        max_seq_len = self.max_seq_len
+        fixed: dict[str, int] = {}  # stream -> tokens per sample, for streams whose samples have one length
         for stream in streams:
             meta = stream.meta
-            names = meta.domains if meta else [os.path.basename(_stream_location(stream).rstrip('/')) or 'default']
-            for name in names:
+            for name in (meta.domains if meta and meta.domains else [stream.domain_name]):
                 if name not in self.domain_names:
                     self.domain_names.append(name)
             for name in (meta.score_names if meta else []):
@@ -250,33 +342,56 @@ class DWMDataset(StreamingDataset):
                 for name in (stream.resolved.scores_per_shard[0] if stream.resolved.scores_per_shard else {}):
                     if name not in self.score_names:
                         self.score_names.append(name)
-            if meta:
-                seq_lens.add(meta.seq_len)
-        if len(seq_lens) > 1:
-            where = {_stream_location(s): s.meta.seq_len for s in streams if s.meta}
-            raise ValueError(f'streams have different seq_len {where}; samples of one batch must have '
-                             f'the same length. Convert them with the same --seq-len.')
-        self.seq_len: Optional[int] = seq_lens.pop() if seq_lens else None
+            encoding = foundry.tokens_encoding(stream.columns[TOKENS]) if stream.columns else None
+            length = encoding.length if encoding else (meta.seq_len if meta else None)
+            if length is not None:
+                fixed[_stream_location(stream)] = min(length, max_seq_len) if max_seq_len else length
+        if len(set(fixed.values())) > 1:
+            raise ValueError(f'streams have different seq_len {fixed}; samples of one batch must have '
+                             f'the same length: convert them with the same --seq-len, or set max_seq_len '
+                             f'to truncate them to the shortest.')
+        if fixed and len(fixed) == len(streams):
+            self.seq_len: Optional[int] = next(iter(fixed.values()))
+        else:
+            self.seq_len = max_seq_len
         score_index = {name: i for i, name in enumerate(self.score_names)}
 
-        # Per-stream domain remap: local domain id -> global id.
+        # Per-stream domain remap (local domain id -> global id) and the uid of sample 0 of a stream
+        # without a uid column (its name, made unique among the streams, hashed; see format.foundry).
         self._domain_remap = []
+        self._stream_uid_base: list[int] = []
+        name_counts = Counter(stream.domain_name for stream in streams)
+        seen: Counter = Counter()
         for stream in streams:
-            names = stream.meta.domains if stream.meta else [self.domain_names[0]]
+            names = stream.meta.domains if stream.meta and stream.meta.domains else [stream.domain_name]
             self._domain_remap.append(np.array([self.domain_names.index(n) for n in names], np.int64))
+            key = stream.domain_name
+            if name_counts[key] > 1:
+                seen[key] += 1
+                key = f'{key}#{seen[key] - 1}'
+            self._stream_uid_base.append(foundry.stream_uid_base(key))
 
         # Per-shard decode plan.
+        self._token_dtype = np.dtype(self.token_encoding_type)
         self._shard_dtype: list[Optional[np.dtype]] = []
+        self._shard_uid_base: list[int] = []
         self._shard_rows: list[Optional[np.ndarray]] = []
         self._shard_prior: list[Optional[np.ndarray]] = []
         self._shard_score_cols: list[list[tuple[int, str]]] = []
         self._shard_sel_scores: list[list[tuple[int, np.ndarray]]] = []
+        raw_offset = 0
         for shard_id, shard in enumerate(self.shards):
-            stream = streams[self.stream_per_shard[shard_id]]
-            local_shard = shard_id - int(self.shard_offset_per_stream[self.stream_per_shard[shard_id]])
+            stream_id = int(self.stream_per_shard[shard_id])
+            stream = streams[stream_id]
+            local_shard = shard_id - int(self.shard_offset_per_stream[stream_id])
+            if local_shard == 0:
+                raw_offset = 0
+            self._shard_uid_base.append(self._stream_uid_base[stream_id] + raw_offset)
+            raw_offset += int(shard.dwm_raw_samples)
             names = getattr(shard, 'column_names', None)
             dtype = None
-            if names is not None and {TOKENS, UID} <= set(names):
+            encoding = foundry.tokens_encoding(stream.columns[TOKENS]) if stream.columns else None
+            if names is not None and encoding is not None and encoding.kind == 'ndarray' and encoding.length:
                 dtype = record_dtype(shard.column_names, shard.column_encodings, shard.column_sizes)
             self._shard_dtype.append(dtype)
             cols = [(score_index[c[len(SCORE_PREFIX):]], c) for c in (names or [])
@@ -323,7 +438,10 @@ class DWMDataset(StreamingDataset):
             except FileNotFoundError as e:  # evicted between prepare and open; prepare again
                 last_error = e
                 continue
-            decoder = _ShardDecoder(self, shard_id, view)
+            names = view.columns
+            filled = UID not in names or (self.max_seq_len is not None and
+                                          self.max_seq_len < names[TOKENS].shape[1])
+            decoder = (_FilledShardDecoder if filled else _ShardDecoder)(self, shard_id, view)
             decoders[shard_id] = decoder
             return decoder
         raise RuntimeError(f'shard {filename} of {_stream_location(stream)} could not be prepared: '
@@ -337,20 +455,75 @@ class DWMDataset(StreamingDataset):
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         """Get a sample by global (selected-space) index, preparing its shard if needed."""
+        if not 0 <= sample_id < self.num_samples:
+            n = self.num_samples
+            raise IndexError(f'Invalid sample index `{sample_id}`: 0 <= index < {n} (or -{n} <= index < 0 '
+                             f'from the end); the dataset has {n} samples.')
         shard_id = int(np.searchsorted(self._shard_bounds, sample_id, side='right') - 1)
         vrow = int(sample_id - self._shard_bounds[shard_id])
         rows = self._shard_rows[shard_id]
         row = int(rows[vrow]) if rows is not None else vrow
         if self._shard_dtype[shard_id] is None:
-            # A foreign shard (variable-size columns): streaming's own decoder.
+            # Variable-size columns (an LLM Foundry corpus): streaming's own decoder, then our sample dict.
             shard = self.shards[shard_id]
             for _ in range(1 + retry):
                 try:
-                    return shard.get_item(row)
+                    raw = shard.get_item(row)
+                    break
                 except FileNotFoundError:
                     self.prepare_shard(shard_id)
-            raise RuntimeError(f'shard {shard_id} could not be prepared after {retry} retries.')
+            else:
+                raise RuntimeError(f'shard {shard_id} could not be prepared after {retry} retries.')
+            return self._decode_foreign(shard_id, raw, row, vrow)
         return self._decoder(shard_id).sample(row, vrow)
+
+    def _decode_foreign(self, shard_id: int, raw: dict[str, Any], row: int, vrow: int) -> dict[str, Any]:
+        """The sample dict of a row decoded by streaming: the same keys and types as :class:`_ShardDecoder`'s."""
+        tokens = raw[TOKENS]
+        if isinstance(tokens, (bytes, bytearray, memoryview)):
+            dtype = self._token_dtype
+            if len(tokens) % dtype.itemsize:
+                raise ValueError(f'{self._shard_file(shard_id)}: sample {row}: `tokens` is {len(tokens)} bytes, '
+                                 f'not a whole number of {dtype} ids; set token_encoding_type to the dtype the '
+                                 f'corpus was written with (LLM Foundry\'s default: int64).')
+            ids = np.frombuffer(tokens, dtype)
+        else:
+            ids = np.asarray(tokens)
+            if ids.size == 0:
+                ids = ids.astype(np.int64)
+            if ids.ndim != 1 or ids.dtype.kind not in 'iu':
+                raise ValueError(f'{self._shard_file(shard_id)}: sample {row}: `tokens` is not a 1-D array of '
+                                 f'integer token ids (shape {ids.shape}, dtype {ids.dtype}).')
+        if self.max_seq_len is not None:
+            ids = ids[:self.max_seq_len]
+        num_tokens = len(ids)
+        if NUM_TOKENS in raw:
+            num_tokens = min(int(raw[NUM_TOKENS]), num_tokens)
+        remap = self._domain_remap[self.stream_per_shard[shard_id]]
+        domain = int(raw[DOMAIN]) if DOMAIN in raw else 0
+        if not 0 <= domain < len(remap):
+            raise ValueError(_domain_error(self._shard_file(shard_id), row, domain,
+                                           self.streams[self.stream_per_shard[shard_id]]))
+        prior = self._shard_prior[shard_id]
+        sample: dict[str, Any] = {
+            'input_ids': ids,
+            'num_tokens': num_tokens,
+            'uid': int(raw[UID]) if UID in raw else self._shard_uid_base[shard_id] + row,
+            'domain': int(remap[domain]),
+            'prior_weight': prior.item(vrow) if prior is not None else 1.0,
+        }
+        if self.score_names:
+            scores = np.full(len(self.score_names), np.nan, np.float32)
+            for i, column in self._shard_score_cols[shard_id]:
+                scores[i] = raw[column]
+            for i, values in self._shard_sel_scores[shard_id]:
+                scores[i] = values[vrow]
+            sample['scores'] = scores
+        return sample
+
+    def _shard_file(self, shard_id: int) -> str:
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        return os.path.join(_stream_location(stream), self.shards[shard_id].raw_data.basename)
 
     def on_exception(self, future: Any) -> None:
         """The prepare thread failed: keep its error for the consumer to raise, and stop."""
@@ -500,26 +673,38 @@ class DWMDataset(StreamingDataset):
                 i += 1
 
 
+def _domain_error(where: str, row: int, domain: int, stream: DWMStream) -> str:
+    count = len(stream.meta.domains) if stream.meta else 1
+    return (f'{where}: row {row} has domain id {domain}, but {stream.meta_file} lists {count} domain(s); restore '
+            f'the dwm.json written with these shards, or re-run `dwm-stream convert`.')
+
+
 class _ShardDecoder:
     """One mapped shard and what turning a row into a sample dict needs, as O(1) lookups.
 
     Per process (never pickled). ``sample`` is the whole per-sample cost of the read path: a row
     view of the token ids (zero-copy, into the page cache), four scalar reads and, when the
     corpus has scores, a view of the adjacent ``score_*`` columns (or a small array when a
-    selection or another stream contributes scores).
+    selection or another stream contributes scores). Columns an LLM Foundry corpus lacks are
+    filled in: ``uid`` from the stream and row, ``num_tokens`` = ``seq_len``, domain 0 of the stream.
     """
 
-    __slots__ = ('view', 'tokens', 'num_tokens', 'seq_len', 'uid', 'domain', 'remap', 'prior',
-                 'num_scores', 'score_block', 'score_cols', 'sel_scores')
+    __slots__ = ('view', 'tokens', 'num_tokens', 'seq_len', 'uid', 'uid_base', 'domain', 'remap', 'prior',
+                 'num_scores', 'score_block', 'score_cols', 'sel_scores', 'stream')
 
     def __init__(self, dataset: DWMDataset, shard_id: int, view: ShardView) -> None:
         cols = view.columns
         self.view = view
-        self.tokens = cols[TOKENS]
-        self.seq_len = int(self.tokens.shape[1])
+        tokens = cols[TOKENS]
+        if dataset.max_seq_len is not None and dataset.max_seq_len < tokens.shape[1]:
+            tokens = tokens[:, :dataset.max_seq_len]  # still a view
+        self.tokens = tokens
+        self.seq_len = int(tokens.shape[1])
         self.num_tokens = cols.get(NUM_TOKENS)
-        self.uid = cols[UID]
+        self.uid = cols.get(UID)
+        self.uid_base = dataset._shard_uid_base[shard_id]
         self.domain = cols.get(DOMAIN)
+        self.stream = dataset.streams[dataset.stream_per_shard[shard_id]]
         self.remap = dataset._domain_remap[dataset.stream_per_shard[shard_id]].tolist()
         self.prior = dataset._shard_prior[shard_id]
         self.num_scores = len(dataset.score_names)
@@ -532,22 +717,53 @@ class _ShardDecoder:
 
     def sample(self, row: int, vrow: int) -> dict[str, Any]:
         """The sample dict of physical row ``row`` (``vrow``: its index among the selected rows)."""
-        sample: dict[str, Any] = {
-            'input_ids': self.tokens[row],
-            'num_tokens': self.num_tokens.item(row) if self.num_tokens is not None else self.seq_len,
-            'uid': self.uid.item(row),
-            'domain': self.remap[self.domain.item(row) if self.domain is not None else 0],
-            'prior_weight': self.prior.item(vrow) if self.prior is not None else 1.0,
-        }
+        try:
+            sample: dict[str, Any] = {
+                'input_ids': self.tokens[row],
+                'num_tokens': self.num_tokens.item(row) if self.num_tokens is not None else self.seq_len,
+                'uid': self.uid.item(row),
+                'domain': self.remap[self.domain.item(row) if self.domain is not None else 0],
+                'prior_weight': self.prior.item(vrow) if self.prior is not None else 1.0,
+            }
+        except IndexError:  # a domain id that dwm.json does not name
+            raise ValueError(_domain_error(self.view.filename, row, self.domain.item(row), self.stream)) from None
         if self.num_scores:
-            if self.score_block is not None:
-                sample['scores'] = self.score_block[row]
-            else:
-                scores = np.empty(self.num_scores, np.float32)
-                scores.fill(np.nan)
-                for i, column in self.score_cols:
-                    scores[i] = column[row]
-                for i, values in self.sel_scores:
-                    scores[i] = values[vrow]
-                sample['scores'] = scores
+            self._add_scores(sample, row, vrow)
+        return sample
+
+    def _add_scores(self, sample: dict[str, Any], row: int, vrow: int) -> None:
+        if self.score_block is not None:
+            sample['scores'] = self.score_block[row]
+        else:
+            scores = np.empty(self.num_scores, np.float32)
+            scores.fill(np.nan)
+            for i, column in self.score_cols:
+                scores[i] = column[row]
+            for i, values in self.sel_scores:
+                scores[i] = values[vrow]
+            sample['scores'] = scores
+
+
+class _FilledShardDecoder(_ShardDecoder):
+    """A fixed-size shard without a ``uid`` column (an LLM Foundry corpus), or truncated by ``max_seq_len``.
+
+    Kept apart so that the common case, a converted corpus read whole, pays nothing for it.
+    """
+
+    __slots__ = ()
+
+    def sample(self, row: int, vrow: int) -> dict[str, Any]:
+        num_tokens = self.num_tokens.item(row) if self.num_tokens is not None else self.seq_len
+        try:
+            sample: dict[str, Any] = {
+                'input_ids': self.tokens[row],
+                'num_tokens': min(num_tokens, self.seq_len),
+                'uid': self.uid.item(row) if self.uid is not None else self.uid_base + row,
+                'domain': self.remap[self.domain.item(row) if self.domain is not None else 0],
+                'prior_weight': self.prior.item(vrow) if self.prior is not None else 1.0,
+            }
+        except IndexError:  # a domain id that dwm.json does not name
+            raise ValueError(_domain_error(self.view.filename, row, self.domain.item(row), self.stream)) from None
+        if self.num_scores:
+            self._add_scores(sample, row, vrow)
         return sample

@@ -4,6 +4,10 @@ Token ids cross DataLoader worker processes in their narrow storage dtype (uint1
 up to 65,536) and are widened to int64 in the main process by :func:`widen_batch`, Composer's
 ``batch_transforms`` hook, which also derives ``labels`` (``-100`` on padding past
 ``num_tokens``). That halves or quarters the bytes that cross process boundaries.
+
+A batch whose samples differ in length (an LLM Foundry corpus without fixed-size samples) or in
+dtype (streams of different corpora) is padded with 0 to its longest sample and stored in a dtype
+that holds every id; ``num_tokens`` keeps each sample's real length, so padding gets label -100.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ import torch
 from composer.core import DataSpec
 from streaming import StreamingDataLoader
 
+from dwm_stream.data.arguments import (
+    check_dataset_arguments,
+    check_loader_arguments,
+    check_stream_arguments,
+)
 from dwm_stream.data.dataset import DWMDataset, DWMStream
 
 __all__ = ['collate_samples', 'widen_batch', 'num_tokens_in_batch', 'build_dataset', 'build_dataloader']
@@ -32,9 +41,21 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """
     first = samples[0]
     has_scores = 'scores' in first
+    ids_dtype = first['input_ids'].dtype
+    seq_len = len(first['input_ids'])
+    uniform = True
+    for s in samples:
+        ids = s['input_ids']
+        if len(ids) != seq_len or ids.dtype != ids_dtype:
+            uniform = False
+            break
+    if not uniform:
+        ids_dtype = _common_dtype(samples)
+        seq_len = max(len(s['input_ids']) for s in samples)
     if torch.utils.data.get_worker_info() is None:
         batch = {
-            'input_ids': torch.from_numpy(np.stack([s['input_ids'] for s in samples])),
+            'input_ids': torch.from_numpy(np.stack([s['input_ids'] for s in samples]) if uniform else
+                                          _padded(samples, ids_dtype, seq_len)),
             'num_tokens': torch.tensor([s['num_tokens'] for s in samples], dtype=torch.int32),
             'uid': torch.tensor([s['uid'] for s in samples], dtype=torch.int64),
             'domain': torch.tensor([s['domain'] for s in samples], dtype=torch.int64),
@@ -47,8 +68,6 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     # uid int64[n] | domain int64[n] | num_tokens int32[n] | prior_weight float32[n] |
     # scores float32[n, k] | input_ids [n, seq_len] (8-byte aligned).
     n = len(samples)
-    ids_dtype = first['input_ids'].dtype
-    seq_len = len(first['input_ids'])
     k = len(first['scores']) if has_scores else 0
     ids_at = (24 * n + 4 * n * k + 7) // 8 * 8
     arena = torch.empty(ids_at + n * seq_len * ids_dtype.itemsize, dtype=torch.uint8)
@@ -59,8 +78,11 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     raw[16 * n:20 * n].view(np.int32)[:] = [s['num_tokens'] for s in samples]
     raw[20 * n:24 * n].view(np.float32)[:] = [s['prior_weight'] for s in samples]
     ids = raw[ids_at:].view(ids_dtype).reshape(n, seq_len)
-    for row, s in enumerate(samples):
-        ids[row] = s['input_ids']
+    if uniform:
+        for row, s in enumerate(samples):
+            ids[row] = s['input_ids']
+    else:
+        _fill_padded(ids, samples)
     batch = {
         'input_ids': arena[ids_at:].view(_torch_dtype(ids_dtype)).view(n, seq_len),
         'num_tokens': arena[16 * n:20 * n].view(torch.int32),
@@ -72,6 +94,25 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         raw[24 * n:24 * n + 4 * n * k].view(np.float32).reshape(n, k)[:] = [s['scores'] for s in samples]
         batch['scores'] = arena[24 * n:24 * n + 4 * n * k].view(torch.float32).view(n, k)
     return batch
+
+
+def _common_dtype(samples: list[dict[str, Any]]) -> np.dtype:
+    """An integer dtype that holds the ids of every sample (int64 if numpy's promotion is not an integer)."""
+    dtype = np.result_type(*{s['input_ids'].dtype for s in samples})
+    return dtype if dtype.kind in 'iu' else np.dtype(np.int64)
+
+
+def _fill_padded(out: np.ndarray, samples: list[dict[str, Any]]) -> None:
+    for row, s in enumerate(samples):
+        ids = s['input_ids']
+        out[row, :len(ids)] = ids
+        out[row, len(ids):] = 0
+
+
+def _padded(samples: list[dict[str, Any]], dtype: np.dtype, seq_len: int) -> np.ndarray:
+    out = np.empty((len(samples), seq_len), dtype)
+    _fill_padded(out, samples)
+    return out
 
 
 _TORCH_DTYPES: dict[np.dtype, torch.dtype] = {}
@@ -118,9 +159,12 @@ def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = Non
     """Build a :class:`~dwm_stream.data.dataset.DWMDataset` from a ``dataset:`` config mapping.
 
     The keys are ``DWMDataset``'s: ``remote``/``local``/``split``/``selection`` or ``streams`` (a mapping of
-    name -> ``DWMStream`` arguments, or a list), plus any ``StreamingDataset`` argument. ``dwm-stream train`` and
-    the LLM Foundry entry points check the config against ``dwm_stream.train.config.DatasetConfig`` before it
-    gets here, so that an unknown key or a wrong type is reported with its YAML key and the valid keys.
+    name -> ``DWMStream`` arguments, or a list), ``max_seq_len``/``token_encoding_type`` (LLM Foundry's), plus any
+    ``StreamingDataset`` argument. A stream's name is the domain of a corpus without ``dwm.json`` (an LLM Foundry
+    corpus). ``dwm-stream train`` and the LLM Foundry entry points check the config against
+    ``dwm_stream.train.config.DatasetConfig`` before it gets here, so that an unknown key or a wrong type is reported
+    with its YAML key and the valid keys; the types are checked here too (:mod:`dwm_stream.data.arguments`), for
+    callers that come straight here.
 
     Args:
         cfg (Mapping): The ``dataset:`` section.
@@ -128,14 +172,20 @@ def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = Non
         where (str): Config path for error messages. Default: ``'dataset'``.
     """
     cfg = dict(cfg)
+    check_dataset_arguments(cfg, where)
     streams_cfg = cfg.pop('streams', None)
     streams = None
     if streams_cfg:
-        items = streams_cfg.items() if isinstance(streams_cfg, Mapping) else enumerate(streams_cfg)
+        named = isinstance(streams_cfg, Mapping)
+        items = streams_cfg.items() if named else enumerate(streams_cfg)
         streams = []
         for name, scfg in items:
+            scfg = dict(scfg)
+            check_stream_arguments(scfg, f'{where}.streams.{name}')
+            if named:  # the stream's name is the domain of a corpus without dwm.json
+                scfg.setdefault('name', str(name))
             try:
-                streams.append(DWMStream(**dict(scfg)))
+                streams.append(DWMStream(**scfg))
             except TypeError as e:  # an argument DWMStream does not take
                 raise ValueError(f'{where}.streams.{name}: {e}') from e
     if device_batch_size is not None and cfg.get('batch_size') is None:
@@ -157,6 +207,10 @@ def build_dataloader(dataset_cfg: Mapping[str, Any],
     Uses streaming's ``StreamingDataLoader`` so that LLM Foundry and Composer checkpoint the
     dataset position the usual way.
     """
+    check_loader_arguments({'device_batch_size': device_batch_size, 'num_workers': num_workers,
+                            'drop_last': drop_last, 'prefetch_factor': prefetch_factor,
+                            'persistent_workers': persistent_workers, 'pin_memory': pin_memory, 'timeout': timeout},
+                           where.removesuffix('.dataset'))
     dataset = build_dataset(dataset_cfg, device_batch_size, where=where)
     loader = StreamingDataLoader(
         dataset,

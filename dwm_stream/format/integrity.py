@@ -14,6 +14,8 @@ and the tests that pin them.
   names the object URL and the endpoint (``S3_ENDPOINT_URL``), and never a credential.
 * :func:`unsafe_types_error`: a pickle-typed column, refused unless ``allow_unsafe_types=True``.
 * :func:`cache_error`: an ``OSError`` while writing the cache (read-only, disk full), naming the path.
+* :func:`check_local_shards`: a dataset without ``remote`` must have every shard file its index lists, in a
+  form streaming accepts, or it is refused at construction naming the missing files.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from streaming.base.hashing import is_hash
 
 __all__ = ['ShardIntegrityError', 'ObjectDownloadError', 'UnsafeIndexError', 'check_shard_paths',
            'default_validate_hash', 'verify_raw_shard', 'download_error', 'endpoint_of', 'redact',
-           'unsafe_types_error', 'cache_error', 'prepare_failed', 'PREFERRED_HASHES', 'CACHE_ERRNOS']
+           'unsafe_types_error', 'cache_error', 'prepare_failed', 'check_local_shards', 'MissingShardError',
+           'PREFERRED_HASHES', 'CACHE_ERRNOS']
 
 # OSError numbers that mean "the cache cannot be written", not "the network failed".
 CACHE_ERRNOS = frozenset({13, 1, 30, 28, 122, 27})  # EACCES EPERM EROFS ENOSPC EDQUOT EFBIG
@@ -51,6 +54,10 @@ class ObjectDownloadError(RuntimeError):
 
 class UnsafeIndexError(ValueError):
     """An ``index.json`` that would read or write outside the cache, or decode with pickle."""
+
+
+class MissingShardError(FileNotFoundError):
+    """A shard file that ``index.json`` lists is missing from a dataset that has no ``remote`` to fetch it from."""
 
 
 # ---------------------------------------------------------------------------------------- paths
@@ -78,6 +85,48 @@ def check_shard_paths(shards: list, index_file: str) -> None:
                     f'{index_file}: shard {i} names the file {name!r}, which is outside the dataset '
                     f'directory (absolute or with ".."). Refusing this index: shard files must be '
                     f'relative paths inside the directory that holds index.json.')
+
+
+def check_local_shards(shards: list, local_dir: str, index_file: str) -> None:
+    """Refuse a dataset without ``remote`` whose ``index.json`` lists shard files that are not there.
+
+    Streaming would fail only at the batch that reaches such a shard, with "path to remote dataset must be
+    provided" and no file named. The forms streaming accepts without a remote: for a compressed shard, its
+    compressed file(s) (streaming deletes a decompressed file whose compressed file is missing, so the raw file
+    alone does not count); for an uncompressed shard, its raw file(s).
+
+    Args:
+        shards (list): The stream's shard readers (``file_pairs``, ``compression``).
+        local_dir (str): ``local/split``, where the files must be.
+        index_file (str): The index, for the message.
+
+    Raises:
+        MissingShardError: Naming the missing files (the first few) and what to do.
+    """
+    listing = set()
+    for dirname, _, files in os.walk(local_dir):
+        listing.update(os.path.join(dirname, name) for name in files)
+    missing, raw_only = [], []
+    for shard in shards:
+        for raw, zipped in getattr(shard, 'file_pairs', []):
+            info = zipped if getattr(shard, 'compression', None) and zipped is not None else raw
+            if info is None or os.path.join(local_dir, info.basename) in listing:
+                continue
+            missing.append(info.basename)
+            if info is zipped and raw is not None and os.path.join(local_dir, raw.basename) in listing:
+                raw_only.append(raw.basename)
+    if not missing:
+        return
+    local_dir = os.path.normpath(local_dir)
+    note = (f' ({", ".join(raw_only[:3])}{" ..." if len(raw_only) > 3 else ""}, decompressed, is there, but '
+            f'without its compressed file streaming deletes it when there is no `remote`)' if raw_only else '')
+    fetch = '`remote` (where the dataset was written) so that streaming can download'
+    if len(missing) == 1:
+        raise MissingShardError(f'{os.path.join(local_dir, missing[0])}: missing (listed in {index_file}){note}; '
+                                f'restore it, or give {fetch} it.')
+    shown = ', '.join(missing[:5]) + (f' and {len(missing) - 5} more' if len(missing) > 5 else '')
+    raise MissingShardError(f'{local_dir}: {len(missing)} shard files listed in {index_file} are missing '
+                            f'({shown}){note}; restore them, or give {fetch} them.')
 
 
 # ---------------------------------------------------------------------------------------- hashes

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -128,20 +128,61 @@ class CorpusMeta:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, where: Optional[str] = None) -> 'CorpusMeta':
+    def from_json(cls, text: str, where: Optional[str] = None,
+                  fix: str = 're-run `dwm-stream convert`') -> 'CorpusMeta':
+        """Parse ``dwm.json``; every error names ``where`` (the file) and ``fix`` (what to do).
+
+        Raises:
+            ValueError: Not JSON (e.g. truncated), not an object, unknown or missing keys, a value of the
+                wrong type, or a format version newer than this package reads.
+        """
         where = where or META_BASENAME
         try:
             obj: dict[str, Any] = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f'{where}: not valid JSON ({e}); re-run `dwm-stream convert`.') from e
+            what = 'empty' if not text.strip() else f'not valid JSON, truncated or damaged ({e})'
+            raise ValueError(f'{where}: {what}; {fix}.') from e
+        if not isinstance(obj, dict):
+            raise ValueError(f'{where}: expected a JSON object, got {type(obj).__name__}; {fix}.')  # noqa: TRY004
         known = set(cls.__dataclass_fields__)
         unknown = set(obj) - known
         if unknown:
             raise ValueError(f'{where}: unknown keys {sorted(unknown)}; valid keys are {sorted(known)}.')
-        if obj.get('version', FORMAT_VERSION) > FORMAT_VERSION:
+        required = [name for name, f in cls.__dataclass_fields__.items()
+                    if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in obj]
+        if missing:
+            raise ValueError(f'{where}: missing keys {missing}; {fix}.')
+        version = obj.get('version', FORMAT_VERSION)
+        if isinstance(version, int) and version > FORMAT_VERSION:
             raise ValueError(f'{where}: format version {obj["version"]} is newer than this dwm-stream '
                              f'understands ({FORMAT_VERSION}); upgrade dwm-stream.')
-        try:
-            return cls(**obj)
-        except TypeError as e:
-            raise ValueError(f'{where}: {e}') from e
+        for key, ok, expected in _META_TYPES:
+            if key in obj and not ok(obj[key]):
+                raise ValueError(f'{where}: `{key}` must be {expected}, got {obj[key]!r}; {fix}.')
+        return cls(**obj)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_str_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+# (key, check, what the message says it must be) for every field of dwm.json.
+_META_TYPES = [
+    ('domains', _is_str_list, 'a list of domain names'),
+    ('seq_len', lambda x: _is_int(x) and x > 0, 'a positive int'),
+    ('token_dtype', lambda x: isinstance(x, str), 'a numpy integer dtype name such as "uint16"'),
+    ('tokenizer', lambda x: isinstance(x, str), 'a string'),
+    ('eos_token_id', lambda x: x is None or _is_int(x), 'an int'),
+    ('pad_token_id', lambda x: x is None or _is_int(x), 'an int'),
+    ('score_names', _is_str_list, 'a list of score names'),
+    ('num_samples', lambda x: _is_int(x) and x >= 0, 'an int >= 0'),
+    ('num_tokens', lambda x: _is_int(x) and x >= 0, 'an int >= 0'),
+    ('tokens_per_domain', lambda x: isinstance(x, dict), 'an object of domain name -> tokens'),
+    ('sources', _is_str_list, 'a list of source paths'),
+    ('version', _is_int, 'an int'),
+]

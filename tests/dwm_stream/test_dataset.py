@@ -74,6 +74,20 @@ def test_decodes_every_sample_as_written(corpus, uid_to_ordinal):
     assert seen == N
 
 
+def test_max_seq_len_truncates_a_converted_corpus(corpus, uid_to_ordinal):
+    """LLM Foundry's dataset key: samples longer than max_seq_len are cut (a view), num_tokens with them."""
+    dataset = DWMDataset(local=corpus, shuffle=False, batch_size=4, max_seq_len=20)
+    assert dataset.seq_len == 20
+    samples = list(dataset)
+    assert len(samples) == N
+    for sample in samples:
+        i = uid_to_ordinal[sample['uid']]
+        np.testing.assert_array_equal(sample['input_ids'], expected_tokens(7, i, SEQ_LEN, 5000)[:20])
+        # the last sample of each of the 4 synthetic sources is half padding: 16 real tokens, under the cut
+        assert sample['num_tokens'] == (SEQ_LEN // 2 if i >= N - 4 else 20)
+    assert DWMDataset(local=corpus, batch_size=4, max_seq_len=4 * SEQ_LEN).seq_len == SEQ_LEN  # never padded
+
+
 @pytest.mark.parametrize('seed', [0, 17])
 def test_same_sequence_as_plain_streaming_dataset(corpus, seed):
     """The fast path keeps streaming's partitioning and shuffle order exactly, across epochs."""
