@@ -1,40 +1,44 @@
-"""Quality proxy for the paper's claim: does DWM train a tiny Llama faster on the embedded corpus?
+"""Quality proxy: does a data weighting method beat uniform training of a tiny Llama by more than noise?
 
-Four methods train the same tiny Llama on the same data (the embedded SlimPajama-format corpus with its three
-degraded domains), from the same initialisation and in the same sample order for a given seed, for the same
-number of steps and hence the same token budget:
+The corpus has real and degraded domains; the metric is the held-out loss on the real ones. Every method trains the
+same tiny Llama, from the same initialisation and in the same sample order for a given seed, for the same number of
+steps and trained samples, and puts its per-sample weights into the loss the same way (``batch['dwm_weight']``, DWM's
+loss terms). Methods (``--methods``; ``NAME`` or ``NAME:key=value,...``, where the keys
+override :class:`Budget` fields for that method and the whole string is its label):
 
 * ``uniform``: plain training.
-* ``dwm``: DWM with 5 stages (``algorithms.dwm``; settings of ``yamls/demo-cpu.yaml``, not tuned here), refit
-  against the *fit* half of the LAMBADA-format file.
-* ``static_domain``: fixed per-domain weights from a short uniform proxy run (``algorithms.baselines``): each
-  domain's first-order effect on the same LAMBADA fit loss, ``<grad L_fit, grad L_domain>`` at the end of the proxy
-  run, clipped at 0, normalised to mean 1 over the training mix, mixed with uniform (λ = 0.1, as DWM's).
-* ``loss_reweighting``: Sow et al. 2025 (LinUpper, r = 1, 5% uniform warm-up), per-sample weights from the sample's
-  current loss, normalised within the batch.
+* ``noise_floor``: tiny random weights, ``1 + noise_sigma * N(0, 1)`` (``algorithms.baselines.NoiseFloorWeighting``):
+  how much a method that knows nothing moves the loss. The *noise floor* is the RMS over seeds of its change.
+* ``dwm``: DWM with 5 stages and the refit trust region ``refit_kl`` (``algorithms.dwm``).
+* ``dwm_paper``: ``dwm`` with ``refit_kl=0``, the paper's unregularised refit objective.
+* ``dwm_select``: DWM ``mode='select'``: the loader yields ``select_factor`` x the batch, DWM trains on the top
+  ``1 / select_factor`` by the weighter's scores (the same number of trained samples per step).
+* ``loss_reweighting``: Sow et al. 2025 (LinUpper, r = 1, 5% uniform warm-up).
+* ``static_domain``: fixed per-domain weights from a short uniform proxy run: each domain's first-order effect on
+  DWM's validation target, ``<grad L_fit, grad L_domain>``, clipped at 0, mean 1 over the training mix, mixed with
+  uniform (λ = 0.1).
 
-All four put their weights into the loss the same way (``batch['dwm_weight']``, DWM's loss terms). Reported:
-held-out loss curves (the validation shards of the real domains; per domain too), LAMBADA-format continuation
-loss and accuracy on the *report* half (never used to fit DWM or the static weights), the steps each method needs
-to reach uniform's final validation loss (linear interpolation between evaluations; per seed, then the mean), and
-the mean weight per domain per stage.
+DWM's validation target (``dwm_validation``): ``lambada`` (the *fit* half of the LAMBADA-format file), ``heldout``
+(held-out samples of the real domains, disjoint from the report set) or ``both`` (alternating batches).
 
-    python -m benchmarks.quality [--quick] [--out DIR] [--seeds 0 1 2] [--jobs 2]
+Reported: the **macro-average over the real domains of the token-mean held-out loss** on a balanced report set (the
+same number of validation samples per domain, drawn by a fixed seed), per domain too; LAMBADA-format continuation
+loss and accuracy on the *report* half; the cross-entropy of unigram and bigram models of the training tokens on the
+same report tokens (reference lines); per method and seed, the change against uniform of the same seed; targets.
 
-Writes ``DIR/quality.json`` (default ``benchmarks/results``), ``quality_curves.png``, ``quality_weights.png``,
-and regenerates the section between the quality markers of ``benchmarks/RESULTS.md`` (beside ``DIR``).
+    python -m benchmarks.quality [--quick] [--out DIR] [--seeds 0 1 2 3 4] [--jobs 2] [--methods M ...]
+                                 [--corpus-seed N] [--corpus DIR --degraded NAME,NAME [--lambada FILE]]
+                                 [--rerun-check]
+    python -m benchmarks.quality --write-corpus DIR --corruptions {standard,alt} [--corpus-seed N] [--quick]
 
-    python -m benchmarks.quality --investigate heldout_val [adam_lookahead refit_4x] [--jobs 2]
-
-(issue 6) re-runs DWM only, one changed setting per variant, on the seeds, budget and data of ``DIR/quality.json``
-(uniform and the baselines are not re-run), merges the runs into ``DIR/quality_investigation.json`` (+ ``.png``)
-and renders its ``### Investigation`` subsection into the quality section. ``heldout_val`` fits DWM to the LM loss
-of the real domains' validation samples that the reported validation loss never reads (a uid selection overlay).
+Writes ``DIR/quality.json`` (default ``benchmarks/results``), ``quality_curves.png``, ``quality_weights.png``, and
+regenerates the section between the quality markers of ``benchmarks/RESULTS.md`` (beside ``DIR``).
 """
 
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,7 +46,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,15 +57,29 @@ from composer.utils import reproducibility
 from matplotlib.figure import Figure
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from algorithms.baselines import LossReweighting, StaticDomainWeighting, domain_weights_from_alignment
-from algorithms.dwm import ValidationBatches
+from algorithms.baselines import (
+    LossReweighting,
+    NoiseFloorWeighting,
+    StaticDomainWeighting,
+    domain_weights_from_alignment,
+)
+from algorithms.dwm import DWM, ValidationBatches
 from algorithms.dwm.functional import WEIGHT_KEY, per_sample_loss_sums
-from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max, output_options,
-                               read_section as _read_section, replace_section as _replace_section, results_md_path,
-                               utc_now, write_json)
+from benchmarks.common import (
+    describe_machine,
+    library_versions,
+    machine_info,
+    min_median_max,
+    output_options,
+    results_md_path,
+    utc_now,
+    write_json,
+)
+from benchmarks.common import read_section as _read_section
+from benchmarks.common import replace_section as _replace_section
 from dwm_stream.convert.tokenizer import load_tokenizer
 from dwm_stream.data.selection import write_selection
-from dwm_stream.demo.corpus import DEGRADED_DOMAINS
+from dwm_stream.demo.corpus import CORRUPTIONS, build_corpus, degraded_domains
 from dwm_stream.demo.data import DataBudget, prepare_data
 from dwm_stream.train import builders
 from dwm_stream.train.builders import WidenedLoader
@@ -71,19 +89,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BEGIN_MARK = '<!-- quality:begin -->'
 END_MARK = '<!-- quality:end -->'
-METHODS = ('uniform', 'dwm', 'static_domain', 'loss_reweighting')
-LABELS = {'uniform': 'uniform', 'dwm': 'DWM (5 stages)', 'static_domain': 'static domain weights',
-          'loss_reweighting': 'loss-based (Sow et al.)'}
+SCHEMA = 2
+# Base methods and the Budget fields each one sets before the method string's own overrides.
+BASES: dict[str, dict[str, Any]] = {
+    'uniform': {}, 'noise_floor': {}, 'dwm': {}, 'dwm_paper': {'refit_kl': 0.0}, 'dwm_select': {},
+    'loss_reweighting': {}, 'static_domain': {},
+}
+DWM_BASES = ('dwm', 'dwm_paper', 'dwm_select')
+# The options of issue 12 are measured beside the default (`dwm`), never adopted from this run (it is the reported
+# corpus): K = 2 look-ahead and the held-out-mixture validation target.
+DEFAULT_METHODS = ('uniform', 'noise_floor', 'dwm', 'dwm_paper', 'dwm_select', 'loss_reweighting', 'static_domain',
+                   'dwm:lookahead_steps=2', 'dwm:dwm_validation=heldout')
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 PROXY_SEED = 1000  # the static baseline's proxy run: its own seed, shared by every main seed
-TARGET_STEP_FRACTION = 0.8
-TARGET_DEGRADED_WEIGHT = 0.5
+REPORT_SEED = 12345  # draws the balanced report set (and so the held-out DWM target) from the validation split
+ESS_BOUND = 0.5
 
 
 @dataclass
 class Budget:
-    """Everything that sets the size of the experiment: its data (shared with the demo) and its training.
+    """Everything that sets the size of the experiment: its data (shared with the demo), its training, and the
+    methods' settings (a method string ``NAME:key=value`` overrides these fields for one method).
 
-    Recorded in the JSON as one flat dict (:meth:`record`): the data's fields, then the training's.
+    Recorded in the JSON as one flat dict (:meth:`record`): the data's fields, then the others.
     """
     data: DataBudget
     batch_size: int
@@ -100,20 +128,24 @@ class Budget:
     weighter_d_model: int
     proxy_frac: float               # static baseline: proxy run length as a fraction of `steps`
     proxy_batches_per_domain: int   # static baseline: batches per domain for its gradient
-    max_eval_batches: int
+    report_per_domain: int          # report set: validation samples per domain
     eval_batch_size: int = 32
-    # DWM settings: those of yamls/demo-cpu.yaml (not tuned to this benchmark)
+    # DWM (the settings of yamls/demo-cpu.yaml, plus issue 12's trust region chosen by the dev screening)
     refit_lr: float = 0.003
     lookahead: str = 'sgd'
     lookahead_lr: float = 0.003
     tau: float = 1.0
     mix_uniform: float = 0.1
     val_batch_size: int = 16
-    # DWM refit stabilisation (issue 12; 0 / 'none' / 1.0 / 1 = the earlier behaviour)
-    refit_kl: float = 0.0
+    refit_kl: float = 3.0
     embed_norm: str = 'none'
     refit_backbone_lr_scale: float = 1.0
     val_batches_per_step: int = 1
+    lookahead_steps: int = 1
+    dwm_validation: str = 'lambada'  # lambada | heldout | both ('lambada' means 'heldout' without a LAMBADA file)
+    select_factor: int = 4
+    # noise floor
+    noise_sigma: float = 0.02
     # Sow et al.'s defaults
     sow_r: float = 1.0
     sow_warmup_frac: float = 0.05
@@ -124,7 +156,7 @@ class Budget:
         return self.data.seq_len
 
     def record(self) -> dict[str, Any]:
-        """The flat dict the JSON holds: ``corpus_size``, ``vocab_size``, ``seq_len``, then the training fields."""
+        """The flat dict the JSON holds: ``corpus_size``, ``vocab_size``, ``seq_len``, ..., then the other fields."""
         record = asdict(self)
         return {**record.pop('data'), **record}
 
@@ -132,54 +164,217 @@ class Budget:
     def from_record(cls, record: dict[str, Any]) -> 'Budget':
         """The inverse of :meth:`record`."""
         data_keys = {f.name for f in fields(DataBudget)}
-        return cls(data=DataBudget(**{k: record[k] for k in data_keys}),
+        return cls(data=DataBudget(**{k: record[k] for k in data_keys if k in record}),
                    **{k: v for k, v in record.items() if k not in data_keys})
 
 
-FULL = Budget(data=DataBudget(corpus_size='4MB', vocab_size=2048, seq_len=128), batch_size=16, steps=300, evals=15,
-              hidden_size=64, num_layers=2, intermediate_size=176, num_heads=4, lr=0.003, warmup_frac=0.05,
-              num_stages=5, refit_steps=12, weighter_d_model=64, proxy_frac=0.2, proxy_batches_per_domain=4,
-              max_eval_batches=8)
-QUICK = Budget(data=DataBudget(corpus_size='1MB', vocab_size=1024, seq_len=64), batch_size=8, steps=30, evals=3,
-               hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2, lr=0.003, warmup_frac=0.1,
-               num_stages=5, refit_steps=1, weighter_d_model=16, proxy_frac=0.34, proxy_batches_per_domain=1,
-               max_eval_batches=4)
+FULL = Budget(data=DataBudget(corpus_size='4MB', vocab_size=2048, seq_len=128, validation_size='600KB'),
+              batch_size=16, steps=600, evals=15, hidden_size=96, num_layers=2, intermediate_size=256, num_heads=4,
+              lr=0.003, warmup_frac=0.05, num_stages=5, refit_steps=12, weighter_d_model=64, proxy_frac=0.2,
+              proxy_batches_per_domain=4, report_per_domain=64)
+QUICK = Budget(data=DataBudget(corpus_size='1MB', vocab_size=1024, seq_len=64, validation_size='200KB'),
+               batch_size=8, steps=30, evals=3, hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2,
+               lr=0.003, warmup_frac=0.1, num_stages=5, refit_steps=1, weighter_d_model=16, proxy_frac=0.34,
+               proxy_batches_per_domain=1, report_per_domain=12)
 
 
 def _say(msg: str) -> None:
     print(f'[quality] {msg}', flush=True)
 
 
+# ------------------------------------------------------------------------------------------------------- methods
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``'dwm:refit_kl=10,embed_norm=batch'`` -> ``('dwm', {'refit_kl': 10.0, 'embed_norm': 'batch'})``; values take
+    the type of the :class:`Budget` field they override. Raises ``ValueError`` naming the method if it is not valid."""
+    name, _, rest = text.partition(':')
+    if name not in BASES:
+        raise ValueError(f'method {text!r}: unknown method {name!r}; one of {", ".join(BASES)}')
+    types = {f.name: f.type for f in fields(Budget) if f.name != 'data'}
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(',')):
+        key, eq, value = item.partition('=')
+        key = key.strip()
+        if not eq or key not in types:
+            raise ValueError(f'method {text!r}: {item!r} is not key=value with key a Budget field '
+                             f'({", ".join(sorted(types))})')
+        try:
+            overrides[key] = types[key](value.strip())
+        except ValueError:
+            raise ValueError(f'method {text!r}: {key}={value!r} is not a {types[key].__name__}') from None
+    return name, overrides
+
+
+def method_budget(budget: Budget, text: str) -> Budget:
+    """The budget one method runs with: its base's settings, then the method string's overrides."""
+    base, overrides = parse_method(text)
+    return replace(budget, **{**BASES[base], **overrides})
+
+
 # ------------------------------------------------------------------------------------------------------- data
-def _say_data(step: str, message: str) -> None:
-    """``prepare_data``'s progress (corpus, tokenizer, shards: ``dwm_stream.demo.data``, shared with the demo)."""
-    _say(message)
-
-
-def _count_lines(path: str) -> int:
-    with open(path) as f:
-        return sum(1 for line in f if line.strip())
-
-
 def _domain_names(mds_dir: str) -> list[str]:
     with open(os.path.join(mds_dir, 'dwm.json')) as f:
         return list(json.load(f)['domains'])
 
 
-def _eval_batches(paths: dict[str, str], budget: Budget) -> list[dict]:
-    """The fixed held-out batches every evaluation uses (validation shards, in order)."""
-    loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, budget.eval_batch_size, 'validation')
+def _samples(mds_dir: str) -> list[dict[str, Any]]:
+    """Every sample of an MDS folder, in shard order: ``uid``, ``domain`` (id), ``tokens`` (int64, ``num_tokens``)."""
+    out = []
+    for batch in WidenedLoader({'local': mds_dir, 'shuffle': False}, 1, mds_dir):
+        n = int(batch['num_tokens'][0])
+        out.append({'uid': int(batch['uid'][0]), 'domain': int(batch['domain'][0]),
+                    'tokens': batch['input_ids'][0, :n].numpy().copy()})
+    return out
+
+
+def split_report(samples: list[dict[str, Any]], domain_names: list[str], real: list[str],
+                 per_domain: int) -> dict[str, Any]:
+    """The balanced report set and the held-out DWM target, from the validation samples.
+
+    Per domain, the samples in a fixed random order (``REPORT_SEED``): the first ``per_domain`` are reported; the rest
+    of a real domain's samples are the held-out DWM target. A domain with too few samples is *short*: a real one with
+    fewer than ``2 * per_domain`` reports half of them (the other half is the target), a degraded one with fewer than
+    ``per_domain`` reports all. Report and target are disjoint by uid.
+    """
+    by_domain: dict[str, list[int]] = {}
+    for s in samples:
+        by_domain.setdefault(domain_names[s['domain']], []).append(s['uid'])
+    rng = np.random.default_rng(REPORT_SEED)
+    report, heldout, short = {}, {}, []
+    for d in sorted(by_domain):
+        uids = [by_domain[d][i] for i in rng.permutation(len(by_domain[d]))]
+        k = per_domain
+        if d in real and len(uids) < 2 * per_domain:
+            k = max(1, len(uids) // 2)
+        elif d not in real:
+            k = min(per_domain, len(uids))
+        if k < per_domain:
+            short.append(d)
+        report[d] = sorted(uids[:k])
+        if d in real:
+            heldout[d] = sorted(uids[k:])
+    return {'report': report, 'heldout': heldout, 'short': short,
+            'validation_samples': {d: len(u) for d, u in sorted(by_domain.items())}}
+
+
+def _report_batches(samples: list[dict[str, Any]], report: dict[str, list[int]], names: list[str],
+                    batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The report set as batches of one domain each (``input_ids``, ``labels`` -100 past a sample's tokens,
+    ``domain``: the index in ``names``, the training set's domain names)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    wanted = {u: d for d, uids in report.items() for u in uids}
+    for s in samples:
+        if s['uid'] in wanted and wanted[s['uid']] in names:
+            rows.setdefault(wanted[s['uid']], []).append(s)
+    seq_len = max(len(s['tokens']) for s in samples)
     batches = []
-    for batch in loader:
-        batches.append({k: batch[k].clone() for k in ('input_ids', 'labels', 'domain')})
-        if len(batches) >= budget.max_eval_batches:
-            break
+    for d in sorted(rows):
+        for i in range(0, len(rows[d]), batch_size):
+            chunk = rows[d][i:i + batch_size]
+            ids = torch.zeros(len(chunk), seq_len, dtype=torch.int64)
+            labels = torch.full((len(chunk), seq_len), -100, dtype=torch.int64)
+            for r, s in enumerate(chunk):
+                ids[r, :len(s['tokens'])] = torch.from_numpy(s['tokens'])
+                labels[r, :len(s['tokens'])] = torch.from_numpy(s['tokens'])
+            batches.append({'input_ids': ids, 'labels': labels,
+                            'domain': torch.full((len(chunk),), names.index(d), dtype=torch.int64)})
     return batches
 
 
-def evaluate(lm, batches: list[dict], domain_names: list[str]) -> dict[str, float]:
-    """Token-mean loss by domain, over the real domains (``clean``: the validation loss of this benchmark), and over
-    all domains (``all``)."""
+def ngram_references(train: list[np.ndarray], report: dict[str, list[np.ndarray]], vocab_size: int,
+                     real: list[str]) -> dict[str, dict[str, Any]]:
+    """Held-out cross-entropy (nats/token) of a unigram and a bigram model of the training tokens.
+
+    The tokens scored are the model's: in each report sample, every token after the first, the bigram's history
+    being the token before it (as the LM's context begins with it). Unigram: add-one,
+    ``p(w) = (c(w) + 1) / (N + V)`` over all training tokens. Bigram: interpolated Witten-Bell (parameter-free),
+    ``p(w | h) = (c(h, w) + T(h) p_uni(w)) / (c(h) + T(h))`` with ``c(h)`` the bigrams starting with ``h`` and
+    ``T(h)`` the distinct tokens seen after ``h`` (``p_uni(w)`` when ``h`` was never seen); bigrams within samples.
+
+    Returns ``{'unigram': {'by_domain': {d: nats}, 'macro': mean over ``real``}, 'bigram': {...}}``.
+    """
+    v = int(vocab_size)
+    uni_counts = np.bincount(np.concatenate(train), minlength=v).astype(np.float64)
+    p_uni = (uni_counts + 1.0) / (uni_counts.sum() + v)
+    codes = np.concatenate([s[:-1].astype(np.int64) * v + s[1:] for s in train if len(s) > 1])
+    pairs, pair_counts = np.unique(codes, return_counts=True)
+    hist_counts = np.bincount(pairs // v, weights=pair_counts, minlength=v)
+    hist_types = np.bincount(pairs // v, minlength=v).astype(np.float64)
+    out: dict[str, dict[str, Any]] = {'unigram': {'by_domain': {}}, 'bigram': {'by_domain': {}}}
+    for d, seqs in sorted(report.items()):
+        seqs = [s for s in seqs if len(s) > 1]
+        h = np.concatenate([s[:-1] for s in seqs]).astype(np.int64)
+        w = np.concatenate([s[1:] for s in seqs]).astype(np.int64)
+        at = np.minimum(np.searchsorted(pairs, h * v + w), len(pairs) - 1)
+        c_hw = np.where(pairs[at] == h * v + w, pair_counts[at], 0)
+        denom = hist_counts[h] + hist_types[h]
+        p_bi = np.where(denom > 0, (c_hw + hist_types[h] * p_uni[w]) / np.maximum(denom, 1e-300), p_uni[w])
+        out['unigram']['by_domain'][d] = float(-np.log(p_uni[w]).mean())
+        out['bigram']['by_domain'][d] = float(-np.log(p_bi).mean())
+    for m in out.values():
+        m['macro'] = float(np.mean([m['by_domain'][d] for d in real if d in m['by_domain']]))
+    return out
+
+
+def prepare(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
+    """Data (cached), the report/held-out split (a selection overlay for the held-out target) and what the runs
+    need to know about the corpus."""
+    if args.corpus:
+        paths = prepare_data(args.data_dir, budget.data, corpus_dir=args.corpus, lambada=args.lambada,
+                             say=lambda step, msg: _say(msg))
+    else:
+        paths = prepare_data(args.data_dir, budget.data, seed=args.corpus_seed, say=lambda step, msg: _say(msg))
+    names = _domain_names(paths['train'])
+    named = args.degraded.split(',') if args.corpus else degraded_domains('standard')
+    unknown = sorted(set(named) - set(names)) if args.corpus else []
+    if unknown:
+        raise SystemExit(f'--degraded: {", ".join(unknown)} not among the corpus\'s domains ({", ".join(names)})')
+    degraded = [d for d in names if d in named]
+    real = [d for d in names if d not in degraded]
+    val = _samples(paths['validation'])
+    split = split_report(val, _domain_names(paths['validation']), real, budget.report_per_domain)
+    for d in split['short']:
+        _say(f'validation split of {d} is short ({split["validation_samples"][d]} samples): '
+             f'{len(split["report"][d])} reported' + (', the rest held out for DWM' if d in real else ''))
+    heldout_uids = sorted(u for uids in split['heldout'].values() for u in uids)
+    heldout_path = os.path.join(paths['root'], f'heldout-r{budget.report_per_domain}-{REPORT_SEED}.parquet')
+    write_selection(heldout_path, np.asarray(heldout_uids, dtype=np.int64),
+                    info={'what': 'quality bench: held-out DWM target (real domains, never reported)'})
+    train = _samples(paths['train'])
+    counts = np.bincount([s['domain'] for s in train], minlength=len(names))
+    vocab = len(load_tokenizer(paths['tokenizer']))
+    uid_domain = {u: d for d, uids in split['report'].items() for u in uids}
+    report_tokens: dict[str, list[np.ndarray]] = {}
+    for s in val:
+        if s['uid'] in uid_domain:
+            report_tokens.setdefault(uid_domain[s['uid']], []).append(s['tokens'])
+    references = ngram_references([s['tokens'] for s in train], report_tokens, vocab, real)
+    return {
+        'paths': paths, 'domains': names, 'real': real, 'degraded': degraded, 'vocab': vocab,
+        'report': split['report'], 'heldout_path': heldout_path, 'references': references,
+        'data': {'domains': names, 'real_domains': real, 'degraded_domains': degraded,
+                 'train_samples': len(train), 'train_tokens': int(sum(len(s['tokens']) for s in train)),
+                 'train_shares': {names[i]: float(c / counts.sum()) for i, c in enumerate(counts)},
+                 'validation_samples': split['validation_samples'],
+                 'report_samples': {d: len(u) for d, u in split['report'].items()},
+                 'report_tokens': {d: int(sum(len(t) - 1 for t in ts)) for d, ts in report_tokens.items()},
+                 'heldout_samples': {d: len(u) for d, u in split['heldout'].items()},
+                 'short_domains': split['short'],
+                 'lambada_fit': _count_lines(paths['lambada_fit']),
+                 'lambada_report': _count_lines(paths['lambada_report'])},
+    }
+
+
+def _count_lines(path: str | None) -> int | None:
+    if path is None:
+        return None
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+# ------------------------------------------------------------------------------------------------------- one run
+def evaluate(lm, batches: list[dict], domain_names: list[str], real: list[str]) -> dict[str, float]:
+    """Token-mean loss per domain; ``macro``: their mean over the real domains (the benchmark's metric);
+    ``degraded``: over the degraded domains."""
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
     was_training = lm.training
@@ -187,80 +382,117 @@ def evaluate(lm, batches: list[dict], domain_names: list[str]) -> dict[str, floa
     with torch.no_grad():
         for batch in batches:
             loss_sum, count = per_sample_loss_sums(lm(input_ids=batch['input_ids']).logits, batch['labels'])
-            for d, s, n in zip(batch['domain'].tolist(), loss_sum.tolist(), count.tolist()):
-                name = domain_names[d]
-                group = 'degraded' if name in DEGRADED_DOMAINS else 'clean'
-                for key in (name, group, 'all'):
-                    sums[key] = sums.get(key, 0.0) + s
-                    counts[key] = counts.get(key, 0.0) + n
+            name = domain_names[int(batch['domain'][0])]
+            sums[name] = sums.get(name, 0.0) + float(loss_sum.sum())
+            counts[name] = counts.get(name, 0.0) + float(count.sum())
     lm.train(was_training)
-    return {k: sums[k] / max(counts[k], 1.0) for k in sums}
+    out = {d: sums[d] / max(counts[d], 1.0) for d in sorted(sums)}
+    clean = [out[d] for d in real if d in out]
+    dirty = [out[d] for d in out if d not in real]
+    out['macro'] = sum(clean) / len(clean)
+    if dirty:
+        out['degraded'] = sum(dirty) / len(dirty)
+    return out
 
 
-# ------------------------------------------------------------------------------------------------------- one run
 class QualityProbe(Callback):
-    """Evaluations at step 0 and every ``steps / evals`` batches, and the mean weight per domain per stage (stages:
-    ``num_stages`` equal parts of the run, DWM's stage boundaries)."""
+    """Evaluations at step 0 and every ``steps / evals`` batches; per stage (``num_stages`` equal parts of the run,
+    DWM's stage boundaries) the mean weight per domain, the domains' sample counts and the within-batch weight std."""
 
-    def __init__(self, eval_batches: list[dict], domain_names: list[str], budget: Budget):
-        self.eval_batches, self.domain_names, self.budget = eval_batches, domain_names, budget
+    def __init__(self, eval_batches: list[dict], domain_names: list[str], real: list[str], budget: Budget):
+        self.eval_batches, self.domain_names, self.real, self.budget = eval_batches, domain_names, real, budget
         self.curve: list[dict[str, Any]] = []
         self.batches_done = 0
         self.weight_sums: dict[tuple[int, str], float] = {}
-        self.weight_counts: dict[tuple[int, str], int] = {}
+        self.counts: dict[tuple[int, str], int] = {}
+        self.spread: dict[int, list[float]] = {}
         self.eval_seconds = 0.0
-        self.spread_sums: dict[int, float] = {}  # per stage: sum over batches of the batch's weight std
-        self.spread_counts: dict[int, int] = {}
 
     def _eval(self, state):
         started = time.perf_counter()
-        losses = evaluate(state.model.model, self.eval_batches, self.domain_names)
+        self.curve.append({'step': self.batches_done,
+                           **evaluate(state.model.model, self.eval_batches, self.domain_names, self.real)})
         self.eval_seconds += time.perf_counter() - started
-        self.curve.append({'step': self.batches_done, **losses})
 
     def fit_start(self, state, logger):
         self._eval(state)
 
     def batch_end(self, state, logger):
-        budget, domain_names = self.budget, self.domain_names
+        budget = self.budget
         stage = min(self.batches_done * budget.num_stages // budget.steps, budget.num_stages - 1)
-        batch = state.batch
-        domains = batch['domain'].tolist()
-        weights = batch[WEIGHT_KEY].tolist() if WEIGHT_KEY in batch else [1.0] * len(domains)
-        mean_w = sum(weights) / max(len(weights), 1)
-        std_w = (sum((w - mean_w) ** 2 for w in weights) / max(len(weights), 1)) ** 0.5
-        self.spread_sums[stage] = self.spread_sums.get(stage, 0.0) + float(std_w)
-        self.spread_counts[stage] = self.spread_counts.get(stage, 0) + 1
+        domains = state.batch['domain'].tolist()
+        weights = state.batch[WEIGHT_KEY].tolist() if WEIGHT_KEY in state.batch else [1.0] * len(domains)
+        self.spread.setdefault(stage, []).append(float(np.std(weights)))
         for d, w in zip(domains, weights):
-            key = (stage, domain_names[d])
+            key = (stage, self.domain_names[d])
             self.weight_sums[key] = self.weight_sums.get(key, 0.0) + float(w)
-            self.weight_counts[key] = self.weight_counts.get(key, 0) + 1
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.batches_done += 1
         every = max(1, budget.steps // budget.evals)
-        if self.batches_done % every == 0 or self.batches_done == budget.steps:
-            if not self.curve or self.curve[-1]['step'] != self.batches_done:
-                self._eval(state)
+        at_eval = self.batches_done % every == 0 or self.batches_done == budget.steps
+        if at_eval and self.curve[-1]['step'] != self.batches_done:
+            self._eval(state)
 
-    def stage_weight_std(self) -> list[Optional[float]]:
-        """Per stage, the mean over batches of the within-batch std of the weights (0 = uniform)."""
-        return [self.spread_sums[k] / self.spread_counts[k] if k in self.spread_counts else None
-                for k in range(self.budget.num_stages)]
-
-    def stage_weights(self) -> list[dict[str, float]]:
-        table = [{} for _ in range(self.budget.num_stages)]
-        for (stage, name), total in sorted(self.weight_sums.items()):
-            table[stage][name] = total / self.weight_counts[(stage, name)]
+    def stage_weights(self, train_shares: dict[str, float] | None = None) -> list[dict[str, float]]:
+        """Per stage, each domain's mean weight; with ``train_shares`` (selection), its share of the trained samples
+        over its share of the training set (1 = as often as uniform sampling)."""
+        table: list[dict[str, float]] = [{} for _ in range(self.budget.num_stages)]
+        totals = [sum(n for (k, _), n in self.counts.items() if k == stage) for stage in range(len(table))]
+        for (stage, name), n in sorted(self.counts.items()):
+            if train_shares is None:
+                table[stage][name] = self.weight_sums[(stage, name)] / n
+            else:
+                table[stage][name] = n / totals[stage] / max(train_shares[name], 1e-12)
         return table
+
+    def stage_weight_std(self) -> list[float | None]:
+        return [float(np.mean(self.spread[k])) if k in self.spread else None for k in range(self.budget.num_stages)]
+
+
+class _RoundRobin:
+    """Re-iterable: one batch of each loader in turn, until one of them ends (DWM then starts it over)."""
+
+    def __init__(self, *loaders):
+        self.loaders = loaders
+
+    def __iter__(self):
+        iterators = [iter(loader) for loader in self.loaders]
+        while True:
+            for it in iterators:
+                batch = next(it, None)
+                if batch is None:
+                    return
+                yield batch
+
+
+def _validation(kind: str, spec: dict[str, Any], tokenizer, budget: Budget):
+    """DWM's validation batches: the LAMBADA fit half, the held-out real-domain samples, or both in turn."""
+    paths = spec['paths']
+    if kind == 'lambada' and not paths['lambada_fit']:
+        kind = 'heldout'
+    lam = (ValidationBatches(paths['lambada_fit'], tokenizer, batch_size=budget.val_batch_size,
+                             max_length=budget.seq_len) if kind in ('lambada', 'both') else None)
+    held = (WidenedLoader({'local': paths['validation'], 'selection': spec['heldout_path'], 'shuffle': False},
+                          budget.val_batch_size, 'heldout') if kind in ('heldout', 'both') else None)
+    if kind == 'lambada':
+        return lam
+    if kind == 'heldout':
+        return held
+    if kind == 'both':
+        if lam is None:
+            raise ValueError('dwm_validation=both needs a LAMBADA file')
+        return _RoundRobin(lam, held)
+    raise ValueError(f'unknown dwm_validation {kind!r}; lambada, heldout or both')
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one (method, seed) and evaluate it; returns plain JSON-able numbers (and, for the proxy, weights)."""
     torch.set_num_threads(int(spec.get('threads', 1)))
     budget = Budget.from_record(spec['budget'])
-    paths, method, seed = spec['paths'], spec['method'], int(spec['seed'])
+    paths, label, seed = spec['paths'], spec['method'], int(spec['seed'])
+    base = parse_method(label)[0]
     steps = int(spec.get('steps') or budget.steps)
-    run_budget = replace(budget, steps=steps)
-    domain_names = _domain_names(paths['train'])
+    domain_names, real = spec['domains'], spec['real']
     reproducibility.seed_all(seed)
     tokenizer = builders.build_tokenizer({'name': paths['tokenizer']})
     model = builders.build_model({'name': 'llama', 'config_overrides': {
@@ -269,28 +501,34 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         'num_key_value_heads': budget.num_heads, 'max_position_embeddings': budget.seq_len,
         'tie_word_embeddings': True}}, tokenizer)
     train_dataset = {'local': paths['train'], 'shuffle': True, 'shuffle_seed': 17 + seed}
-    train_spec = builders.build_train_dataloader({'name': 'dwm', 'dataset': train_dataset}, budget.batch_size)
-    eval_batches = _eval_batches(paths, budget) if spec.get('evaluate', True) else []
-    probe = QualityProbe(eval_batches, domain_names, run_budget)
+    loader_batch = budget.batch_size * (budget.select_factor if base == 'dwm_select' else 1)
+    train_spec = builders.build_train_dataloader({'name': 'dwm', 'dataset': train_dataset}, loader_batch)
+    evaluating = spec.get('evaluate', True)
+    eval_batches = []
+    if evaluating:
+        eval_batches = _report_batches(_samples(paths['validation']), spec['report'], domain_names,
+                                       budget.eval_batch_size)
+    probe = QualityProbe(eval_batches, domain_names, real, replace(budget, steps=steps))
     algorithms = []
-    if method == 'dwm':
-        algorithms.append(builders.ConfiguredDWM(
-            train_dataset=train_dataset, tokenizer=tokenizer, device_batch_size=budget.batch_size,
+    if base in DWM_BASES:
+        algorithms.append(DWM(
             num_stages=budget.num_stages, refit_steps=budget.refit_steps, refit_lr=budget.refit_lr,
             lookahead=budget.lookahead, lookahead_lr=budget.lookahead_lr, hypergrad='jvp', tau=budget.tau,
-            mix_uniform=budget.mix_uniform, domain_names=domain_names,
-            refit_kl=budget.refit_kl, refit_backbone_lr_scale=budget.refit_backbone_lr_scale,
-            val_batches_per_step=budget.val_batches_per_step,
-            weighter={'d_model': budget.weighter_d_model, 'n_layers': 1, 'n_heads': 4,
-                      'max_seq_len': budget.seq_len, 'batch_layers': 1, 'embed_norm': budget.embed_norm},
-            validation=_dwm_validation(spec, paths, budget)))
-    elif method == 'static_domain':
+            mix_uniform=budget.mix_uniform, domain_names=domain_names, refit_kl=budget.refit_kl,
+            refit_backbone_lr_scale=budget.refit_backbone_lr_scale, val_batches_per_step=budget.val_batches_per_step,
+            mode='select' if base == 'dwm_select' else 'weight', select_factor=budget.select_factor, seed=seed,
+            weighter={'d_model': budget.weighter_d_model, 'n_layers': 1, 'n_heads': 4, 'max_seq_len': budget.seq_len,
+                      'batch_layers': 1, 'embed_norm': budget.embed_norm},
+            refit_dataloader=WidenedLoader({**train_dataset, 'shuffle_seed': 18 + seed}, budget.batch_size, 'refit'),
+            lookahead_steps=budget.lookahead_steps,
+            val_dataloader=_validation(budget.dwm_validation, spec, tokenizer, budget)))
+    elif base == 'static_domain':
         algorithms.append(StaticDomainWeighting(spec['static_weights'], domain_names=domain_names))
-    elif method == 'loss_reweighting':
+    elif base == 'loss_reweighting':
         algorithms.append(LossReweighting(r=budget.sow_r, warmup=f'{budget.sow_warmup_frac}dur',
                                           domain_names=domain_names))
-    elif method != 'uniform':
-        raise ValueError(f'unknown method {method!r}; one of {METHODS}')
+    elif base == 'noise_floor':
+        algorithms.append(NoiseFloorWeighting(sigma=budget.noise_sigma, seed=seed))
     memory = InMemoryLogger()
     trainer = Trainer(
         model=model, train_dataloader=train_spec, max_duration=f'{steps}ba',
@@ -299,50 +537,37 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         schedulers=builders.build_scheduler({'name': 'cosine_with_warmup',
                                              't_warmup': f'{max(1, round(budget.warmup_frac * steps))}ba',
                                              'alpha_f': 0.1}),
-        algorithms=algorithms, callbacks=[probe] if spec.get('evaluate', True) else [], loggers=[memory],
+        algorithms=algorithms, callbacks=[probe] if evaluating else [], loggers=[memory],
         device='cpu', precision='fp32', seed=seed, device_train_microbatch_size=budget.batch_size,
         progress_bar=False, log_to_console=False, python_log_level=None)
     started = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - started
     lm = trainer.state.model.model
-    result: dict[str, Any] = {'method': method, 'seed': seed, 'steps': steps,
-                              **({'variant': spec['variant']} if spec.get('variant') else {}),
+    result: dict[str, Any] = {'method': label, 'base': base, 'seed': seed, 'steps': steps,
                               'tokens': steps * budget.batch_size * budget.seq_len, 'train_seconds': seconds}
-    if spec.get('evaluate', True):
-        report = ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32, max_length=budget.seq_len)
-        result.update({'curve': probe.curve, 'final': evaluate(lm, eval_batches, domain_names),
-                       'lambada': lambada_metrics(lm, report), 'stage_weights': probe.stage_weights(),
-                       'stage_weight_std': probe.stage_weight_std(),
-                       'eval_seconds': probe.eval_seconds})
-    if method == 'dwm':
-        refit = {}
-        for key in sorted(k for k in memory.data if k.startswith(('dwm/refit/', 'dwm/stage/'))):
-            refit[key[len('dwm/'):].replace('refit/', '')] = [float(v) for _, v in memory.data.get(key, [])]
-        result['refit'] = refit
+    if evaluating:
+        lambada = None
+        if paths['lambada_report']:
+            lambada = lambada_metrics(lm, ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32,
+                                                            max_length=budget.seq_len))
+        result.update({'curve': probe.curve, 'final': probe.curve[-1], 'lambada': lambada,
+                       'stage_weights': probe.stage_weights(spec['train_shares'] if base == 'dwm_select' else None),
+                       'stage_weight_std': probe.stage_weight_std(), 'eval_seconds': probe.eval_seconds})
+    if base in DWM_BASES:
+        result['refit'] = {key[len('dwm/'):]: [float(v) for _, v in memory.data[key]]
+                           for key in sorted(memory.data) if key.startswith(('dwm/refit/', 'dwm/stage/'))}
     if spec.get('proxy'):
-        result['proxy'] = static_weights_from_proxy(lm, tokenizer, paths, budget, domain_names)
+        result['proxy'] = static_weights_from_proxy(lm, tokenizer, spec, budget)
     trainer.close()
     return result
 
 
-def _dwm_validation(spec: dict[str, Any], paths: dict[str, str], budget: Budget) -> dict[str, Any]:
-    """DWM's upper-level validation: the LAMBADA fit half (default), or (``dwm_validation: heldout``, the
-    investigation) the held-out LM loss on the real domains' validation samples that evaluation never reads, through
-    a selection overlay on the validation shards (``ConfiguredDWM``'s ``validation: {dataset: ...}``)."""
-    kind = spec.get('dwm_validation', 'lambada')
-    if kind == 'lambada':
-        return {'lambada': paths['lambada_fit'], 'batch_size': budget.val_batch_size, 'max_length': budget.seq_len}
-    if kind == 'heldout':
-        return {'dataset': {'local': paths['validation'], 'selection': spec['heldout_selection'], 'shuffle': False},
-                'batch_size': budget.val_batch_size}
-    raise ValueError(f'unknown dwm_validation {kind!r}; lambada or heldout')
-
-
-def static_weights_from_proxy(lm, tokenizer, paths: dict[str, str], budget: Budget,
-                              domain_names: list[str]) -> dict[str, Any]:
-    """The static baseline's weights from the proxy model: per domain, ``<grad L_fit, grad L_domain>``."""
+def static_weights_from_proxy(lm, tokenizer, spec: dict[str, Any], budget: Budget) -> dict[str, Any]:
+    """The static baseline's weights from the proxy model: per domain, ``<grad L_fit, grad L_domain>``, with
+    ``L_fit`` DWM's validation target (the LAMBADA fit half, or the held-out samples without a LAMBADA file)."""
     params = [p for p in lm.parameters() if p.requires_grad]
+    paths, domain_names = spec['paths'], spec['domains']
 
     def gradient(batches) -> torch.Tensor:
         lm.zero_grad(set_to_none=True)
@@ -355,7 +580,6 @@ def static_weights_from_proxy(lm, tokenizer, paths: dict[str, str], budget: Budg
         lm.zero_grad(set_to_none=True)
         return flat
 
-    # Per-domain batches from the training set (its own shuffle seed) and the domain shares of the whole set.
     need = budget.proxy_batches_per_domain * budget.batch_size
     samples: dict[int, list[dict]] = {}
     counts: dict[int, int] = {}
@@ -366,8 +590,8 @@ def static_weights_from_proxy(lm, tokenizer, paths: dict[str, str], budget: Budg
             counts[d] = counts.get(d, 0) + 1
             if len(samples.setdefault(d, [])) < need:
                 samples[d].append({k: batch[k][i] for k in ('input_ids', 'labels')})
-    val = list(ValidationBatches(paths['lambada_fit'], tokenizer, batch_size=budget.val_batch_size,
-                                 max_length=budget.seq_len))
+    target = 'lambada' if paths['lambada_fit'] else 'heldout'
+    val = list(_validation(target, spec, tokenizer, budget))[:32]
     lm.train()
     g_val = gradient(val)
     alignment, cosine = {}, {}
@@ -380,15 +604,13 @@ def static_weights_from_proxy(lm, tokenizer, paths: dict[str, str], budget: Budg
     total = sum(counts.values())
     shares = {domain_names[d]: c / total for d, c in counts.items()}
     weights = domain_weights_from_alignment(alignment, shares, mix_uniform=budget.mix_uniform)
-    return {'alignment': alignment, 'cosine': cosine, 'shares': shares, 'weights': weights,
+    return {'alignment': alignment, 'cosine': cosine, 'shares': shares, 'weights': weights, 'target': target,
             'samples_per_domain': {domain_names[d]: len(r) for d, r in samples.items()},
             'fit_examples': sum(int(b['input_ids'].shape[0]) for b in val)}
 
 
 # ------------------------------------------------------------------------------------------------------- running
-def _run_subprocess(spec: dict[str, Any], work: str) -> dict[str, Any]:
-    name = (f'{spec["method"]}{"-" + spec["variant"] if spec.get("variant") else ""}-{spec["seed"]}'
-            f'{"-proxy" if spec.get("proxy") else ""}')
+def _run_subprocess(spec: dict[str, Any], work: str, name: str) -> dict[str, Any]:
     spec_path = os.path.join(work, f'{name}.spec.json')
     result_path = os.path.join(work, f'{name}.result.json')
     with open(spec_path, 'w') as f:
@@ -405,59 +627,142 @@ def _run_subprocess(spec: dict[str, Any], work: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def run_all(paths: dict[str, str], budget: Budget, seeds: list[int], jobs: int, work: str) -> dict[str, Any]:
-    """The proxy run, then every (method, seed); ``jobs`` > 1 runs them in that many subprocesses."""
-    base = {'paths': paths, 'budget': budget.record(), 'threads': 1}
-    proxy_spec = {**base, 'method': 'uniform', 'seed': PROXY_SEED, 'proxy': True, 'evaluate': False,
-                  'steps': max(2, round(budget.proxy_frac * budget.steps))}
-    specs = [{**base, 'method': m, 'seed': s} for s in seeds for m in METHODS if m != 'static_domain']
-    runs: list[dict[str, Any]] = []
+def run_all(ctx: dict[str, Any], budget: Budget, methods: list[str], seeds: list[int], jobs: int, work: str,
+            rerun_check: bool) -> dict[str, Any]:
+    """The proxy run (if ``static_domain`` is measured), then every (method, seed), then the re-run; ``jobs`` > 1
+    runs them in that many subprocesses (one torch thread each)."""
+    base = {'paths': ctx['paths'], 'threads': 1, 'domains': ctx['domains'], 'real': ctx['real'],
+            'report': ctx['report'], 'heldout_path': ctx['heldout_path'], 'train_shares': ctx['data']['train_shares']}
 
-    def label(spec):
-        return f'{spec["method"]} seed {spec["seed"]}' + (' (proxy)' if spec.get('proxy') else '')
+    def spec(method: str, seed: int, **extra) -> dict[str, Any]:
+        return {**base, 'method': method, 'seed': seed, 'budget': method_budget(budget, method).record(), **extra}
 
-    def execute(spec):
+    def execute(s: dict[str, Any], name: str) -> dict[str, Any]:
         started = time.perf_counter()
-        result = run_one(spec) if jobs <= 1 else _run_subprocess(spec, work)
-        _say(f'{label(spec)}: {time.perf_counter() - started:.0f}s')
+        result = run_one(s) if jobs <= 1 else _run_subprocess(s, work, name)
+        _say(f'{name}: {time.perf_counter() - started:.0f}s')
         return result
 
-    if jobs <= 1:
-        proxy = execute(proxy_spec)
-        for spec in specs:
-            runs.append(execute(spec))
-        for s in seeds:
-            runs.append(execute({**base, 'method': 'static_domain', 'seed': s,
-                                 'static_weights': proxy['proxy']['weights']}))
-    else:
+    def execute_all(specs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        if jobs <= 1:
+            return [execute(s, name) for name, s in specs]
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            proxy_future = pool.submit(execute, proxy_spec)
-            futures = [pool.submit(execute, spec) for spec in specs]
-            proxy = proxy_future.result()
-            futures += [pool.submit(execute, {**base, 'method': 'static_domain', 'seed': s,
-                                              'static_weights': proxy['proxy']['weights']}) for s in seeds]
-            runs = [f.result() for f in futures]
-    return {'proxy': {'seed': PROXY_SEED, 'steps': proxy['steps'], 'train_seconds': proxy['train_seconds'],
-                      **proxy['proxy']},
-            'runs': sorted(runs, key=lambda r: (METHODS.index(r['method']), r['seed']))}
+            return list(pool.map(lambda item: execute(item[1], item[0]), specs))
+
+    static = [m for m in methods if parse_method(m)[0] == 'static_domain']
+    first = [(f'{m}-seed{s}', spec(m, s)) for s in seeds for m in methods if m not in static]
+    if rerun_check:
+        first.append((f'{_target_dwm(methods)}-seed{seeds[0]}-rerun', spec(_target_dwm(methods), seeds[0])))
+    if static:
+        first.insert(0, ('proxy', spec('uniform', PROXY_SEED, proxy=True, evaluate=False,
+                                       steps=max(2, round(budget.proxy_frac * budget.steps)))))
+    results = dict(zip([name for name, _ in first], execute_all(first)))
+    proxy = results.pop('proxy', None)
+    rerun = results.pop(f'{_target_dwm(methods)}-seed{seeds[0]}-rerun', None)
+    if proxy is not None:
+        results.update(zip([f'{m}-seed{s}' for s in seeds for m in static], execute_all(
+            [(f'{m}-seed{s}', spec(m, s, static_weights=proxy['proxy']['weights'])) for s in seeds for m in static])))
+    return {'proxy': None if proxy is None else {'seed': PROXY_SEED, 'steps': proxy['steps'],
+                                                 'train_seconds': proxy['train_seconds'], **proxy['proxy']},
+            'runs': sorted(results.values(), key=lambda r: (methods.index(r['method']), r['seed'])), 'rerun': rerun}
 
 
 # ------------------------------------------------------------------------------------------------------- analysis
-def steps_to_reach(curve: list[dict[str, Any]], target: float, key: str = 'clean') -> Optional[float]:
-    """First step at which the eval curve reaches ``target`` (linear interpolation between evaluations), or
-    ``None`` if it never does."""
-    for i, point in enumerate(curve):
-        if point[key] <= target:
-            if i == 0:
-                return float(point['step'])
-            prev = curve[i - 1]
-            frac = (prev[key] - target) / (prev[key] - point[key])
-            return float(prev['step'] + frac * (point['step'] - prev['step']))
-    return None
+def _target_dwm(methods: list[str]) -> str:
+    """The DWM the targets are about: ``dwm`` if measured, else the first DWM-based method."""
+    if 'dwm' in methods:
+        return 'dwm'
+    return next((m for m in methods if parse_method(m)[0] in DWM_BASES), methods[0])
+
+
+def paired_deltas(values: dict[str, dict[int, float]], seeds: list[int], reference: str = 'uniform'
+                  ) -> dict[str, dict[str, Any]]:
+    """Per method, the per-seed change ``value(method, seed) - value(reference, seed)`` and its summary: ``mean``,
+    ``sd`` (sample, n-1; 0 for one seed), ``better`` (seeds with a negative change), ``n``."""
+    out = {}
+    for m, per_seed in values.items():
+        deltas = [per_seed[s] - values[reference][s] for s in seeds]
+        mean = sum(deltas) / len(deltas)
+        sd = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1)) if len(deltas) > 1 else 0.0
+        out[m] = {'per_seed': deltas, 'mean': mean, 'sd': sd, 'better': sum(d < 0 for d in deltas), 'n': len(deltas)}
+    return out
+
+
+def noise_floor(deltas: list[float]) -> float:
+    """RMS over seeds of the noise-floor method's change against uniform."""
+    return math.sqrt(sum(d * d for d in deltas) / len(deltas))
+
+
+def targets(deltas: dict[str, dict[str, Any]], dwm: str, floor: float | None, refit: dict[str, Any] | None,
+            rerun_diff: float | None) -> list[dict[str, Any]]:
+    """Issue 12's targets for the method ``dwm``: each with ``name``, ``measured``, ``bound`` and ``met``."""
+    d = deltas.get(dwm)
+    gain = -d['mean'] if d else None
+    lr = deltas.get('loss_reweighting')
+    rows = [
+        {'name': f'{dwm} held-out macro loss below uniform in every seed (≥ 5 seeds)',
+         'measured': f'{d["better"]}/{d["n"]}' if d else None, 'bound': 'all, n ≥ 5',
+         'met': bool(d) and d['better'] == d['n'] >= 5},
+        {'name': f'{dwm} mean gain vs uniform ≥ 2 × noise floor',
+         'measured': gain, 'bound': None if floor is None else 2 * floor, 'format': '+.4f',
+         'met': gain is not None and floor is not None and gain >= 2 * floor},
+        {'name': f'{dwm} mean gain ≥ loss-based baseline\'s mean gain',
+         'measured': gain, 'bound': None if lr is None else -lr['mean'], 'format': '+.4f',
+         'met': gain is not None and lr is not None and gain >= -lr['mean']},
+        {'name': f'{dwm} refit ESS share, every refit batch of every stage and seed',
+         'measured': None if refit is None else refit['ess_min'], 'bound': ESS_BOUND, 'format': '.3f',
+         'met': refit is not None and refit['ess_min'] is not None and refit['ess_min'] >= ESS_BOUND},
+        {'name': f'{dwm} refits with a dead weighter (all seeds)',
+         'measured': None if refit is None else refit['dead'], 'bound': 0, 'format': 'd',
+         'met': refit is not None and refit['dead'] == 0},
+        {'name': f're-run of {dwm}, first seed: max abs difference of every reported figure',
+         'measured': rerun_diff, 'bound': 0.0, 'format': '.3g', 'met': rerun_diff == 0.0},
+        {'name': f'{dwm} no worse than uniform in any seed (worst Δ; the target for a corpus with other corruption '
+                 'types)',
+         'measured': max(d['per_seed']) if d else None, 'bound': 0.0, 'format': '+.4f',
+         'met': bool(d) and max(d['per_seed']) <= 0.0},
+    ]
+    return rows
+
+
+def _numbers(run: dict[str, Any]) -> list[float]:
+    """Every reported figure of a run, in a fixed order (for the re-run check)."""
+    out: list[float] = []
+    for point in run['curve']:
+        out += [float(point[k]) for k in sorted(point)]
+    out += [float(v) for k, v in sorted((run.get('lambada') or {}).items())]
+    for stage in run['stage_weights']:
+        out += [float(stage[k]) for k in sorted(stage)]
+    return out
+
+
+def rerun_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Max abs difference between the reported figures of two runs (``inf`` if their shapes differ)."""
+    x, y = _numbers(a), _numbers(b)
+    if len(x) != len(y):
+        return math.inf
+    return max((abs(p - q) for p, q in zip(x, y)), default=0.0)
+
+
+def _refit_summary(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Over the runs' refits: the lowest ESS share of any refit batch (steps and the after-refit check), dead refits,
+    and the lowest training-batch ESS of any stage."""
+    refits = [r['refit'] for r in runs if r.get('refit')]
+    if not refits:
+        return None
+    ess = [e for x in refits for key in ('refit/ess_min', 'refit/ess_after') for e in x.get(key, [])]
+    ess = [e for e in ess if not math.isnan(e)]
+    stage = [e for x in refits for e in x.get('stage/ess_min', [])]
+    return {'ess_min': min(ess) if ess else None, 'dead': int(sum(sum(x.get('refit/dead', [])) for x in refits)),
+            'refits': sum(len(x.get('refit/dead', [])) for x in refits),
+            'stage_ess_min': min(stage) if stage else None,
+            'ess_min_per_seed': [min([e for key in ('refit/ess_min', 'refit/ess_after') for e in x.get(key, [])
+                                      if not math.isnan(e)], default=None) for x in refits],
+            'lookahead_gain_mean': float(np.mean([g for x in refits for g in x.get('refit/lookahead_gain', [])]))
+            if any(x.get('refit/lookahead_gain') for x in refits) else None}
 
 
 def _mean_stage_weights(runs: list[dict[str, Any]], domains: list[str], num_stages: int) -> list[dict[str, float]]:
-    """Per stage, each domain's mean weight over the runs that saw it (a domain may be absent from a short stage)."""
     table = []
     for k in range(num_stages):
         row = {}
@@ -473,165 +778,166 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {'mean': sum(values) / len(values), **min_median_max(values), 'n': len(values)}
 
 
-def analyse(raw: dict[str, Any], budget: Budget, domain_names: list[str]) -> dict[str, Any]:
-    """Per-method summaries, the steps-to-target figures and the two targets."""
+def analyse(raw: dict[str, Any], methods: list[str], seeds: list[int], data: dict[str, Any],
+            num_stages: int) -> dict[str, Any]:
+    """Per-method summaries, the paired changes against uniform, the noise floor and the targets."""
     runs = raw['runs']
-    by = {m: {r['seed']: r for r in runs if r['method'] == m} for m in METHODS}
-    seeds = sorted(by['uniform'])
-    methods = {}
-    for m in METHODS:
-        rs = [by[m][s] for s in seeds if s in by[m]]
-        reach = []
-        for s in seeds:
-            target = by['uniform'][s]['final']['clean']
-            step = steps_to_reach(by[m][s]['curve'], target)
-            reach.append({'seed': s, 'target': target, 'step': step,
-                          'fraction': None if step is None else step / by[m][s]['steps']})
-        fractions = [x['fraction'] for x in reach]
-        stage_weights = _mean_stage_weights(rs, domain_names, budget.num_stages)
-        methods[m] = {
-            'label': LABELS[m],
-            'final_clean': _stats([r['final']['clean'] for r in rs]),
-            'final_all': _stats([r['final']['all'] for r in rs]),
-            'final_degraded': _stats([r['final']['degraded'] for r in rs]),
-            'final_by_domain': {d: sum(r['final'][d] for r in rs) / len(rs) for d in domain_names
+    by = {m: {r['seed']: r for r in runs if r['method'] == m} for m in methods}
+    out: dict[str, Any] = {}
+    for m in methods:
+        rs = [by[m][s] for s in seeds]
+        out[m] = {
+            'final_macro': _stats([r['final']['macro'] for r in rs]),
+            'final_degraded': _stats([r['final']['degraded'] for r in rs]) if 'degraded' in rs[0]['final'] else None,
+            'final_by_domain': {d: sum(r['final'][d] for r in rs) / len(rs) for d in data['domains']
                                 if all(d in r['final'] for r in rs)},
-            'lambada_accuracy': _stats([r['lambada']['accuracy'] for r in rs]),
-            'lambada_loss': _stats([r['lambada']['loss'] for r in rs]),
-            'lambada_examples': rs[0]['lambada']['examples'],
+            'lambada_loss': _stats([r['lambada']['loss'] for r in rs]) if rs[0]['lambada'] else None,
+            'lambada_accuracy': _stats([r['lambada']['accuracy'] for r in rs]) if rs[0]['lambada'] else None,
             'train_seconds': _stats([r['train_seconds'] for r in rs]),
-            'reach_uniform_final': reach,
-            'reach_fraction_mean': (sum(fractions) / len(fractions)) if all(f is not None for f in fractions)
-                                   else None,
-            'seeds_reached': sum(f is not None for f in fractions),
-            'stage_weights': stage_weights,
+            'stage_weights': _mean_stage_weights(rs, data['domains'], num_stages),
+            'refit': _refit_summary(rs),
         }
-    degraded = [d for d in domain_names if d in DEGRADED_DOMAINS]
-    last = {d: w for d, w in methods['dwm']['stage_weights'][-1].items() if d in degraded}
-    frac = methods['dwm']['reach_fraction_mean']
-    targets = [
-        {'name': 'DWM reaches uniform\'s final validation loss in <= 80% of the steps (mean over seeds)',
-         'measured': frac, 'bound': TARGET_STEP_FRACTION,
-         'met': frac is not None and frac <= TARGET_STEP_FRACTION},
-        {'name': 'degraded domains\' mean DWM weight <= 0.5 in the last stage',
-         'measured': sum(last.values()) / max(len(last), 1), 'bound': TARGET_DEGRADED_WEIGHT,
-         'per_domain': last, 'met': bool(last) and sum(last.values()) / len(last) <= TARGET_DEGRADED_WEIGHT},
-    ]
-    return {'methods': methods, 'targets': targets, 'degraded_domains': degraded, 'seeds': seeds}
+    deltas: dict[str, dict[str, Any]] = {}
+    if 'uniform' in methods:
+        deltas = paired_deltas({m: {s: by[m][s]['final']['macro'] for s in seeds} for m in methods}, seeds)
+        for m in methods:
+            out[m]['delta_vs_uniform'] = deltas[m]
+            out[m]['delta_by_domain'] = {d: sum(by[m][s]['final'][d] - by['uniform'][s]['final'][d] for s in seeds)
+                                         / len(seeds) for d in out[m]['final_by_domain']}
+    floor = noise_floor(deltas['noise_floor']['per_seed']) if 'noise_floor' in deltas else None
+    rerun_diff = None
+    if raw.get('rerun'):
+        first = next(r for r in runs if r['method'] == raw['rerun']['method'] and r['seed'] == raw['rerun']['seed'])
+        rerun_diff = rerun_difference(first, raw['rerun'])
+    dwm = _target_dwm(methods)
+    return {'methods': out, 'seeds': seeds, 'noise_floor': floor, 'rerun_max_abs_diff': rerun_diff,
+            'target_method': dwm,
+            'targets': targets(deltas, dwm, floor, out[dwm]['refit'] if dwm in out else None, rerun_diff)}
 
 
 # ------------------------------------------------------------------------------------------------------- report
-def _f(x: Optional[float], fmt: str = '.3f') -> str:
+def _f(x: float | None, fmt: str = '.3f') -> str:
     return '-' if x is None else format(x, fmt)
 
 
-def _mmm(s: dict[str, float], fmt: str = '.3f') -> str:
-    return f'{format(s["mean"], fmt)} ({format(s["min"], fmt)}–{format(s["max"], fmt)})'
+def _measured(x: Any, fmt: str | None = None) -> str:
+    if x is None:
+        return 'not measured'
+    return x if isinstance(x, str) or fmt is None else format(x, fmt)
 
 
-def render_section(results: dict[str, Any], images: Optional[list[str]] = None,
-                   investigation: Optional[dict[str, Any]] = None) -> str:
-    """The RESULTS.md section, from the JSON alone (and the investigation JSON, when there is one)."""
-    b = results['budget']
-    m = results['machine']
-    v = results['versions']
-    a = results['analysis']
-    seeds = a['seeds']
+def render_section(results: dict[str, Any], images: list[str] | None = None) -> str:
+    """The RESULTS.md section, from the JSON alone."""
+    b, m, v, a, data = results['budget'], results['machine'], results['versions'], results['analysis'], results['data']
+    seeds, methods = a['seeds'], results['methods']
     n = len(seeds)
-    degraded = a['degraded_domains']
+    refs = results['references']
+    corpus = results['corpus']
     label = 'QUICK RUN (CI size; not the full benchmark)' if results['quick'] else 'full run'
+    where = (f'the embedded corpus (corpus seed {corpus["corpus_seed"]}, {corpus["corruptions"]} corruptions, '
+             f'{b["corpus_size"]} train text, validation {b["validation_size"] or "default"})'
+             if corpus['kind'] == 'embedded' else f'the corpus `{corpus["path"]}`')
     lines = [
         BEGIN_MARK,
         '## Quality proxy',
         '',
-        f'_Generated by `benchmarks/quality.py{" --quick" if results["quick"] else ""}` on {results["date"]} from '
-        f'`results/quality.json` ({label}); do not edit by hand._',
+        (f'_Generated by `{results["command"]}` on {results["date"]} from `results/quality.json` ({label}); do not '
+         'edit by hand._'),
         '',
-        f'- **Machine:** {describe_machine(m)}, Python {m["python"]}; '
-        f'each run on 1 torch thread, {results["jobs"]} run(s) at a time; wall time {results["seconds"] / 60:.1f} min.',
+        f'- **Machine:** {describe_machine(m)}, Python {m["python"]}; each run on 1 torch thread, {results["jobs"]} '
+        f'run(s) at a time; **wall time {results["seconds"] / 60:.1f} min** for {len(methods)} methods x {n} seed(s)'
+        + (' + the static baseline\'s proxy run' if results.get('proxy') else '')
+        + (' + one re-run' if results.get('rerun') else '') + '.',
         '- **Libraries:** ' + ', '.join(f'{k} {v[k]}' for k in sorted(v)) + '.',
-        f'- **Data:** the embedded corpus ({b["corpus_size"]}, {results["data"]["train_samples"]:,} train samples of '
-        f'{b["seq_len"]} tokens; degraded domains: {", ".join(degraded)}), BPE vocabulary {b["vocab_size"]}. '
-        f'Validation loss = token-mean loss on the validation shards of the real domains '
-        f'({results["data"]["eval_samples"]} samples, fixed); LAMBADA-format: {results["data"]["lambada_fit"]} '
-        f'passages fit DWM and the static weights, {results["data"]["lambada_report"]} others are reported.',
-        f'- **Model and budget:** Llama {b["num_layers"]}x{b["hidden_size"]} ({results["model_params"]:,} params), '
-        f'{b["steps"]} steps x {b["batch_size"]} samples x {b["seq_len"]} tokens = '
-        f'{b["steps"] * b["batch_size"] * b["seq_len"]:,} tokens for every method, AdamW lr {b["lr"]}, cosine; '
-        f'{b["evals"]} evaluations + step 0. **{n} seed(s)** ({", ".join(map(str, seeds))}): a seed fixes the '
-        f'initialisation and the sample order, identical across methods; figures are mean (min–max) over seeds.',
-        f'- **DWM:** {b["num_stages"]} stages, {b["refit_steps"]} refit steps per stage (Adam lr {b["refit_lr"]}), '
-        f'{b["lookahead"]} look-ahead lr {b["lookahead_lr"]}, weighter d_model {b["weighter_d_model"]}, '
-        f'τ {b["tau"]}, λ {b["mix_uniform"]} (the settings of `yamls/demo-cpu.yaml`, not tuned here).',
-        f'- **Static domain weights:** one uniform proxy run ({results["proxy"]["steps"]} steps, seed '
-        f'{results["proxy"]["seed"]}); per domain, `<∇L_fit, ∇L_domain>` on {b["proxy_batches_per_domain"]} '
-        f'batch(es) of that domain vs the {results["proxy"]["fit_examples"]} LAMBADA fit passages, clipped at 0, '
-        f'scaled to mean 1 over the training mix, mixed with uniform (λ {b["mix_uniform"]}); fixed for every seed.',
-        f'- **Loss-based (Sow et al. 2025):** LinUpper, r {b["sow_r"]}, uniform for the first '
-        f'{b["sow_warmup_frac"]:.0%} of steps; weights from the batch\'s own losses, mean 1 per batch.',
-        '',
-        '### Results',
-        '',
-        '| method | val loss (real domains) | val loss (degraded) | LAMBADA loss | LAMBADA acc | '
-        'steps to uniform\'s final val loss | train s |',
-        '|---|---:|---:|---:|---:|---:|---:|',
+        (f'- **Data:** {where}: {data["train_samples"]:,} train samples ({data["train_tokens"]:,} tokens) of '
+         f'{b["seq_len"]} tokens, BPE vocabulary {b["vocab_size"]}; degraded domains (trained on, not in the metric): '
+         f'{", ".join(data["degraded_domains"]) or "none"}.'),
+        f'- **Metric:** the mean over the {len(data["real_domains"])} real domains of the token-mean held-out loss on a '
+        f'balanced report set drawn from the validation split ({b["report_per_domain"]} samples per domain: '
+        + ', '.join(f'{d} {k}' for d, k in data['report_samples'].items()) + ')'
+        + (f'; short validation split (fewer reported; a real domain keeps half for DWM\'s target): '
+           f'{", ".join(data["short_domains"])}' if data['short_domains'] else '')
+        + '. DWM\'s held-out target: the other validation samples of the real domains ('
+        + ', '.join(f'{d} {k}' for d, k in data['heldout_samples'].items()) + '), never reported.'
+        + (f' LAMBADA-format: {data["lambada_fit"]} passages fit DWM and the static weights, {data["lambada_report"]} '
+           'others are reported.' if data['lambada_fit'] else ' No LAMBADA-format file.'),
+        (f'- **Reference lines** (the same report tokens, models of the training tokens): unigram (add-one) '
+         f'**{refs["unigram"]["macro"]:.4f}**, bigram (interpolated Witten-Bell) **{refs["bigram"]["macro"]:.4f}** '
+         'nats/token (macro over the real domains).'),
+        (f'- **Model and budget:** Llama {b["num_layers"]}x{b["hidden_size"]} ({results["model_params"]:,} params), '
+         f'{b["steps"]} steps x {b["batch_size"]} trained samples x {b["seq_len"]} tokens = '
+         f'{b["steps"] * b["batch_size"] * b["seq_len"]:,} tokens for every method, AdamW lr {b["lr"]}, cosine; '
+         f'{b["evals"]} evaluations + step 0. **{n} seed(s)** ({", ".join(map(str, seeds))}): a seed fixes the '
+         'initialisation and the sample order, identical across methods (paired comparison).'),
+        (f'- **DWM:** {b["num_stages"]} stages, {b["refit_steps"]} refit steps per stage (Adam lr {b["refit_lr"]}), '
+         f'{b["lookahead"]} look-ahead lr {b["lookahead_lr"]}, weighter d_model {b["weighter_d_model"]}, τ {b["tau"]}, '
+         f'λ {b["mix_uniform"]}, trust region refit_kl {b["refit_kl"]} (`dwm_paper`: 0), embed_norm {b["embed_norm"]}, '
+         f'validation target {b["dwm_validation"]}; `dwm_select` trains on the top 1/{b["select_factor"]} of a '
+         f'{b["select_factor"]}x pool. Noise floor: weights 1 + {b["noise_sigma"]} N(0,1), mean 1 per batch.'),
     ]
-    for key, s in a['methods'].items():
-        frac = s['reach_fraction_mean']
-        if frac is not None:
-            steps = f'{frac:.0%} ({", ".join(_f(x["step"], ".0f") for x in s["reach_uniform_final"])})'
-        else:
-            steps = (f'not reached in {n - s["seeds_reached"]} of {n} seed(s) '
-                     f'({", ".join(_f(x["step"], ".0f") for x in s["reach_uniform_final"])})')
-        lines.append(f'| {s["label"]} | {_mmm(s["final_clean"], ".4f")} | {_mmm(s["final_degraded"], ".4f")} | '
-                     f'{_mmm(s["lambada_loss"], ".4f")} | {_mmm(s["lambada_accuracy"], ".3f")} | {steps} | '
-                     f'{s["train_seconds"]["median"]:.0f} |')
-    lines += [
-        '',
-        f'Steps to uniform\'s final val loss: per seed, the first step at which the method\'s validation curve '
-        f'reaches the uniform run\'s final value of the same seed (linear interpolation between evaluations), as a '
-        f'share of the {b["steps"]} steps (mean over seeds), then the per-seed steps. Uniform itself reaches it at '
-        f'its last step by definition. LAMBADA acc: share of the {a["methods"]["uniform"]["lambada_examples"]} '
-        f'report passages whose final word is predicted exactly (greedy); tiny models score near 0, so the '
-        f'continuation loss is the more informative figure. Train time includes DWM\'s refits.',
-        '',
-        '### Targets',
-        '',
-        '| target | measured | bound | met |',
-        '|---|---:|---:|:---:|',
-    ]
-    for t in a['targets']:
-        measured = 'not reached' if t['measured'] is None else (
-            f'{t["measured"]:.0%}' if 'steps' in t['name'] else f'{t["measured"]:.3f}')
-        bound = f'{t["bound"]:.0%}' if 'steps' in t['name'] else f'{t["bound"]:.2f}'
-        lines.append(f'| {t["name"]} | {measured} | {bound} | {"yes" if t["met"] else "**no**"} |')
-    lines += ['', '### Mean weight per domain per stage (1 = uniform; mean over seeds)', '']
-    domains = results['data']['domains']
-    for key in ('dwm', 'static_domain', 'loss_reweighting'):
+    if results.get('proxy'):
+        p = results['proxy']
+        lines.append(f'- **Static domain weights:** one uniform proxy run ({p["steps"]} steps, seed {p["seed"]}); per '
+                     f'domain, `<∇L_fit, ∇L_domain>` vs the {p["fit_examples"]} {p["target"]} fit examples, clipped at '
+                     f'0, mean 1 over the training mix, mixed with uniform: ' + ', '.join(
+                         f'{d} {p["weights"][d]:.2f}' for d in data['domains'] if d in p['weights']) + '.')
+    lines += ['', '### Results', '',
+              'Δ = the method\'s final macro loss minus uniform\'s, same seed (negative = better). Noise floor = RMS '
+              'over seeds of the noise-floor method\'s Δ' + (f': **{a["noise_floor"]:.4f}**.' if a['noise_floor']
+                                                            is not None else ' (not measured).'), '',
+              '| method | macro loss | Δ mean | Δ sd | better | per-seed Δ | degraded | LAMBADA loss | train s |',
+              '|---|---:|---:|---:|---:|---|---:|---:|---:|']
+    for key in methods:
         s = a['methods'][key]
-        k = len(s['stage_weights'])
-        lines += [f'**{s["label"]}**', '',
-                  '| domain | ' + ' | '.join(f'stage {i + 1}' for i in range(k)) + ' |',
-                  '|---|' + '---:|' * k]
-        for d in domains:
-            mark = ' (degraded)' if d in degraded else ''
-            lines.append(f'| {d}{mark} | ' + ' | '.join(_f(s['stage_weights'][i].get(d)) for i in range(k)) + ' |')
+        d = s.get('delta_vs_uniform')
+        better = f'{d["better"]}/{d["n"]}' if d else '-'
+        per_seed = ', '.join(f'{x:+.4f}' for x in d['per_seed']) if d else '-'
+        lines.append(
+            f'| {key} | {s["final_macro"]["mean"]:.4f} | {_f(d and d["mean"], "+.4f")} | {_f(d and d["sd"], ".4f")} | '
+            f'{better} | {per_seed} | '
+            f'{_f(s["final_degraded"] and s["final_degraded"]["mean"], ".4f")} | '
+            f'{_f(s["lambada_loss"] and s["lambada_loss"]["mean"], ".4f")} | {s["train_seconds"]["median"]:.0f} |')
+    real = data['real_domains']
+    lines += ['', 'Final loss by domain (mean over seeds; Δ vs uniform for the others; reference lines last):', '',
+              '| method | ' + ' | '.join(real) + ' |', '|---|' + '---:|' * len(real)]
+    for key in methods:
+        s = a['methods'][key]
+        if key == 'uniform' or 'delta_by_domain' not in s:
+            lines.append(f'| {key} | ' + ' | '.join(_f(s['final_by_domain'].get(d), '.4f') for d in real) + ' |')
+        else:
+            lines.append(f'| {key} (Δ) | ' + ' | '.join(_f(s['delta_by_domain'].get(d), '+.4f') for d in real) + ' |')
+    for ref in ('unigram', 'bigram'):
+        lines.append(f'| {ref} | ' + ' | '.join(_f(refs[ref]['by_domain'].get(d), '.4f') for d in real) + ' |')
+    lines += ['', f'### Targets (issue 12; for `{a["target_method"]}`)', '', '| target | measured | bound | met |',
+              '|---|---:|---:|:---:|']
+    for t in a['targets']:
+        lines.append(f'| {t["name"]} | {_measured(t["measured"], t.get("format"))} | '
+                     f'{_measured(t["bound"], t.get("format"))} | '
+                     f'{"yes" if t["met"] else "**no**"} |')
+    refit_rows = [(key, a['methods'][key]['refit']) for key in methods if a['methods'][key].get('refit')]
+    if refit_rows:
+        lines += ['', ('**Refits** (all seeds): lowest ESS share of any refit batch, dead refits, lowest ESS share of '
+                       'any stage\'s training batches, mean look-ahead validation gain:'), '']
+        for key, r in refit_rows:
+            lines.append(f'- `{key}`: ESS min {_f(r["ess_min"])} (per seed '
+                         + ', '.join(_f(x) for x in r['ess_min_per_seed']) + f'), dead {r["dead"]} of {r["refits"]}, '
+                         f'training-batch ESS min {_f(r["stage_ess_min"])}, gain {_f(r["lookahead_gain_mean"], ".2e")}.')
+    lines += ['', ('### Mean weight per domain per stage (1 = uniform; mean over seeds; `dwm_select`: share of the '
+                   'trained samples / share of the training set)'), '']
+    for key in methods:
+        if parse_method(key)[0] not in DWM_BASES + ('static_domain', 'loss_reweighting'):
+            continue
+        sw = a['methods'][key]['stage_weights']
+        lines += [f'**{key}**', '', '| domain | ' + ' | '.join(f'stage {i + 1}' for i in range(len(sw))) + ' |',
+                  '|---|' + '---:|' * len(sw)]
+        for d in data['domains']:
+            mark = ' (degraded)' if d in data['degraded_domains'] else ''
+            lines.append(f'| {d}{mark} | ' + ' | '.join(_f(sw[i].get(d)) for i in range(len(sw))) + ' |')
         lines.append('')
-    p = results['proxy']
-    lines += ['**Static baseline, from the proxy run:** ' + ', '.join(
-        f'{d} {p["weights"][d]:.2f} (cos {p["cosine"][d]:+.2f})' for d in domains if d in p['weights']) + '.', '']
-    dwm_refit = results.get('dwm_refit')
-    if dwm_refit:
-        lines += ['**DWM refits** (look-ahead validation loss on the first refit pair, before -> after each refit; '
-                  'seed ' + str(seeds[0]) + '): ' + ', '.join(
-                      f'{x:.3f} -> {y:.3f}' for x, y in zip(dwm_refit['val_loss_before'], dwm_refit['val_loss_after']))
-                  + '.', '']
     if results.get('notes'):
         lines += ['### Notes', ''] + [f'- {x}' for x in results['notes']] + ['']
     for image in images or []:
         lines.append(f'![quality]({image})')
-    if investigation is not None:
-        lines += [''] + render_investigation(investigation, results)
     lines += ['', END_MARK]
     return '\n'.join(lines)
 
@@ -639,33 +945,20 @@ def render_section(results: dict[str, Any], images: Optional[list[str]] = None,
 def notes(results: dict[str, Any]) -> list[str]:
     """Plain statements of what the numbers say (generated, so they follow the JSON)."""
     a = results['analysis']
+    refs = results['references']
     out = []
     for t in a['targets']:
-        if not t['met']:
-            out.append(f'Target missed: {t["name"]}: measured '
-                       f'{"not reached" if t["measured"] is None else format(t["measured"], ".3f")} against '
-                       f'{t["bound"]}.')
-    uni = a['methods']['uniform']['final_clean']['mean']
-    for key in ('dwm', 'static_domain', 'loss_reweighting'):
-        s = a['methods'][key]
-        diff = s['final_clean']['mean'] - uni
-        wins = sum(r['final']['clean'] < u['final']['clean'] for r, u in zip(
-            [r for r in results['runs'] if r['method'] == key],
-            [r for r in results['runs'] if r['method'] == 'uniform']))
-        out.append(f'{s["label"]}: final validation loss {diff:+.4f} vs uniform (mean over seeds; lower than uniform '
-                   f'in {wins} of {len(a["seeds"])} seed(s)).')
-    # What the validation signal itself says about the degraded domains (the proxy model's gradient alignment).
-    cos = results['proxy']['cosine']
-    helpful = [d for d in a['degraded_domains'] if cos.get(d, 0.0) > 0]
-    if helpful:
-        out.append('At the end of the proxy run the LAMBADA fit loss (the signal DWM and the static baseline both fit) '
-                   'is itself lowered by training on degraded domain(s) ' + ', '.join(
-                       f'{d} (cos {cos[d]:+.2f})' for d in helpful) + ': they carry the prose vocabulary, and a '
-                   'LAMBADA example scores one final word. At this scale, down-weighting them is not what that '
-                   'validation signal asks for.')
+        if t['measured'] is None:
+            out.append(f'Target not measured in this run: {t["name"]}.')
+        elif not t['met']:
+            out.append(f'Target missed: {t["name"]}: measured {_measured(t["measured"], t.get("format"))} '
+                       f'against {_measured(t["bound"], t.get("format"))}.')
+    worst = max(s['final_macro']['mean'] for s in a['methods'].values())
+    if worst >= refs['bigram']['macro']:
+        out.append(f'Some method ends at {worst:.4f}, not below the bigram reference ({refs["bigram"]["macro"]:.4f}): '
+                   'the budget is too small for the figures to say much about language modelling.')
     if results['quick']:
         out.append('These are --quick figures (CI size): too few steps to mean anything about quality.')
-    out.extend(results.get('extra_notes', []))
     return out
 
 
@@ -679,397 +972,112 @@ def read_section(path: str) -> str:
     return _read_section(path, BEGIN_MARK, END_MARK)
 
 
+def _images(out: str, results_md: str) -> list[str]:
+    return [os.path.relpath(os.path.join(out, p), os.path.dirname(os.path.abspath(results_md)))
+            for p in ('quality_curves.png', 'quality_weights.png')]
+
+
 def plot(results: dict[str, Any], curves_path: str, weights_path: str) -> None:
-    a = results['analysis']
-    colors = {'uniform': 'tab:gray', 'dwm': 'tab:blue', 'static_domain': 'tab:green', 'loss_reweighting': 'tab:orange'}
+    a, methods, refs = results['analysis'], results['methods'], results['references']
     fig = Figure(figsize=(13, 4.8))  # no pyplot: no GUI backend, no global figure state
     axes = fig.subplots(1, 2)
-    for ax, key, title in ((axes[0], 'clean', 'real domains'), (axes[1], 'degraded', 'degraded domains')):
-        for m in METHODS:
-            runs = [r for r in results['runs'] if r['method'] == m]
-            for i, r in enumerate(runs):
-                ax.plot([p['step'] for p in r['curve']], [p[key] for p in r['curve']], color=colors[m], alpha=0.8,
-                        lw=1.2, label=a['methods'][m]['label'] if i == 0 else None)
-        ax.set_xlabel('training step')
-        ax.set_ylabel('held-out loss (nats/token)')
-        ax.set_title(f'Validation loss, {title} (one line per seed)')
-        ax.legend(fontsize=8)
+    uniform = {r['seed']: r for r in results['runs'] if r['method'] == 'uniform'}
+    for i, m in enumerate(methods):
+        runs = [r for r in results['runs'] if r['method'] == m]
+        steps = [p['step'] for p in runs[0]['curve']]
+        mean = [np.mean([r['curve'][k]['macro'] for r in runs]) for k in range(len(steps))]
+        style = {'color': 'black', 'lw': 2} if m == 'uniform' else {'color': f'C{i}', 'lw': 1.3}
+        axes[0].plot(steps, mean, label=m, **style)
+        if uniform and m != 'uniform':
+            diff = [np.mean([r['curve'][k]['macro'] - uniform[r['seed']]['curve'][k]['macro'] for r in runs])
+                    for k in range(len(steps))]
+            axes[1].plot(steps, diff, label=m, **style)
+    for ref, ls in (('unigram', ':'), ('bigram', '--')):
+        axes[0].axhline(refs[ref]['macro'], color='grey', ls=ls, lw=1, label=f'{ref} ({refs[ref]["macro"]:.3f})')
+    if a['noise_floor'] is not None:
+        for sign in (1, -1):
+            axes[1].axhline(sign * a['noise_floor'], color='grey', ls=':', lw=1,
+                            label='± noise floor' if sign > 0 else None)
+    axes[1].axhline(0.0, color='black', lw=0.8)
+    axes[0].set_ylim(top=refs['unigram']['macro'] + 0.5)
+    axes[0].set_xlabel('training step')
+    axes[0].set_ylabel('held-out macro loss, real domains (nats/token)')
+    axes[0].set_title('Held-out loss (mean over seeds) and n-gram references')
+    axes[1].set_xlabel('training step')
+    axes[1].set_ylabel('Δ vs uniform, same seed (mean over seeds)')
+    axes[1].set_title('Change against uniform')
+    for ax in axes:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(curves_path, dpi=100)
 
-    domains = results['data']['domains']
-    fig = Figure(figsize=(16, 4.6))
-    axes = fig.subplots(1, 3, sharey=True)
-    for ax, m in zip(axes, ('dwm', 'static_domain', 'loss_reweighting')):
+    shown = [m for m in methods if parse_method(m)[0] in DWM_BASES] or methods[:1]
+    domains, degraded = results['data']['domains'], results['data']['degraded_domains']
+    fig = Figure(figsize=(4.5 * len(shown) + 1, 4.6))
+    axes = np.atleast_1d(fig.subplots(1, len(shown), sharey=True))
+    for ax, m in zip(axes, shown):
         sw = a['methods'][m]['stage_weights']
         xs = list(range(1, len(sw) + 1))
         for d in domains:
-            style = '--' if d in a['degraded_domains'] else '-'
-            ax.plot(xs, [sw[k].get(d, float('nan')) for k in range(len(sw))], style, marker='o',
-                    label=d + (' (degraded)' if d in a['degraded_domains'] else ''))
+            ax.plot(xs, [sw[k].get(d, float('nan')) for k in range(len(sw))], '--' if d in degraded else '-',
+                    marker='o', label=d + (' (degraded)' if d in degraded else ''))
         ax.axhline(1.0, color='grey', lw=0.8)
-        ax.axhline(TARGET_DEGRADED_WEIGHT, color='red', lw=0.6, ls=':')
         ax.set_xticks(xs)
         ax.set_xlabel('stage')
-        ax.set_title(f'{a["methods"][m]["label"]}: mean weight by domain')
+        ax.set_title(f'{m}: weight by domain', fontsize=9)
     axes[0].set_ylabel('mean weight (1 = uniform)')
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(weights_path, dpi=100)
 
 
-# ------------------------------------------------------------------------------------------------------- investigation
-INVESTIGATION_JSON = 'quality_investigation.json'
-# Issue 6: DWM missed both targets; find out why by changing ONE factor at a time, for DWM only, on the same seeds,
-# budget, model and data as results/quality.json (uniform and the baselines are not re-run). Every setting change
-# applies to all seeds and is recorded in the JSON.
-VARIANTS: dict[str, dict[str, Any]] = {
-    'heldout_val': {
-        'label': 'V1: held-out LM validation',
-        'change': 'upper-level validation = token-mean LM loss on held-out validation samples of the real domains '
-                  '(those the reported validation loss never reads) instead of the 60 LAMBADA fit passages',
-        'dwm_validation': 'heldout', 'budget': {}},
-    'adam_lookahead': {
-        'label': 'V2a: Adam look-ahead',
-        'change': 'look-ahead preconditioned by the LLM optimizer\'s second moments (lookahead: adam) instead of '
-                  'sgd; LAMBADA validation kept',
-        'dwm_validation': 'lambada', 'budget': {'lookahead': 'adam'}},
-    'refit_4x': {
-        'label': 'V2b: 4x refit steps',
-        'change': '4x the refit steps per stage; LAMBADA validation kept',
-        'dwm_validation': 'lambada', 'budget': {'refit_steps': '4x'}},
-}
-
-
-def _variant_budget(budget: Budget, variant: str) -> Budget:
-    overrides = {}
-    for key, value in VARIANTS[variant]['budget'].items():
-        if isinstance(value, str) and value.endswith('x') and value[:-1].isdigit():
-            value = int(value[:-1]) * getattr(budget, key)
-        overrides[key] = value
-    return replace(budget, **overrides)
-
-
-def heldout_selection(paths: dict[str, str], budget: Budget) -> dict[str, Any]:
-    """The held-out DWM validation split: every validation sample of a real (non-degraded) domain that is NOT one
-    of the fixed evaluation samples (the first ``max_eval_batches x eval_batch_size`` of the validation shards in
-    order, see :func:`_eval_batches`). Written as a selection overlay (by uid) next to the shards; disjoint from the
-    reported validation loss by construction (checked)."""
-    names = _domain_names(paths['validation'])
-    eval_uids = {int(u) for b in _eval_batches_uids(paths, budget) for u in b}
-    uids, per_domain = [], {}
-    for batch in WidenedLoader({'local': paths['validation'], 'shuffle': False}, 1, 'validation'):
-        uid, d = int(batch['uid'][0]), names[int(batch['domain'][0])]
-        if uid in eval_uids or d in DEGRADED_DOMAINS:
-            continue
-        uids.append(uid)
-        per_domain[d] = per_domain.get(d, 0) + 1
-    assert not set(uids) & eval_uids
-    path = os.path.join(paths['root'], f'dwm_val_heldout-e{budget.max_eval_batches}x{budget.eval_batch_size}.parquet')
-    write_selection(path, np.asarray(uids, dtype=np.int64),
-                    info={'what': 'quality investigation: held-out DWM validation (real domains, not evaluated)'})
-    return {'path': path, 'samples': len(uids), 'per_domain': per_domain, 'eval_samples_excluded': len(eval_uids),
-            'batches_per_pass': len(uids) // budget.val_batch_size}
-
-
-def _eval_batches_uids(paths: dict[str, str], budget: Budget) -> list[list[int]]:
-    loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, budget.eval_batch_size, 'validation')
-    out = []
-    for batch in loader:
-        out.append(batch['uid'].tolist())
-        if len(out) >= budget.max_eval_batches:
-            break
-    return out
-
-
-def _summarise_dwm_runs(runs: list[dict[str, Any]], uniform: dict[int, dict[str, Any]],
-                        degraded: list[str], domains: list[str], num_stages: int) -> dict[str, Any]:
-    """Per seed: final val loss against uniform's, the steps to uniform's final loss; and the weights by stage."""
-    per_seed = []
-    for r in sorted(runs, key=lambda r: r['seed']):
-        u = uniform[r['seed']]
-        step = steps_to_reach(r['curve'], u['final']['clean'])
-        per_seed.append({'seed': r['seed'], 'final_clean': r['final']['clean'], 'uniform_final_clean':
-                         u['final']['clean'], 'diff_vs_uniform': r['final']['clean'] - u['final']['clean'],
-                         'final_degraded': r['final']['degraded'], 'lambada_loss': r['lambada']['loss'],
-                         'reach_step': step, 'reach_fraction': None if step is None else step / r['steps'],
-                         'refit_before': r.get('refit', {}).get('val_loss_before', []),
-                         'refit_after': r.get('refit', {}).get('val_loss_after', []),
-                         'train_seconds': r['train_seconds']})
-    stage_weights = _mean_stage_weights(runs, domains, num_stages)
-    fractions = [x['reach_fraction'] for x in per_seed]
-    spread = None  # within-batch weight std by stage (runs made before the probe recorded it have none)
-    if runs and all(r.get('stage_weight_std') for r in runs):
-        spread = [None if any(r['stage_weight_std'][k] is None for r in runs) else
-                  sum(r['stage_weight_std'][k] for r in runs) / len(runs) for k in range(num_stages)]
-    last_degraded = [stage_weights[-1][d] for d in degraded if d in stage_weights[-1]]
-    clean = [d for d in domains if d not in degraded]
-
-    def group(row, names):
-        vals = [row[d] for d in names if d in row]
-        return sum(vals) / len(vals) if vals else None
-
-    by_domain = {d: sum(r['final'][d] - uniform[r['seed']]['final'][d] for r in runs) / len(runs)
-                 for d in domains if all(d in r['final'] and d in uniform[r['seed']]['final'] for r in runs)}
-    return {
-        'per_seed': per_seed,
-        'final_by_domain_diff_vs_uniform': by_domain,
-        'diff_vs_uniform_mean': sum(x['diff_vs_uniform'] for x in per_seed) / len(per_seed),
-        'seeds_below_uniform': sum(x['diff_vs_uniform'] < 0 for x in per_seed),
-        'seeds_reached': sum(f is not None for f in fractions),
-        'reach_fraction_mean': (sum(fractions) / len(fractions)) if all(f is not None for f in fractions) else None,
-        'stage_weights': stage_weights,
-        'weight_std_by_stage': spread,
-        'degraded_weight_by_stage': [group(row, degraded) for row in stage_weights],
-        'clean_weight_by_stage': [group(row, clean) for row in stage_weights],
-        'last_stage_degraded_weight': sum(last_degraded) / len(last_degraded) if last_degraded else None,
-        'curves': {str(r['seed']): [{'step': p['step'], 'clean': p['clean']} for p in r['curve']] for r in runs},
-    }
-
-
-def analyse_investigation(quality: dict[str, Any], variant_runs: dict[str, list[dict[str, Any]]],
-                          variant_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The baseline DWM (from quality.json) and each variant, summarised the same way."""
-    a = quality['analysis']
-    degraded, domains = a['degraded_domains'], quality['data']['domains']
-    n = quality['budget']['num_stages']
-    uniform = {r['seed']: r for r in quality['runs'] if r['method'] == 'uniform'}
-    out = {'baseline': {'label': 'DWM as benchmarked (LAMBADA validation, sgd look-ahead)',
-                        'change': 'none (the DWM runs of results/quality.json)', 'settings': {},
-                        **_summarise_dwm_runs([r for r in quality['runs'] if r['method'] == 'dwm'], uniform,
-                                              degraded, domains, n)}}
-    for name, runs in variant_runs.items():
-        out[name] = {**variant_info[name], **_summarise_dwm_runs(runs, uniform, degraded, domains, n)}
-    return out
-
-
-def run_investigation(args: argparse.Namespace) -> int:
-    """Run the named DWM variants against ``OUT/quality.json``'s seeds, budget and data; merge them into
-    ``OUT/quality_investigation.json``; re-render the quality section of RESULTS.md (quality.json untouched)."""
-    started = time.perf_counter()
-    with open(os.path.join(args.out, 'quality.json')) as f:
-        quality = json.load(f)
-    budget = Budget.from_record(quality['budget'])
-    seeds = args.seeds if args.seeds is not None else quality['analysis']['seeds']
-    missing = sorted(set(seeds) - {r['seed'] for r in quality['runs'] if r['method'] == 'uniform'})
-    if missing:
-        raise SystemExit(f'quality.json has no uniform run for seed(s) {missing}; run the benchmark first')
-    jobs = args.jobs or min(2, os.cpu_count() or 1)
-    paths = prepare_data(args.data_dir, budget.data, say=_say_data)
-    inv_path = os.path.join(args.out, INVESTIGATION_JSON)
-    previous: dict[str, Any] = {}
-    if os.path.exists(inv_path):
-        with open(inv_path) as f:
-            previous = json.load(f)
-        if previous.get('quality_date') != quality['date']:
-            previous = {}  # made against another quality.json: start over
-    variant_runs: dict[str, list[dict[str, Any]]] = dict(previous.get('variant_runs', {}))
-    variant_info: dict[str, dict[str, Any]] = dict(previous.get('variant_info', {}))
-    selection = previous.get('heldout_selection')
-    specs = []
-    for name in args.investigate:
-        if name not in VARIANTS:
-            raise SystemExit(f'unknown variant {name!r}; one of {sorted(VARIANTS)}')
-        v = VARIANTS[name]
-        vb = _variant_budget(budget, name)
-        spec = {'paths': paths, 'budget': vb.record(), 'threads': 1, 'method': 'dwm', 'variant': name,
-                'dwm_validation': v['dwm_validation']}
-        if v['dwm_validation'] == 'heldout':
-            selection = heldout_selection(paths, budget)
-            spec['heldout_selection'] = selection['path']
-        changed = {k: v for k, v in vb.record().items() if v != budget.record()[k]}
-        variant_info[name] = {'label': v['label'], 'change': v['change'],
-                              'settings': {**changed, 'dwm_validation': v['dwm_validation']}}
-        specs += [{**spec, 'seed': s} for s in seeds]
-    _say(f'investigation: {len(specs)} DWM run(s) ({", ".join(args.investigate)}; seeds {seeds}), {jobs} at a time')
-    with tempfile.TemporaryDirectory(prefix='dwm-bench-quality-inv-') as work:
-        def execute(spec):
-            t = time.perf_counter()
-            if jobs <= 1:
-                result = run_one(spec)
-            else:
-                try:
-                    result = _run_subprocess(spec, work)
-                except RuntimeError as e:  # seen once: a start-up race of two streaming datasets; retry once
-                    _say(f'{spec["variant"]} seed {spec["seed"]} failed at start, retrying: {str(e)[-200:]}')
-                    time.sleep(5)
-                    result = _run_subprocess(spec, work)
-            _say(f'{spec["variant"]} seed {spec["seed"]}: {time.perf_counter() - t:.0f}s')
-            return result
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            results = list(pool.map(execute, specs))
-    for name in args.investigate:
-        variant_runs[name] = sorted([r for r in results if r.get('variant') == name], key=lambda r: r['seed'])
-    inv = {'benchmark': 'quality_investigation', 'quality_date': quality['date'], 'quick': quality['quick'],
-           'date': utc_now(), 'machine': machine_info(), 'jobs': jobs, 'seeds': seeds,
-           'seconds': previous.get('seconds', 0.0) + time.perf_counter() - started,
-           'heldout_selection': selection, 'variant_info': variant_info, 'variant_runs': variant_runs,
-           'command': 'python -m benchmarks.quality --investigate ' + ' '.join(
-               n for n in VARIANTS if n in variant_runs)}
-    inv['analysis'] = analyse_investigation(quality, variant_runs, variant_info)
-    write_json(inv_path, inv)
-    png = os.path.join(args.out, 'quality_investigation.png')
-    plot_investigation(quality, inv, png)
-    results_md = results_md_path(args)
-    replace_section(results_md, render_section(quality, _images(args.out, results_md), inv))
-    _say(f'wrote {inv_path}, {png} and the quality section of {results_md}')
-    for line in render_investigation(inv, quality):
-        if line.startswith('|') or line.startswith('- '):
-            _say(line)
-    return 0
-
-
-def _images(out: str, results_md: str) -> list[str]:
-    return [os.path.relpath(os.path.join(out, p), os.path.dirname(os.path.abspath(results_md)))
-            for p in ('quality_curves.png', 'quality_weights.png')]
-
-
-def _pct(x: Optional[float]) -> str:
-    return '-' if x is None else f'{x:.0%}'
-
-
-def render_investigation(inv: dict[str, Any], quality: dict[str, Any]) -> list[str]:
-    """The ``### Investigation`` subsection, from the investigation JSON alone (plus quality.json's date)."""
-    lines = ['### Investigation: why DWM misses (one factor at a time, DWM only)', '']
-    if inv.get('quality_date') != quality.get('date'):
-        return lines + [f'_`results/{INVESTIGATION_JSON}` was made against the quality run of '
-                        f'{inv.get("quality_date")}, not this one ({quality.get("date")}); re-run '
-                        f'`{inv.get("command", "benchmarks/quality.py --investigate ...")}`._', '']
-    a = inv['analysis']
-    b = quality['budget']
-    lines += [
-        f'_Generated by `benchmarks/quality.py --investigate` on {inv["date"]} from `results/{INVESTIGATION_JSON}` '
-        f'(wall time {inv["seconds"] / 60:.1f} min, {inv["jobs"]} run(s) at a time); do not edit by hand._',
-        '',
-        f'Same seeds ({", ".join(map(str, inv["seeds"]))}), model, data, sample order and {b["steps"]}-step budget as '
-        'above; uniform and the baselines are not re-run: every figure is compared with the uniform run of the same '
-        'seed in `results/quality.json`. Each variant changes one DWM setting, for every seed:',
-        '']
-    for key, s in a.items():
-        settings = ', '.join(f'{k} = {v}' for k, v in s.get('settings', {}).items())
-        lines.append(f'- **{s["label"]}**: {s["change"]}' + (f' ({settings})' if settings else '') + '.')
-    sel = inv.get('heldout_selection')
-    if sel and 'heldout_val' in a:
-        lines.append(f'- Held-out split (V1): the validation shards\' samples of the real domains that are not among '
-                     f'the {sel["eval_samples_excluded"]} evaluated ones (the first {b["max_eval_batches"]} x '
-                     f'{b["eval_batch_size"]} in shard order): {sel["samples"]} samples (' + ', '.join(
-                         f'{d} {c}' for d, c in sorted(sel['per_domain'].items())) + f'), a uid selection overlay, '
-                     f'{sel["batches_per_pass"]} batches of {b["val_batch_size"]} cycled in order; disjoint from the '
-                     'reported validation loss by construction.')
-    lines += ['', '| variant | final val loss − uniform, per seed | mean | below uniform | steps to uniform\'s final '
-              'val loss | degraded weight, last stage | LAMBADA loss |', '|---|---|---:|---:|---:|---:|---:|']
-    for key, s in a.items():
-        per = ', '.join(f'{x["diff_vs_uniform"]:+.4f}' for x in s['per_seed'])
-        steps = ', '.join(_f(x['reach_step'], '.0f') for x in s['per_seed'])
-        reach = (f'{_pct(s["reach_fraction_mean"])} ({steps})' if s['reach_fraction_mean'] is not None else
-                 f'{s["seeds_reached"]} of {len(s["per_seed"])} seeds ({steps})')
-        lam = sum(x['lambada_loss'] for x in s['per_seed']) / len(s['per_seed'])
-        lines.append(f'| {s["label"]} | {per} | {s["diff_vs_uniform_mean"]:+.4f} | {s["seeds_below_uniform"]} of '
-                     f'{len(s["per_seed"])} | {reach} | {_f(s["last_stage_degraded_weight"])} | {lam:.4f} |')
-    lines += ['', 'Per seed, the final validation loss (real domains) minus the uniform run\'s of the same seed; steps '
-              'to uniform\'s final val loss as above (per seed, "-" = not reached); targets: <= 80% of the steps and '
-              f'a degraded weight <= {TARGET_DEGRADED_WEIGHT}.', '',
-              '**Mean weight by stage (mean over seeds; 1 = uniform):** degraded domains / real domains', '',
-              '| variant | ' + ' | '.join(f'stage {i + 1}' for i in range(b['num_stages'])) + ' |',
-              '|---|' + '---:|' * b['num_stages']]
-    for key, s in a.items():
-        lines.append(f'| {s["label"]} | ' + ' | '.join(
-            f'{_f(d)} / {_f(c)}' for d, c in zip(s['degraded_weight_by_stage'], s['clean_weight_by_stage'])) + ' |')
-    evaluated = [d for d in quality['data']['domains'] if all(d in s['final_by_domain_diff_vs_uniform']
-                                                               for s in a.values())]
-    lines += ['', '**Final validation loss by evaluated domain, minus uniform\'s** (mean over seeds; the fixed '
-              'evaluation samples hold these domains only):', '',
-              '| variant | ' + ' | '.join(evaluated) + ' |', '|---|' + '---:|' * len(evaluated)]
-    for s in a.values():
-        lines.append(f'| {s["label"]} | ' + ' | '.join(f'{s["final_by_domain_diff_vs_uniform"][d]:+.3f}'
-                                                        for d in evaluated) + ' |')
-    spread = [(s['label'], s['weight_std_by_stage']) for s in a.values() if s.get('weight_std_by_stage')]
-    if spread:
-        lines += ['', '**Within-batch std of the weights by stage** (mean over batches and seeds; 0 = uniform; '
-                  'variants whose runs recorded it; a batch with weight std σ has an effective sample size of '
-                  '1/(1+σ²) of the batch):', '',
-                  '| variant | ' + ' | '.join(f'stage {i + 1}' for i in range(b['num_stages'])) + ' |',
-                  '|---|' + '---:|' * b['num_stages']]
-        for label, row in spread:
-            lines.append(f'| {label} | ' + ' | '.join(_f(x) for x in row) + ' |')
-    domains = quality['data']['domains']
-    degraded = quality['analysis']['degraded_domains']
-    for key, s in a.items():
-        if key == 'baseline':
-            continue  # its per-domain table is above
-        k = len(s['stage_weights'])
-        lines += ['', f'**{s["label"]}: mean weight per domain per stage**', '',
-                  '| domain | ' + ' | '.join(f'stage {i + 1}' for i in range(k)) + ' |', '|---|' + '---:|' * k]
-        for d in domains:
-            mark = ' (degraded)' if d in degraded else ''
-            lines.append(f'| {d}{mark} | ' + ' | '.join(_f(s['stage_weights'][i].get(d)) for i in range(k)) + ' |')
-    lines += ['', '**Refits** (look-ahead validation loss on the first refit pair, before -> after, per stage; '
-              f'seed {inv["seeds"][0]}):', '']
-    for key, s in a.items():
-        x = s['per_seed'][0]
-        lines.append(f'- {s["label"]}: ' + ', '.join(f'{p:.3f} -> {q:.3f}' for p, q in zip(x['refit_before'],
-                                                                                            x['refit_after'])) + '.')
-    lines += ['', f'![quality investigation]({"results/quality_investigation.png"})', '']
-    return lines
-
-
-def plot_investigation(quality: dict[str, Any], inv: dict[str, Any], path: str) -> None:
-    a = inv['analysis']
-    fig = Figure(figsize=(13, 4.6))
-    axes = fig.subplots(1, 2)
-    uniform = {r['seed']: r for r in quality['runs'] if r['method'] == 'uniform'}
-    seeds = inv['seeds']
-
-    def mean_curve(curves):
-        steps = [p['step'] for p in curves[0]]
-        return steps, [sum(c[i]['clean'] for c in curves) / len(curves) for i in range(len(steps))]
-
-    xs, ys = mean_curve([uniform[s]['curve'] for s in seeds])
-    axes[0].plot(xs, ys, color='tab:gray', lw=2, label='uniform')
-    for key, s in a.items():
-        xs, ys = mean_curve([s['curves'][str(seed)] for seed in seeds])
-        axes[0].plot(xs, ys, lw=1.3, label=s['label'])
-        axes[1].plot(range(1, len(s['degraded_weight_by_stage']) + 1),
-                     [float('nan') if w is None else w for w in s['degraded_weight_by_stage']], marker='o',
-                     label=s['label'])
-    axes[0].set_ylim(top=min(axes[0].get_ylim()[1], 6.5))
-    axes[0].set_xlabel('training step')
-    axes[0].set_ylabel('held-out loss, real domains (mean over seeds)')
-    axes[0].set_title('Validation loss: DWM variants vs uniform')
-    axes[0].legend(fontsize=8)
-    axes[1].axhline(1.0, color='grey', lw=0.8)
-    axes[1].axhline(TARGET_DEGRADED_WEIGHT, color='red', lw=0.6, ls=':')
-    axes[1].set_xlabel('stage')
-    axes[1].set_ylabel('mean weight of the degraded domains')
-    axes[1].set_title('Degraded domains\' weight by stage (mean over seeds)')
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 # ------------------------------------------------------------------------------------------------------- main
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='python -m benchmarks.quality', description=__doc__.splitlines()[0],
-                                     parents=[output_options('CI size: 1 seed, a few steps (< ~2 min)')])
+                                     parents=[output_options('CI size: 1 seed, a tiny model, a few steps')])
     parser.add_argument('--seeds', type=int, nargs='+', default=None,
-                        help='seeds (default: 0 1 2; --quick: 0)')
-    parser.add_argument('--steps', type=int, default=None, help='override the training steps of every run')
+                        help='training seeds (default: 0 1 2 3 4; --quick: 0)')
+    parser.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS), metavar='M',
+                        help='NAME or NAME:key=value,... (keys: Budget fields); NAME one of ' + ', '.join(BASES) +
+                             ' (default: ' + ' '.join(DEFAULT_METHODS) + ')')
     parser.add_argument('--jobs', type=int, default=None,
                         help='runs at a time, each in its own process on 1 thread (default: 1 with --quick, else '
                              'min(2, CPUs))')
+    parser.add_argument('--corpus-seed', type=int, default=0, help='seed of the embedded corpus (default: 0)')
+    parser.add_argument('--corpus', default=None, metavar='DIR',
+                        help='run on this SlimPajama-layout corpus (train/, validation/ of *.jsonl.zst) instead')
+    parser.add_argument('--degraded', default=None, metavar='NAME,NAME',
+                        help='with --corpus: the domains (meta.redpajama_set_name) left out of the metric')
+    parser.add_argument('--lambada', default=None, metavar='FILE',
+                        help='with --corpus: its LAMBADA-format file (without one: no LAMBADA metrics, and DWM\'s '
+                             'target is the held-out samples)')
+    parser.add_argument('--rerun-check', action='store_true',
+                        help='run the first seed of the target DWM twice and record the largest difference')
+    parser.add_argument('--write-corpus', default=None, metavar='DIR',
+                        help='only write the embedded corpus (this budget\'s size) to DIR and exit')
+    parser.add_argument('--corruptions', choices=CORRUPTIONS, default='standard',
+                        help='with --write-corpus: the degraded domains (default: standard)')
     parser.add_argument('--data-dir', default=os.path.join(REPO, '.cache', 'bench-quality'),
                         help='cache of the corpus, tokenizer and shards (default: .cache/bench-quality)')
     parser.add_argument('--render-only', action='store_true',
                         help='only regenerate the plots and the RESULTS.md section from OUT/quality.json')
-    parser.add_argument('--investigate', nargs='+', default=None, metavar='VARIANT',
-                        help='issue 6: re-run DWM only, one changed setting per variant (' + ', '.join(VARIANTS) +
-                             '), on OUT/quality.json\'s seeds, budget and data; writes OUT/' + INVESTIGATION_JSON +
-                             ' and its subsection of the quality section')
     parser.add_argument('--_worker', nargs=2, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for m in args.methods:
+        try:
+            parse_method(m)
+        except ValueError as e:
+            parser.error(str(e))
+    if len(set(args.methods)) != len(args.methods):
+        parser.error('--methods: a method is listed twice')
+    if args.corpus and not args.degraded:
+        parser.error('--corpus needs --degraded NAME,... (the domains that are not in the metric)')
+    if (args.degraded or args.lambada) and not args.corpus:
+        parser.error('--degraded and --lambada go with --corpus')
+    return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._worker:
         spec_path, result_path = args._worker
@@ -1078,49 +1086,51 @@ def main(argv: Optional[list[str]] = None) -> int:
         with open(result_path, 'w') as f:
             json.dump(result, f)
         return 0
-    if args.investigate:
-        return run_investigation(args)
+    budget = QUICK if args.quick else FULL
+    if args.write_corpus:
+        info = build_corpus(args.write_corpus, size=budget.data.corpus_size, seed=args.corpus_seed,
+                            corruptions=args.corruptions, validation_size=budget.data.validation_size)
+        _say(str(info))
+        _say(f'run the bench on it: python -m benchmarks.quality --corpus {args.write_corpus} --degraded '
+             f'{",".join(degraded_domains(args.corruptions))} --lambada {info.lambada_path}')
+        return 0
     if args.render_only:
         with open(os.path.join(args.out, 'quality.json')) as f:
-            results = json.load(f)
-        refresh_investigation(args.out, results)
-        write_report(results, args)
+            write_report(json.load(f), args)
         return 0
     started = time.perf_counter()
-    budget = QUICK if args.quick else FULL
-    if args.steps:
-        budget = replace(budget, steps=args.steps)
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(DEFAULT_SEEDS))
+    methods = list(args.methods)
     jobs = args.jobs or (1 if args.quick else min(2, os.cpu_count() or 1))
     machine = machine_info()
     os.makedirs(args.out, exist_ok=True)
-    paths = prepare_data(args.data_dir, budget.data, say=_say_data)
-    domain_names = _domain_names(paths['train'])
+    ctx = prepare(args, budget)
+    if 'uniform' not in methods:
+        _say('uniform is not among the methods: no changes against uniform, no targets')
+    _say(f'{len(seeds)} seed(s) x {len(methods)} methods, {budget.steps} steps each, {jobs} at a time')
     with tempfile.TemporaryDirectory(prefix='dwm-bench-quality-') as work:
-        _say(f'{len(seeds)} seed(s) x {len(METHODS)} methods, {budget.steps} steps each, {jobs} at a time')
-        raw = run_all(paths, budget, seeds, jobs, work)
-    with open(os.path.join(paths['train'], 'dwm.json')) as f:
-        train_samples = json.load(f)['num_samples']
-    eval_samples = _eval_sample_count(paths, budget, domain_names)
+        raw = run_all(ctx, budget, methods, seeds, jobs, work, args.rerun_check)
     params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(
         hidden_size=budget.hidden_size, intermediate_size=budget.intermediate_size,
         num_hidden_layers=budget.num_layers, num_attention_heads=budget.num_heads,
-        num_key_value_heads=budget.num_heads, vocab_size=_vocab(paths), max_position_embeddings=budget.seq_len,
+        num_key_value_heads=budget.num_heads, vocab_size=ctx['vocab'], max_position_embeddings=budget.seq_len,
         tie_word_embeddings=True)).parameters())
+    command = ' '.join(['python -m benchmarks.quality', *(argv if argv is not None else sys.argv[1:])])
     results: dict[str, Any] = {
-        'benchmark': 'quality', 'quick': bool(args.quick),
+        'benchmark': 'quality', 'schema': SCHEMA, 'quick': bool(args.quick), 'command': command.strip(),
         'date': utc_now(), 'machine': machine, 'jobs': jobs, 'budget': budget.record(),
         'versions': library_versions(('torch', 'mosaicml', 'mosaicml-streaming', 'transformers', 'tokenizers')),
-        'model_params': params,
-        'data': {'domains': domain_names, 'train_samples': train_samples, 'eval_samples': eval_samples,
-                 'lambada_fit': _count_lines(paths['lambada_fit']),
-                 'lambada_report': _count_lines(paths['lambada_report'])},
-        'proxy': raw['proxy'], 'runs': raw['runs'],
+        'model_params': params, 'methods': methods, 'method_budgets': {
+            m: {k: v for k, v in method_budget(budget, m).record().items() if v != budget.record()[k]}
+            for m in methods},
+        'corpus': ({'kind': 'external', 'path': os.path.abspath(args.corpus), 'lambada': args.lambada}
+                   if args.corpus else {'kind': 'embedded', 'corpus_seed': args.corpus_seed,
+                                        'corruptions': 'standard'}),
+        'data': ctx['data'], 'references': ctx['references'],
+        'proxy': raw['proxy'], 'runs': raw['runs'], 'rerun': raw['rerun'],
     }
-    results['analysis'] = analyse(raw, budget, domain_names)
-    dwm_runs = [r for r in raw['runs'] if r['method'] == 'dwm']
-    if dwm_runs and dwm_runs[0].get('refit'):
-        results['dwm_refit'] = dwm_runs[0]['refit']
+    if 'uniform' in methods:
+        results['analysis'] = analyse(raw, methods, seeds, ctx['data'], budget.num_stages)
     results['seconds'] = time.perf_counter() - started
     write_report(results, args)
     return 0
@@ -1128,46 +1138,22 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
     """Notes, JSON, plots and the RESULTS.md section, all from ``results``."""
-    results['notes'] = notes(results)
     json_path = os.path.join(args.out, 'quality.json')
+    if 'analysis' not in results:
+        write_json(json_path, results)
+        _say(f'wrote {json_path} (no analysis without uniform)')
+        return
+    results['notes'] = notes(results)
     write_json(json_path, results)
     curves_png = os.path.join(args.out, 'quality_curves.png')
     weights_png = os.path.join(args.out, 'quality_weights.png')
     plot(results, curves_png, weights_png)
     results_md = results_md_path(args)
-    images = [os.path.relpath(p, os.path.dirname(os.path.abspath(results_md))) for p in (curves_png, weights_png)]
-    replace_section(results_md, render_section(results, images, _load_investigation(args.out)))
+    replace_section(results_md, render_section(results, _images(args.out, results_md)))
     _say(f'wrote {json_path}, {curves_png}, {weights_png} and the quality section of {results_md} '
          f'({results["seconds"] / 60:.1f} min)')
-    for line in results['notes']:
-        _say(line)
-
-
-def _load_investigation(out: str) -> Optional[dict[str, Any]]:
-    path = os.path.join(out, INVESTIGATION_JSON)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def refresh_investigation(out: str, quality: dict[str, Any]) -> None:
-    """Recompute the investigation's analysis and plot from its stored runs (``--render-only``)."""
-    inv = _load_investigation(out)
-    if inv is None or inv.get('quality_date') != quality.get('date'):
-        return
-    inv['analysis'] = analyse_investigation(quality, inv['variant_runs'], inv['variant_info'])
-    write_json(os.path.join(out, INVESTIGATION_JSON), inv)
-    plot_investigation(quality, inv, os.path.join(out, 'quality_investigation.png'))
-
-
-def _vocab(paths: dict[str, str]) -> int:
-    return len(load_tokenizer(paths['tokenizer']))
-
-
-def _eval_sample_count(paths: dict[str, str], budget: Budget, domain_names: list[str]) -> int:
-    return sum(sum(domain_names[d] not in DEGRADED_DOMAINS for d in b['domain'].tolist())
-               for b in _eval_batches(paths, budget))
+    for t in results['analysis']['targets']:
+        _say(f'target {"met   " if t["met"] else "MISSED"} {t["name"]}: {_measured(t["measured"], t.get("format"))}')
 
 
 if __name__ == '__main__':

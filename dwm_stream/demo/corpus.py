@@ -31,6 +31,16 @@ machine is left out and its share goes to the others):
                             small variations
 =========================== =================================================================
 
+Other corruption types (``corruptions='alt'``, for checking that a data weighting method transfers
+to corruptions it was not tuned on; they replace the three degraded domains above, same shares):
+
+=========================== =================================================================
+``DegradedCharNoise``       training prose with 20% of its letters replaced by random letters
+``DegradedRepeated``        one training prose paragraph repeated many times in a document
+``DegradedFlattenedCode``   training code with every run of whitespace (newlines, indentation)
+                            collapsed to one space
+=========================== =================================================================
+
 Held-out text. Each source item (a pydoc topic, a module, a source file, a licence file) is assigned
 to train or held-out by a hash of its name (1 in ``HOLDOUT_EVERY``). ``train/`` is built only from
 train items; ``validation/`` and ``lambada.jsonl`` only from held-out items. LAMBADA passages are
@@ -40,7 +50,8 @@ code and are sometimes copied between modules); ``context + continuation`` is th
 ``continuation`` is its final word with a leading space (LLM Foundry's LAMBADA convention) and without trailing punctuation.
 
 Size and repetition. ``size`` is the number of UTF-8 bytes of ``text`` in ``train/`` (validation
-adds ``max(64 KiB, size / 50)``). The first pass over a domain emits each train item once, in a
+adds ``validation_size``, by default ``max(64 KiB, size / 50)``). The first pass over a domain
+emits each train item once, in a
 seeded random order, cut at paragraph (code: blank-line) boundaries into documents of at most
 ``MAX_DOC_CHARS``. When a domain needs more bytes than its sources hold (prose beyond a few MB, code
 beyond ~30 MB), later passes emit seeded random windows of consecutive paragraphs of random items:
@@ -74,11 +85,14 @@ from dwm_stream.progress import Progress
 __all__ = [
     'build_corpus', 'CorpusInfo', 'parse_size', 'REAL_DOMAINS', 'DEGRADED_DOMAINS', 'DOMAINS',
     'DOMAIN_SHARES', 'FILES_PER_CHUNK', 'HOLDOUT_EVERY', 'MAX_DOC_CHARS', 'EOS_TEXT', 'split_lambada',
+    'ALT_DEGRADED_DOMAINS', 'CORRUPTIONS', 'degraded_domains',
 ]
 
 REAL_DOMAINS = ('RedPajamaBook', 'RedPajamaWikipedia', 'RedPajamaGithub', 'RedPajamaCommonCrawl')
 DEGRADED_DOMAINS = ('DegradedShuffledWords', 'DegradedRandomTokens', 'DegradedBoilerplate')
 DOMAINS = REAL_DOMAINS + DEGRADED_DOMAINS
+ALT_DEGRADED_DOMAINS = ('DegradedCharNoise', 'DegradedRepeated', 'DegradedFlattenedCode')
+CORRUPTIONS = ('standard', 'alt')
 # Share of the corpus bytes per domain (renormalised over the domains that have sources).
 DOMAIN_SHARES = {
     'RedPajamaBook': 0.10,
@@ -88,6 +102,9 @@ DOMAIN_SHARES = {
     'DegradedShuffledWords': 0.07,
     'DegradedRandomTokens': 0.06,
     'DegradedBoilerplate': 0.07,
+    'DegradedCharNoise': 0.07,
+    'DegradedRepeated': 0.06,
+    'DegradedFlattenedCode': 0.07,
 }
 FILES_PER_CHUNK = 4
 HOLDOUT_EVERY = 10
@@ -96,6 +113,13 @@ LAMBADA_MAX_EXAMPLES = 500
 _STDLIB = sysconfig.get_paths()['stdlib']
 EOS_TEXT = '<|endoftext|>'  # documents containing it are skipped, so EOS splits documents exactly
 _BUILD_VERSION = 1
+
+
+def degraded_domains(corruptions: str = 'standard') -> tuple[str, ...]:
+    """The degraded domains of a corpus built with ``corruptions`` (``'standard'`` or ``'alt'``)."""
+    if corruptions not in CORRUPTIONS:
+        raise ValueError(f'corruptions must be one of {CORRUPTIONS}, got {corruptions!r}')
+    return DEGRADED_DOMAINS if corruptions == 'standard' else ALT_DEGRADED_DOMAINS
 
 
 @dataclass
@@ -392,6 +416,27 @@ def _boilerplate(rng: random.Random) -> Iterator[str]:
         yield '\n'.join(lines)
 
 
+def _char_noise(prose: Iterator[str], rng: random.Random, rate: float = 0.2) -> Iterator[str]:
+    letters = 'abcdefghijklmnopqrstuvwxyz'
+    for text in prose:
+        yield ''.join(rng.choice(letters) if c.isalpha() and rng.random() < rate else c for c in text)
+
+
+def _repeated(prose: Iterator[str], rng: random.Random) -> Iterator[str]:
+    for text in prose:
+        paras = [p for p in _paragraphs(text) if len(p) >= 40]
+        if paras:
+            para = rng.choice(paras)[:2000]
+            yield '\n\n'.join([para] * rng.randint(3, 20))
+
+
+def _flattened(code: Iterator[str]) -> Iterator[str]:
+    for text in code:
+        flat = ' '.join(text.split())
+        if flat:
+            yield flat
+
+
 def _prose_vocab(book: list[_Item], wiki: list[_Item], limit_chars: int = 200_000) -> list[str]:
     words: set[str] = set()
     chars = 0
@@ -411,7 +456,7 @@ def _norm(paragraph: str) -> str:
 class _DomainStreams:
     """Document iterators for every domain of one split."""
 
-    def __init__(self, split: str, seed: int, items: dict[str, list[_Item]]) -> None:
+    def __init__(self, split: str, seed: int, items: dict[str, list[_Item]], corruptions: str = 'standard') -> None:
         def rng(tag: str) -> random.Random:
             return random.Random(f'dwm-corpus|{_BUILD_VERSION}|{seed}|{split}|{tag}')
 
@@ -420,6 +465,16 @@ class _DomainStreams:
             if items.get(domain):
                 self.streams[domain] = iter(_RealStream(domain, items[domain], rng(domain)))
         prose_items = items.get('RedPajamaBook', []) + items.get('RedPajamaWikipedia', [])
+        if corruptions == 'alt':  # other corruption types; the standard streams below are left exactly as they were
+            if prose_items:
+                self.streams['DegradedCharNoise'] = _char_noise(
+                    iter(_RealStream('prose', prose_items, rng('prose-for-noise'))), rng('char-noise'))
+                self.streams['DegradedRepeated'] = _repeated(
+                    iter(_RealStream('prose', prose_items, rng('prose-for-repeat'))), rng('repeat'))
+            if items.get('RedPajamaGithub'):
+                self.streams['DegradedFlattenedCode'] = _flattened(
+                    iter(_RealStream('code', items['RedPajamaGithub'], rng('code-for-flatten'))))
+            return
         if prose_items:
             prose = iter(_RealStream('prose', prose_items, rng('prose-for-shuffle')))
             self.streams['DegradedShuffledWords'] = _shuffled_words(prose, rng('shuffle'))
@@ -539,7 +594,9 @@ class _LambadaCandidates:
 def build_corpus(out_dir: str,
                  size: Union[int, str] = '8MB',
                  seed: int = 0,
-                 progress: bool = False) -> CorpusInfo:
+                 progress: bool = False,
+                 corruptions: str = 'standard',
+                 validation_size: int | str | None = None) -> CorpusInfo:
     """Build the embedded SlimPajama-format corpus (see the module docstring for the layout).
 
     Args:
@@ -548,12 +605,17 @@ def build_corpus(out_dir: str,
         seed (int): Seed for every random choice. Default: ``0``.
         progress (bool): Report progress on stderr (:class:`~dwm_stream.progress.Progress`). Default: ``False``
             (library functions are quiet; the CLI turns it on).
+        corruptions (str): ``'standard'`` (the three degraded domains of the table above) or ``'alt'`` (other
+            corruption types in their place: ``ALT_DEGRADED_DOMAINS``). Default: ``'standard'``.
+        validation_size (int | str, optional): Validation text bytes. Default: ``None`` (``max(64 KiB, size /
+            50)``).
 
     Returns:
         CorpusInfo: What was written.
     """
     start = time.perf_counter()
     size_bytes = parse_size(size)
+    degraded_domains(corruptions)  # validate
     if os.path.exists(os.path.join(out_dir, 'train')):
         raise FileExistsError(f'{out_dir} already holds a corpus (train/); choose another --out or '
                               'delete it first.')
@@ -567,7 +629,7 @@ def build_corpus(out_dir: str,
         raise FileNotFoundError('no prose found on this machine (pydoc_data.topics and stdlib '
                                 'sources are both missing); the embedded corpus needs a full Python '
                                 'installation.')
-    val_bytes = max(64 * 1024, size_bytes // 50)
+    val_bytes = max(64 * 1024, size_bytes // 50) if validation_size is None else parse_size(validation_size)
     file_bytes = max(256 * 1024, min(32 * 2**20, size_bytes // 16))
     os.makedirs(out_dir, exist_ok=True)
 
@@ -576,10 +638,10 @@ def build_corpus(out_dir: str,
                                  seed, 2 * LAMBADA_MAX_EXAMPLES)
     try:
         train_files, docs, nbytes = _write_split(out_dir, 'train', 'example_train', size_bytes,
-                                                 _DomainStreams('train', seed, train_items), seed,
+                                                 _DomainStreams('train', seed, train_items, corruptions), seed,
                                                  file_bytes, pbar, lambada)
         val_files, val_docs, _ = _write_split(out_dir, 'validation', 'example_holdout', val_bytes,
-                                              _DomainStreams('validation', seed, held_items), seed,
+                                              _DomainStreams('validation', seed, held_items, corruptions), seed,
                                               file_bytes, pbar, None)
     finally:
         pbar.close()
@@ -599,6 +661,8 @@ def build_corpus(out_dir: str,
                       lambada_examples=len(examples))
     record = asdict(info)
     del record['seconds'], record['out_dir']
+    if corruptions != 'standard':  # absent for the standard set: its summary stays byte-identical
+        record['corruptions'] = corruptions
     with open(os.path.join(out_dir, 'dwm_corpus.json'), 'w', encoding='utf-8') as f:
         f.write(json.dumps(record, indent=2, sort_keys=True) + '\n')
     info.seconds = time.perf_counter() - start

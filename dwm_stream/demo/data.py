@@ -1,13 +1,15 @@
 """The data the demo and the quality benchmark train on, prepared once and cached.
 
-``prepare_data`` builds the embedded corpus, trains a BPE tokenizer on it, converts its ``train/`` and
-``validation/`` splits to MDS shards and splits its LAMBADA-format file into a fit half (DWM's validation) and a
-report half (never used to fit anything). Every step is skipped when its output is already there, under a folder
-named for the :class:`DataBudget`, so a quick and a full run never share a cache by mistake.
+``prepare_data`` builds the embedded corpus (or takes any SlimPajama-layout corpus, ``corpus_dir=``), trains a BPE
+tokenizer on it, converts its ``train/`` and ``validation/`` splits to MDS shards and splits its LAMBADA-format file
+into a fit half (DWM's validation) and a report half (never used to fit anything). Every step is skipped when its
+output is already there, under a folder named for the :class:`DataBudget` (and the corpus), so a quick and a full run
+never share a cache by mistake.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,48 +30,76 @@ class DataBudget:
         corpus_size (str): Train text of the embedded corpus, e.g. ``'8MB'`` (see ``build_corpus``).
         vocab_size (int): BPE vocabulary, byte tokens and ``<|endoftext|>`` included.
         seq_len (int): Tokens per packed sample in the MDS shards.
+        validation_size (str, optional): Validation text of the embedded corpus, e.g. ``'600KB'``. Default:
+            ``None`` (``build_corpus``'s default).
     """
     corpus_size: str
     vocab_size: int
     seq_len: int
+    validation_size: Optional[str] = None
 
-    def key(self, seed: int = 0) -> str:
-        """The cache folder's name: ``4MB-v2048-s128`` (``-seed3`` appended for a corpus seed other than 0)."""
-        return f'{self.corpus_size}-v{self.vocab_size}-s{self.seq_len}' + (f'-seed{seed}' if seed else '')
+    def key(self, seed: int = 0, corruptions: str = 'standard') -> str:
+        """The cache folder's name: ``4MB-v2048-s128`` (``-val600KB``, ``-alt``, ``-seed3`` appended for a
+        validation size, corruption set or corpus seed other than the defaults)."""
+        return (f'{self.corpus_size}-v{self.vocab_size}-s{self.seq_len}'
+                + (f'-val{self.validation_size}' if self.validation_size else '')
+                + (f'-{corruptions}' if corruptions != 'standard' else '') + (f'-seed{seed}' if seed else ''))
 
 
 def prepare_data(data_dir: str, budget: DataBudget, seed: int = 0, workers: int = 1, progress: bool = False,
-                 say: Optional[Callable[[str, str], None]] = None) -> dict[str, str]:
+                 say: Optional[Callable[[str, str], None]] = None, corruptions: str = 'standard',
+                 corpus_dir: Optional[str] = None, lambada: Optional[str] = None) -> dict[str, Optional[str]]:
     """Corpus, tokenizer, MDS shards and the LAMBADA fit/report split, each cached in ``data_dir/<budget key>``.
 
     Args:
-        data_dir (str): Cache root; the data goes to ``data_dir/<budget.key(seed)>``.
-        budget (DataBudget): Corpus size, vocabulary and sample length.
+        data_dir (str): Cache root; the data goes to ``data_dir/<budget.key(seed, corruptions)>`` (for
+            ``corpus_dir``: ``data_dir/<corpus folder name>-<hash of its path>-<budget.key()>``).
+        budget (DataBudget): Corpus size, vocabulary and sample length (``corpus_size`` and ``validation_size``
+            are ignored with ``corpus_dir``).
         seed (int): Seed of the corpus build. Default: ``0``.
+        corruptions (str): Degraded domains of the embedded corpus: ``'standard'`` or ``'alt'`` (see
+            ``build_corpus``). Default: ``'standard'``.
+        corpus_dir (str, optional): Use this SlimPajama-layout corpus (``train/``, ``validation/``) instead of
+            building the embedded one; it is read, never written. Default: ``None``.
+        lambada (str, optional): With ``corpus_dir``, its LAMBADA-format file; without one the two LAMBADA paths
+            are ``None``. Default: ``None`` (the embedded corpus always has one).
         workers (int): Conversion processes (the shards are the same for any number). Default: ``1``.
         progress (bool): Progress bars of the corpus build, tokenizer training and conversion. Default: ``False``.
         say (Callable[[str, str], None], optional): Called with ``(step, message)`` for each step, ``step`` one of
             ``'corpus'``, ``'tokenizer'``, ``'convert'``. Default: ``None`` (silent).
 
     Returns:
-        dict[str, str]: Paths: ``root``, ``corpus``, ``tokenizer``, ``train`` and ``validation`` (MDS shards),
-        ``lambada_fit``, ``lambada_report``.
+        dict[str, str | None]: Paths: ``root``, ``corpus``, ``tokenizer``, ``train`` and ``validation`` (MDS
+        shards), ``lambada_fit``, ``lambada_report`` (``None`` for a ``corpus_dir`` without ``lambada``).
     """
     def tell(step: str, message: str) -> None:
         if say is not None:
             say(step, message)
 
-    root = os.path.join(data_dir, budget.key(seed))
-    paths = {'root': root, 'corpus': os.path.join(root, 'corpus'), 'tokenizer': os.path.join(root, 'tokenizer'),
-             'train': os.path.join(root, 'mds', 'train'), 'validation': os.path.join(root, 'mds', 'validation'),
-             'lambada_fit': os.path.join(root, 'lambada_fit.jsonl'),
-             'lambada_report': os.path.join(root, 'lambada_report.jsonl')}
-    if os.path.exists(os.path.join(paths['corpus'], 'dwm_corpus.json')):  # written last: the corpus is complete
+    if corpus_dir is None:
+        root = os.path.join(data_dir, budget.key(seed, corruptions))
+    else:
+        corpus_dir = os.path.abspath(corpus_dir)
+        digest = hashlib.blake2s(corpus_dir.encode(), digest_size=4).hexdigest()
+        root = os.path.join(data_dir, f'{os.path.basename(corpus_dir)}-{digest}-{budget.key()}')
+    paths: dict[str, Optional[str]] = {
+        'root': root, 'corpus': corpus_dir or os.path.join(root, 'corpus'),
+        'tokenizer': os.path.join(root, 'tokenizer'),
+        'train': os.path.join(root, 'mds', 'train'), 'validation': os.path.join(root, 'mds', 'validation'),
+        'lambada_fit': os.path.join(root, 'lambada_fit.jsonl'),
+        'lambada_report': os.path.join(root, 'lambada_report.jsonl')}
+    if corpus_dir is not None:
+        for split in ('train', 'validation'):
+            if not os.path.isdir(os.path.join(corpus_dir, split)):
+                raise FileNotFoundError(f'{corpus_dir} has no {split}/ folder: not a SlimPajama-layout corpus')
+        tell('corpus', f'corpus: {corpus_dir}')
+    elif os.path.exists(os.path.join(paths['corpus'], 'dwm_corpus.json')):  # written last: the corpus is complete
         tell('corpus', f'corpus: cached in {paths["corpus"]}')
     else:
         shutil.rmtree(paths['corpus'], ignore_errors=True)  # an interrupted build
         tell('corpus', f'building the embedded corpus ({budget.corpus_size}) in {paths["corpus"]}')
-        build_corpus(paths['corpus'], size=budget.corpus_size, seed=seed, progress=progress)
+        build_corpus(paths['corpus'], size=budget.corpus_size, seed=seed, progress=progress, corruptions=corruptions,
+                     validation_size=budget.validation_size)
     tell('tokenizer', 'training the BPE tokenizer (cached when unchanged)')
     train_tokenizer(paths['corpus'], paths['tokenizer'], vocab_size=budget.vocab_size, progress=progress)
     for split in ('train', 'validation'):
@@ -79,7 +109,11 @@ def prepare_data(data_dir: str, budget: DataBudget, seed: int = 0, workers: int 
             tell('convert', f'converting {split}/ to MDS shards ({budget.seq_len} tokens per sample)')
             convert(os.path.join(paths['corpus'], split), paths[split], tokenizer=paths['tokenizer'],
                     seq_len=budget.seq_len, workers=workers, overwrite=True, progress=progress)
-    if not os.path.exists(paths['lambada_report']):
+    source = os.path.join(paths['corpus'], 'lambada.jsonl') if corpus_dir is None else lambada
+    if source is None:
+        paths['lambada_fit'] = paths['lambada_report'] = None
+    else:
         # First half: fits DWM's weighter (and the quality benchmark's static weights). Second half: reported only.
-        split_lambada(os.path.join(paths['corpus'], 'lambada.jsonl'), paths['lambada_fit'], paths['lambada_report'])
+        # Re-split every time (cheap), so a --lambada FILE that changed is never read from a stale split.
+        split_lambada(source, paths['lambada_fit'], paths['lambada_report'])
     return paths

@@ -1,18 +1,18 @@
-"""The quality benchmark runs end to end (``--quick``), writes valid JSON, and RESULTS.md is made from it."""
+"""The quality benchmark: end to end (``--quick``), on another SlimPajama-layout corpus (``--corpus``), and its parts
+(method grammar, n-gram references, report split, noise floor, paired statistics and targets) on hand-made input."""
 
 import json
 import math
 import os
-import shutil
 
+import numpy as np
 import pytest
+import torch
 from bench_module import OTHER_SECTION, load_bench
 from bench_module import quick_run as run_bench
 
-from dwm_stream.data.selection import read_selection
-from dwm_stream.demo.data import prepare_data
-
-METHODS = ('uniform', 'dwm', 'static_domain', 'loss_reweighting')
+from algorithms.baselines import noise_floor_weights
+from dwm_stream.demo.corpus import ALT_DEGRADED_DOMAINS, DEGRADED_DOMAINS
 
 
 def _load_bench():
@@ -22,7 +22,8 @@ def _load_bench():
 @pytest.fixture(scope='module')
 def quick_run(tmp_path_factory):
     root = tmp_path_factory.mktemp('bench')
-    return (*run_bench('quality', root, 'quality.json', ('--data-dir', str(root / 'data'))), OTHER_SECTION)
+    return (*run_bench('quality', root, 'quality.json', ('--data-dir', str(root / 'data'), '--rerun-check')),
+            OTHER_SECTION)
 
 
 def _number(x):
@@ -31,44 +32,46 @@ def _number(x):
 
 @pytest.mark.slow
 def test_json_schema(quick_run):
-    _, results, out, _, _ = quick_run
-    assert results['benchmark'] == 'quality' and results['quick'] is True
-    assert results['machine']['nproc'] > 0 and results['machine']['ram_gb'] > 0
-    assert {'torch', 'mosaicml', 'mosaicml-streaming', 'transformers'} <= set(results['versions'])
+    bench, results, out, _, _ = quick_run
+    assert results['benchmark'] == 'quality' and results['quick'] is True and results['schema'] == bench.SCHEMA
+    assert results['methods'] == list(bench.DEFAULT_METHODS) and results['analysis']['seeds'] == [0]
+    assert results['machine']['nproc'] > 0 and _number(results['seconds'])
     budget = results['budget']
-    for key in ('steps', 'batch_size', 'seq_len', 'num_stages', 'refit_steps', 'evals'):
-        assert budget[key] > 0, key
-    domains = results['data']['domains']
-    assert {'DegradedShuffledWords', 'DegradedRandomTokens', 'DegradedBoilerplate'} <= set(domains)
-    assert results['data']['lambada_fit'] > 0 and results['data']['lambada_report'] > 0
-    # The proxy run's static weights: one per domain, mean 1 over the training mix, at least lambda.
-    proxy = results['proxy']
-    assert set(proxy['weights']) == set(domains)
-    assert sum(proxy['shares'][d] * proxy['weights'][d] for d in domains) == pytest.approx(1.0, rel=1e-6)
-    assert min(proxy['weights'].values()) >= budget['mix_uniform'] - 1e-9
+    data = results['data']
+    assert set(data['degraded_domains']) == set(DEGRADED_DOMAINS)
+    assert set(data['real_domains']) == set(data['domains']) - set(DEGRADED_DOMAINS)
+    # Balanced report set, disjoint from the held-out DWM target by construction (counts add up to the split).
+    assert set(data['report_samples']) == set(data['domains'])
+    for d, n in data['report_samples'].items():
+        assert n == budget['report_per_domain'] or d in data['short_domains']
+        if d in data['real_domains']:
+            assert n + data['heldout_samples'][d] == data['validation_samples'][d]
+    # Reference lines: the bigram is below the unigram on every real domain.
+    refs = results['references']
+    for d in data['real_domains']:
+        assert 0 < refs['bigram']['by_domain'][d] < refs['unigram']['by_domain'][d] < math.log(budget['vocab_size'])
+    assert results['proxy']['target'] == 'lambada'
     runs = results['runs']
-    assert sorted((r['method'], r['seed']) for r in runs) == sorted((m, 0) for m in METHODS)
+    assert sorted((r['method'], r['seed']) for r in runs) == sorted((m, 0) for m in bench.DEFAULT_METHODS)
     for r in runs:
-        assert r['steps'] == budget['steps'] and r['tokens'] == budget['steps'] * budget['batch_size'] * budget['seq_len']
+        assert r['tokens'] == budget['steps'] * budget['batch_size'] * budget['seq_len']
         steps = [p['step'] for p in r['curve']]
         assert steps[0] == 0 and steps[-1] == budget['steps'] and steps == sorted(set(steps))
-        assert all(_number(p['clean']) and _number(p['all']) for p in r['curve'])
-        assert r['curve'][-1]['clean'] < r['curve'][0]['clean']  # every method learns something
-        assert 0.0 <= r['lambada']['accuracy'] <= 1.0 and r['lambada']['examples'] == results['data']['lambada_report']
+        assert all(_number(p['macro']) for p in r['curve'])
+        assert r['final']['macro'] == pytest.approx(np.mean([r['final'][d] for d in data['real_domains']]))
+        assert r['curve'][-1]['macro'] < r['curve'][0]['macro']  # every method learns something
+        assert 0.0 <= r['lambada']['accuracy'] <= 1.0 and r['lambada']['examples'] == data['lambada_report']
         assert len(r['stage_weights']) == budget['num_stages']
-        for stage in r['stage_weights']:
-            assert all(w > 0 for w in stage.values())
         if r['method'] == 'uniform':
             assert all(w == 1.0 for stage in r['stage_weights'] for w in stage.values())
-    dwm = next(r for r in runs if r['method'] == 'dwm')
-    assert len(dwm['refit']['val_loss_before']) == budget['num_stages']
-    analysis = results['analysis']
-    assert set(analysis['methods']) == set(METHODS)
-    uniform_reach = analysis['methods']['uniform']['reach_uniform_final'][0]
-    assert uniform_reach['step'] == pytest.approx(budget['steps'])  # uniform reaches its own final loss at the end
-    assert [t['met'] for t in analysis['targets']] == [
-        analysis['targets'][0]['measured'] is not None and analysis['targets'][0]['measured'] <= 0.8,
-        analysis['targets'][1]['measured'] <= 0.5]
+        if r['base'] in bench.DWM_BASES:
+            assert len(r['refit']['refit/ess_min']) == budget['num_stages']
+    a = results['analysis']
+    assert a['methods']['uniform']['delta_vs_uniform']['per_seed'] == [0.0]
+    assert a['noise_floor'] == pytest.approx(abs(a['methods']['noise_floor']['delta_vs_uniform']['mean']))
+    assert a['rerun_max_abs_diff'] == 0.0  # same seed, same machine: identical figures
+    assert results['rerun']['method'] == 'dwm' and results['rerun']['seed'] == 0
+    assert [t['met'] for t in a['targets']][5] is True
     for png in ('quality_curves.png', 'quality_weights.png'):
         assert (out / png).stat().st_size > 1000
 
@@ -82,57 +85,119 @@ def test_results_md_section_is_rendered_from_the_json(quick_run):
     assert 'stale 9.99' not in text and text.count(bench.BEGIN_MARK) == 1
     assert other in text and text.endswith('trailing text\n')  # other sections untouched
     section = bench.read_section(str(results_md))
-    uni = results['analysis']['methods']['uniform']['final_clean']
-    assert f'{uni["mean"]:.4f}' in section
+    assert f'{results["analysis"]["methods"]["uniform"]["final_macro"]["mean"]:.4f}' in section
+    assert f'{results["references"]["bigram"]["macro"]:.4f}' in section
     assert f'{results["machine"]["nproc"]} CPUs' in section and 'QUICK RUN' in section
 
 
-def test_steps_to_reach_interpolates():
-    bench = _load_bench()
-    curve = [{'step': 0, 'clean': 7.0}, {'step': 10, 'clean': 6.0}, {'step': 20, 'clean': 5.0}]
-    assert bench.steps_to_reach(curve, 5.5) == pytest.approx(15.0)
-    assert bench.steps_to_reach(curve, 6.0) == pytest.approx(10.0)
-    assert bench.steps_to_reach(curve, 7.5) == pytest.approx(0.0)
-    assert bench.steps_to_reach(curve, 4.0) is None
-
-
 @pytest.mark.slow
-def test_investigation_runs_dwm_only_and_is_rendered_from_its_json(quick_run, tmp_path):
-    """``--investigate`` re-runs DWM only (same seeds/budget), fits V1 on held-out samples the evaluation never reads,
-    and its subsection of RESULTS.md is the one its JSON produces."""
-    bench, results, out, _, _ = quick_run
-    inv_out = tmp_path / 'results'
-    shutil.copytree(out, inv_out)
-    results_md = tmp_path / 'RESULTS.md'
-    data_dir = out.parent / 'data'
-    assert bench.main(['--investigate', 'heldout_val', '--out', str(inv_out), '--data-dir', str(data_dir),
-                       '--results-md', str(results_md), '--jobs', '1']) == 0
-    with open(inv_out / bench.INVESTIGATION_JSON) as f:
-        inv = json.load(f)
-    with open(inv_out / 'quality.json') as f:
-        assert json.load(f) == results  # quality.json is not rewritten
-    assert inv['quality_date'] == results['date'] and inv['seeds'] == results['analysis']['seeds']
-    runs = inv['variant_runs']['heldout_val']
-    assert [r['seed'] for r in runs] == inv['seeds'] and all(r['method'] == 'dwm' for r in runs)
-    assert all(r['steps'] == results['budget']['steps'] for r in runs)
-    assert inv['variant_info']['heldout_val']['settings'] == {'dwm_validation': 'heldout'}
-    # The held-out split is disjoint from the evaluated samples.
-    budget = bench.Budget.from_record(results['budget'])
-    paths = prepare_data(str(data_dir), budget.data)
-    eval_uids = {u for b in bench._eval_batches_uids(paths, budget) for u in b}
-    sel = read_selection(inv['heldout_selection']['path'])
-    assert len(sel) == inv['heldout_selection']['samples'] > 0 and not set(sel.uids.tolist()) & eval_uids
-    a = inv['analysis']
-    assert set(a) == {'baseline', 'heldout_val'}
-    assert a['baseline']['per_seed'][0]['final_clean'] == pytest.approx(
-        results['analysis']['methods']['dwm']['final_clean']['mean'])
-    section = bench.read_section(str(results_md))
-    assert section == bench.render_section(results, bench._images(str(inv_out), str(results_md)), inv)
-    assert '### Investigation' in section and f'{a["heldout_val"]["diff_vs_uniform_mean"]:+.4f}' in section
-    assert (inv_out / 'quality_investigation.png').stat().st_size > 1000
-
-
-def test_investigation_is_not_rendered_against_another_quality_run():
+def test_runs_on_another_slimpajama_corpus_without_lambada(tmp_path):
+    """``--write-corpus`` (other corruption types), then ``--corpus`` on it: the domains come from the records,
+    ``--degraded`` names the excluded ones, and without ``--lambada`` DWM's target is the held-out samples."""
     bench = _load_bench()
-    lines = bench.render_investigation({'quality_date': 'then', 'command': 'x'}, {'date': 'now'})
-    assert any('not this one' in line for line in lines) and not any(line.startswith('|') for line in lines)
+    corpus = tmp_path / 'alt'
+    assert bench.main(['--quick', '--write-corpus', str(corpus), '--corruptions', 'alt']) == 0
+    assert (corpus / 'lambada.jsonl').is_file() and (corpus / 'validation').is_dir()
+    out = tmp_path / 'results'
+    assert bench.main(['--quick', '--corpus', str(corpus), '--degraded', ','.join(ALT_DEGRADED_DOMAINS),
+                       '--methods', 'uniform', 'dwm:refit_kl=1', '--out', str(out), '--data-dir',
+                       str(tmp_path / 'data'), '--results-md', str(tmp_path / 'RESULTS.md')]) == 0
+    with open(out / 'quality.json') as f:
+        results = json.load(f)
+    assert results['corpus']['kind'] == 'external' and results['corpus']['lambada'] is None
+    assert set(results['data']['degraded_domains']) == set(ALT_DEGRADED_DOMAINS)
+    assert results['data']['lambada_fit'] is None and results['method_budgets']['dwm:refit_kl=1'] == {'refit_kl': 1.0}
+    assert all(r['lambada'] is None for r in results['runs'])
+    assert 'dwm:refit_kl=1' in results['analysis']['methods'] and results['analysis']['target_method'] == 'dwm:refit_kl=1'
+    with pytest.raises(SystemExit):
+        bench.main(['--quick', '--corpus', str(corpus), '--degraded', 'NoSuchDomain', '--methods', 'uniform',
+                    '--out', str(out), '--data-dir', str(tmp_path / 'data')])
+
+
+def test_method_grammar():
+    bench = _load_bench()
+    assert bench.parse_method('dwm') == ('dwm', {})
+    assert bench.parse_method('dwm:refit_kl=10,embed_norm=batch') == ('dwm', {'refit_kl': 10.0, 'embed_norm': 'batch'})
+    assert bench.parse_method('dwm_select:select_factor=2') == ('dwm_select', {'select_factor': 2})
+    assert bench.method_budget(bench.QUICK, 'dwm_paper').refit_kl == 0.0
+    assert bench.method_budget(bench.QUICK, 'dwm_paper:refit_kl=1').refit_kl == 1.0
+    assert bench.method_budget(bench.QUICK, 'dwm').refit_kl == bench.QUICK.refit_kl == 3.0
+    for bad, match in (('dwm:nosuch=1', 'nosuch'), ('dwm:refit_kl', 'refit_kl'), ('dwm:refit_kl=abc', 'float')):
+        with pytest.raises(ValueError, match=match) as err:
+            bench.parse_method(bad)
+        assert repr(bad) in str(err.value)
+
+
+def test_bad_method_is_refused_by_name(capsys):
+    bench = _load_bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--methods', 'uniform', 'dwmm:refit_kl=1'])
+    assert "'dwmm:refit_kl=1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--corpus', 'x'])  # --degraded is required with --corpus
+
+
+def test_ngram_references_by_hand():
+    """Train ``0 1 0 1`` (V = 3): unigram add-one p = (3/7, 3/7, 1/7); bigrams (0,1) x2, (1,0) x1, so
+    p(1|0) = (2 + 1 * 3/7) / (2 + 1) = 17/21 and p(2|1) = (0 + 1 * 1/7) / (1 + 1) = 1/14; an unseen history (2)
+    falls back to the unigram."""
+    bench = _load_bench()
+    train = [np.array([0, 1, 0, 1])]
+    report = {'A': [np.array([0, 1])], 'B': [np.array([1, 2, 0])]}
+    refs = bench.ngram_references(train, report, 3, real=['A', 'B'])
+    assert refs['unigram']['by_domain']['A'] == pytest.approx(-math.log(3 / 7))
+    assert refs['unigram']['by_domain']['B'] == pytest.approx(-(math.log(1 / 7) + math.log(3 / 7)) / 2)
+    assert refs['bigram']['by_domain']['A'] == pytest.approx(-math.log(17 / 21))
+    assert refs['bigram']['by_domain']['B'] == pytest.approx(-(math.log(1 / 14) + math.log(3 / 7)) / 2)
+    assert refs['bigram']['macro'] == pytest.approx((refs['bigram']['by_domain']['A'] +
+                                                     refs['bigram']['by_domain']['B']) / 2)
+    assert bench.ngram_references(train, report, 3, real=['A'])['unigram']['macro'] == pytest.approx(-math.log(3 / 7))
+
+
+def test_split_report_is_balanced_disjoint_and_says_when_short():
+    bench = _load_bench()
+    names = ['Real', 'Small', 'Bad']
+    samples = ([{'uid': i, 'domain': 0} for i in range(20)] + [{'uid': 100 + i, 'domain': 1} for i in range(5)] +
+               [{'uid': 200 + i, 'domain': 2} for i in range(3)])
+    split = bench.split_report(samples, names, real=['Real', 'Small'], per_domain=4)
+    assert {d: len(u) for d, u in split['report'].items()} == {'Real': 4, 'Small': 2, 'Bad': 3}
+    assert split['short'] == ['Bad', 'Small'] and set(split['heldout']) == {'Real', 'Small'}
+    assert len(split['heldout']['Real']) == 16 and not set(split['report']['Real']) & set(split['heldout']['Real'])
+    assert split == bench.split_report(samples, names, real=['Real', 'Small'], per_domain=4)  # deterministic
+
+
+def test_noise_floor_weights():
+    g = torch.Generator().manual_seed(0)
+    w = torch.cat([noise_floor_weights(16, 0.02, g) for _ in range(500)]).view(500, 16)
+    assert torch.allclose(w.mean(dim=1), torch.ones(500), atol=1e-6) and bool((w > 0).all())
+    assert float(w.std()) == pytest.approx(0.02, rel=0.1)
+    again = noise_floor_weights(16, 0.02, torch.Generator().manual_seed(0))
+    assert torch.equal(again, w[0])
+    assert torch.equal(noise_floor_weights(4, 0.0, g), torch.ones(4))
+
+
+def test_paired_statistics_and_targets():
+    bench = _load_bench()
+    seeds = [0, 1, 2, 3, 4]
+    uniform = {s: 5.0 + 0.1 * s for s in seeds}
+    values = {
+        'uniform': uniform,
+        'noise_floor': {s: uniform[s] + d for s, d in zip(seeds, [0.003, -0.004, 0.0, 0.004, -0.003])},
+        'dwm': {s: uniform[s] + d for s, d in zip(seeds, [-0.02, -0.01, -0.03, -0.02, -0.02])},
+        'loss_reweighting': {s: uniform[s] + d for s, d in zip(seeds, [-0.01, 0.01, -0.01, -0.01, -0.03])},
+    }
+    deltas = bench.paired_deltas(values, seeds)
+    assert deltas['dwm']['per_seed'] == pytest.approx([-0.02, -0.01, -0.03, -0.02, -0.02])
+    assert deltas['dwm']['mean'] == pytest.approx(-0.02) and deltas['dwm']['better'] == 5
+    assert deltas['dwm']['sd'] == pytest.approx(math.sqrt(0.0002 / 4))
+    assert deltas['loss_reweighting']['better'] == 4 and deltas['uniform']['mean'] == 0.0
+    floor = bench.noise_floor(deltas['noise_floor']['per_seed'])
+    assert floor == pytest.approx(math.sqrt((9 + 16 + 0 + 16 + 9) * 1e-6 / 5))
+    refit = {'ess_min': 0.93, 'dead': 0}
+    rows = bench.targets(deltas, 'dwm', floor, refit, 0.0)
+    assert [r['met'] for r in rows] == [True, True, True, True, True, True, True]
+    assert rows[1]['measured'] == pytest.approx(0.02) and rows[1]['bound'] == pytest.approx(2 * floor)
+    assert rows[2]['bound'] == pytest.approx(0.01)
+    rows = bench.targets(deltas, 'dwm', 0.015, {'ess_min': 0.4, 'dead': 2}, 1e-7)
+    assert [r['met'] for r in rows] == [True, False, True, False, False, False, True]
+    assert bench.targets(deltas, 'loss_reweighting', floor, None, None)[0]['met'] is False

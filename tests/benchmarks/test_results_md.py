@@ -27,8 +27,7 @@ def _rendered(name: str) -> str:
         return bench.render_section(_json('loader.json'), 'results/loader.png')
     if name == 'convert_throughput':
         return bench.render_section(_json('convert.json'))
-    return bench.render_section(_json('quality.json'), bench._images(RESULTS, RESULTS_MD),
-                                _json(bench.INVESTIGATION_JSON))
+    return bench.render_section(_json('quality.json'), bench._images(RESULTS, RESULTS_MD))
 
 
 @pytest.mark.parametrize('name', BENCHMARKS)

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from dwm_stream.demo.corpus import (DEGRADED_DOMAINS, DOMAINS, REAL_DOMAINS, build_corpus, parse_size)
+from dwm_stream.demo.corpus import (ALT_DEGRADED_DOMAINS, DEGRADED_DOMAINS, DOMAINS, REAL_DOMAINS, build_corpus,
+                                    MAX_DOC_CHARS, degraded_domains, parse_size)
 from dwm_stream.convert.sources import read_jsonl_zst
 
 
@@ -98,3 +99,29 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match='--size'):
         parse_size(text)
+
+
+def test_alt_corruptions_replace_the_degraded_domains(tmp_path):
+    """``corruptions='alt'``: the same real domains, other degraded ones, and each corruption is what it says."""
+    info = build_corpus(str(tmp_path / 'alt'), size='300KB', seed=0, progress=False, corruptions='alt')
+    assert degraded_domains('alt') == ALT_DEGRADED_DOMAINS and degraded_domains() == DEGRADED_DOMAINS
+    docs = _docs(info.out_dir, 'train')
+    domains = {d.domain for d in docs}
+    assert set(ALT_DEGRADED_DOMAINS) <= domains and not domains & set(DEGRADED_DOMAINS)
+    assert len(domains & set(REAL_DOMAINS)) >= 3
+    flat = [d.text for d in docs if d.domain == 'DegradedFlattenedCode']
+    assert flat and all('\n' not in t and '  ' not in t for t in flat)
+    repeated = [d.text for d in docs if d.domain == 'DegradedRepeated']
+    assert repeated and all(len(set(t.split('\n\n'))) == 1 and t.count('\n\n') >= 2 for t in repeated)
+    with open(os.path.join(info.out_dir, 'dwm_corpus.json')) as f:
+        assert json.load(f)['corruptions'] == 'alt'
+    with pytest.raises(ValueError, match='corruptions'):
+        build_corpus(str(tmp_path / 'bad'), size='300KB', corruptions='other')
+
+
+def test_validation_size_and_the_default_summary(tmp_path):
+    info = build_corpus(str(tmp_path / 'v'), size='300KB', seed=0, progress=False, validation_size='200KB')
+    total = sum(len(d.text.encode()) for d in _docs(info.out_dir, 'validation'))
+    assert 200_000 <= total <= 200_000 + len(DOMAINS) * 2 * MAX_DOC_CHARS  # each domain stops after a document
+    with open(os.path.join(info.out_dir, 'dwm_corpus.json')) as f:
+        assert 'corruptions' not in json.load(f)  # the standard corpus's summary is unchanged
