@@ -149,8 +149,11 @@ class DWM(Algorithm):
             ``score0``, ``score1``...).
         domain_names (Sequence[str], optional): Names of the ids in ``batch['domain']``, for per-domain metrics.
             Default: ``None`` (the train dataset's ``domain_names`` if it has them, else the ids).
-        save_dir (str, optional): Where to write each stage's weighter and ``schedule.json`` (rank 0). Default:
-            ``None`` (no export).
+        save_dir (str, optional): Where to write each stage's weighter and ``schedule.json`` (rank 0). A
+            ``schedule.json`` already there from another run (another ``run_name``, or the same name with another
+            ``max_duration`` that this run does not resume) is refused at start-up. Default: ``None`` (no export).
+        save_overwrite (bool): Replace another run's schedule in ``save_dir`` (and delete the stage files it
+            lists) instead of refusing. Default: ``False``.
         schedule (str, optional): A saved ``schedule.json`` (or its directory) whose weighters are used stage by
             stage; with ``refit=False`` they are replayed frozen (transfer); with ``refit=True`` the first one
             initialises the weighter. Default: ``None``.
@@ -182,7 +185,9 @@ class DWM(Algorithm):
             ``KL(p || u)`` (not ``KL(u || p)``): it penalises large weights (runaway onto a few samples), and its
             minimiser is the Gibbs weighting ``w_i ∝ exp(-h_i / beta)`` (before the uniform mix). With
             ``normalize_hypergradient`` the ``h`` have RMS 1, so ``beta`` is a temperature in units of the
-            hypergradient's RMS. ``0`` is the paper's objective (linear in the weights). Default: ``0.0``.
+            hypergradient's RMS. ``0`` is the paper's objective (linear in the weights), which ran away on the quality
+            proxy (refit ESS share down to 0.26); ``3`` kept every refit batch's ESS share >= 0.94 over 5 seeds of the
+            development corpus (``benchmarks/RESULTS.md``). Default: ``3.0`` **[ours]**.
         refit_backbone_lr_scale (float): **[ours]** The weighter's backbone (the per-sample embedder) learns at
             ``refit_lr`` times this; the batch layers and the score head at ``refit_lr``. ``0`` freezes the
             backbone (random features); below 1 slows the collapse of the sample embeddings. Default: ``1.0``.
@@ -224,6 +229,7 @@ class DWM(Algorithm):
         score_names: Optional[Sequence[str]] = None,
         domain_names: Optional[Sequence[str]] = None,
         save_dir: Optional[str] = None,
+        save_overwrite: bool = False,
         schedule: Optional[str] = None,
         refit: bool = True,
         mode: str = 'weight',
@@ -234,7 +240,7 @@ class DWM(Algorithm):
         log_every: int = 1,
         single_loss_pass: bool = True,
         refit_checkpoint_weighter: bool = False,
-        refit_kl: float = 0.0,
+        refit_kl: float = 3.0,
         refit_backbone_lr_scale: float = 1.0,
         val_batches_per_step: int = 1,
         lookahead_steps: int = 1,
@@ -276,6 +282,7 @@ class DWM(Algorithm):
         self.score_names = list(score_names) if score_names is not None else None
         self.domain_names = list(domain_names) if domain_names is not None else None
         self.save_dir = save_dir
+        self.save_overwrite = bool(save_overwrite)
         self.schedule_path = schedule
         self.refit = refit
         self.mode = mode
@@ -350,16 +357,23 @@ class DWM(Algorithm):
         if self.weighter_config.vocab_size is None:
             vocab = getattr(getattr(lm, 'config', None), 'vocab_size', None)
             if vocab is None:
-                raise ValueError('DWM: set weighter.vocab_size; the model has no config.vocab_size to take it from')
+                raise ValueError('algorithms.dwm.weighter.vocab_size (DWM(weighter=...)): unset, and the model has no '
+                                 "config.vocab_size to take it from; set it to the tokenizer's vocabulary size")
             self.weighter_config.vocab_size = int(vocab)
         if self.schedule_path is not None:
-            self.replay = [w.to(self._device) for _, w in load_schedule(self.schedule_path)]
+            try:
+                stages = load_schedule(self.schedule_path)
+            except (OSError, ValueError) as e:
+                raise ValueError(f'algorithms.dwm.schedule (DWM(schedule=...)): {e}; give the schedule.json (or its '
+                                 'directory) that a DWM run with save_dir wrote') from e
+            self.replay = [w.to(self._device) for _, w in stages]
             self._set_weighter(copy.deepcopy(self.replay[0]))
         else:
             self._set_weighter(Weighter(self.weighter_config).to(self._device))
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
             self._pending_state = None
+        self._check_startup(state)
 
     def _set_weighter(self, weighter: Weighter) -> None:
         self.weighter = weighter.to(self._device).eval()
@@ -386,9 +400,167 @@ class DWM(Algorithm):
             self.domain_names = list(dataset.domain_names)
         if self.score_names is None and getattr(dataset, 'score_names', None):
             self.score_names = list(dataset.score_names)
+        self._claim_save_dir(state)
         if self.stage_index >= 0:  # resumed mid-run: the stage and the weighter come from the checkpoint
             return
         self._enter_stage(0, state, logger)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Start-up checks: everything the run needs is checked at INIT (the Trainer's construction), before any training
+    # step; the messages name the YAML key (and the constructor argument, for plain-Python use).
+    def _refits(self) -> bool:
+        """Whether the run refits the weighter at all (at stage 1 unless ``warmup_uniform``, and at every boundary)."""
+        return bool(self.refit) and (not self.warmup_uniform or len(self.boundaries) > 0)
+
+    def _check_startup(self, state: State) -> None:
+        """INIT: the refit and validation data yield a batch, a replayed schedule has this run's number of stages, and
+        ``save_dir`` holds no other run's schedule. Every rank learns every rank's verdict (no rank is left waiting in
+        a collective while another raises)."""
+        errors: list[str] = []
+        first_exception: Optional[BaseException] = None
+        if self._refits():
+            for cycler in (self.val_batches, self.refit_batches):
+                message, exc = self._check_loader(cycler)
+                if message:
+                    errors.append(message)
+                    first_exception = first_exception or exc
+        for message in (self._check_replay(), self._check_save_dir(state)):
+            if message:
+                errors.append(message)
+        owner = self._save_dir_owner
+        if dist.get_world_size() > 1:
+            verdicts = dist.all_gather_object((errors, owner))
+            errors = list(dict.fromkeys(m for rank_errors, _ in verdicts for m in rank_errors))
+            owner = next((o for _, o in verdicts if o), None)
+        self._save_dir_owner = owner
+        if errors:
+            raise ValueError('\n'.join(errors)) from first_exception
+
+    def _check_loader(self, cycler: _Cycler) -> tuple[Optional[str], Optional[BaseException]]:
+        """``(message, exception)`` if the loader of ``cycler`` is missing or yields no batch, else ``(None, None)``.
+
+        A loader with a ``peek()`` (``ValidationBatches``, dwm-stream's YAML loaders) or a list is probed for its first
+        batch without moving any iteration; any other iterable, or a factory, is only drawn from at the first refit.
+        """
+        key = {'val_dataloader': 'algorithms.dwm.validation (DWM(val_dataloader=...))',
+               'refit_dataloader': 'algorithms.dwm.refit_loader (DWM(refit_dataloader=...))'}[cycler.name]
+        source = cycler._source
+        if source is None:
+            if cycler.name == 'val_dataloader':
+                return (f'{key}: missing, and the weighter is refit against it; set `lambada: PATH` (a LAMBADA-format '
+                        'file) or `dataset: {...}` (held-out MDS), or algorithms.dwm.refit: false'), None
+            return (f'{key}: missing, and the weighter is refit on it; set `dataset: {{...}}` (the training corpus, '
+                    'its own shuffle_seed), or algorithms.dwm.refit: false'), None
+        try:
+            if hasattr(source, 'peek'):
+                batch = source.peek()
+            elif isinstance(source, (list, tuple)):
+                if not source:
+                    raise ValueError('the list is empty')
+                batch = source[0]
+            else:
+                return None, None
+        except StopIteration as e:
+            return f'{key}: yields no batch (it is empty); point it at data with at least one batch', e
+        except Exception as e:  # noqa: BLE001 - reported with the key; chained to the error raised
+            return f'{key}: yields no batch ({type(e).__name__}: {e}); fix the data it names', e
+        if not hasattr(batch, 'keys') or 'input_ids' not in batch:
+            kind = sorted(batch.keys()) if hasattr(batch, 'keys') else type(batch).__name__
+            return (f'{key}: its batches ({kind}) have no `input_ids`; give batches of token ids (with `labels`, -100 '
+                    'where no loss is taken)'), None
+        return None, None
+
+    def _check_replay(self) -> Optional[str]:
+        """A frozen replay (``refit=False``) uses stage ``k``'s weighter in stage ``k``: the counts must agree."""
+        if self.replay is None or self.refit:
+            return None
+        stages, saved = len(self.boundaries) + 1, len(self.replay)
+        if saved == stages:
+            return None
+        if self.stage_boundaries_spec is not None:
+            key, now = 'algorithms.dwm.stage_boundaries (DWM(stage_boundaries=...))', f'{stages - 1} boundaries'
+            fix = f'give {saved - 1} stage_boundaries'
+        else:
+            key, now, fix = 'algorithms.dwm.num_stages (DWM(num_stages=...))', f'{stages} stages', f'set num_stages: {saved}'
+        return (f'{key}: {now}, but the replayed schedule {self.schedule_path} (algorithms.dwm.schedule) holds {saved} '
+                f'stage{"s" if saved != 1 else ""}; {fix} to replay it stage by stage')
+
+    @staticmethod
+    def _run_record(state: State) -> dict[str, Any]:
+        """Who owns a ``save_dir``: the run's name and length (written into ``schedule.json``)."""
+        duration = state.max_duration
+        if duration is not None:
+            value = duration.value
+            value = int(value) if float(value).is_integer() else value
+            duration = f'{value}{duration.unit.value}'
+        return {'run_name': str(state.run_name), 'max_duration': duration}
+
+    def _check_save_dir(self, state: State) -> Optional[str]:
+        """``save_dir`` must not hold another run's ``schedule.json`` (it would be overwritten, its stage files left
+        unreferenced). The same run (same ``run_name`` and ``max_duration``: an autoresume, or a restart after a kill
+        before the first checkpoint) continues in it. A run of that name but another length may only continue it by
+        resuming a checkpoint: that is known after the checkpoint loads (and Composer sets ``max_duration`` after
+        INIT), so it is decided at FIT_START from the record this leaves in ``_save_dir_owner``."""
+        from algorithms.dwm import export  # local: this file's import block is shared
+
+        self._save_dir_owner: Optional[dict[str, Any]] = None
+        if self.save_dir is None or self.save_overwrite:
+            return None
+        key = 'algorithms.dwm.save_dir (DWM(save_dir=...))'
+        fix = 'set a new save_dir, or algorithms.dwm.save_overwrite: true to replace it'
+        path = export.schedule_file(self.save_dir)
+        if self.schedule_path is not None and export.schedule_file(self.schedule_path).resolve() == path.resolve():
+            return f'{key}: {self.save_dir} holds the schedule this run replays (algorithms.dwm.schedule); set another save_dir'
+        if not path.is_file():
+            return None
+        record, ours = export.read_schedule_run(self.save_dir), self._run_record(state)
+        if record is None or record.get('run_name') != ours['run_name']:
+            owner = f'run {record.get("run_name")!r}' if record else 'another run (no run recorded)'
+            return f'{key}: {path} belongs to {owner}, not to this run {ours["run_name"]!r}; {fix}'
+        self._save_dir_owner = record
+        return None
+
+    def _claim_save_dir(self, state: State) -> None:
+        """FIT_START: decide the case left open at INIT, and record this run as ``save_dir``'s owner (rank 0). A
+        fresh start removes the stage files that the schedule it replaces listed."""
+        from algorithms.dwm import export  # local: this file's import block is shared
+
+        owner, self._save_dir_owner = getattr(self, '_save_dir_owner', None), None
+        resumed, ours = self.stage_index >= 0, self._run_record(state)
+        theirs = (owner or {}).get('max_duration')
+        if not resumed and None not in (theirs, ours['max_duration']) and theirs != ours['max_duration']:
+            raise ValueError(f'algorithms.dwm.save_dir (DWM(save_dir=...)): {export.schedule_file(self.save_dir)} '
+                             f'belongs to a run {ours["run_name"]!r} of max_duration {theirs} (this one: '
+                             f'{ours["max_duration"]}) that this run does not resume; set a new save_dir, or '
+                             'algorithms.dwm.save_overwrite: true to replace it, or autoresume from its checkpoint')
+        if self.save_dir is None or dist.get_global_rank() != 0:
+            return
+        save_dir = Path(self.save_dir)
+        if not resumed and (save_dir / export.SCHEDULE_FILE).is_file():
+            try:
+                old = self._listed_stage_files(save_dir)
+            except Exception:  # noqa: BLE001 - an unreadable old schedule: nothing to clean up
+                old = []
+            for name in old:
+                (save_dir / name).unlink(missing_ok=True)
+        export.write_schedule(save_dir, self.exports, run=ours)
+
+    @staticmethod
+    def _listed_stage_files(save_dir: Path) -> list[str]:
+        """The stage files (weights and configs) that ``save_dir/schedule.json`` lists, as plain file names."""
+        import json
+
+        from algorithms.dwm import export
+
+        with open(save_dir / export.SCHEDULE_FILE, encoding='utf-8') as f:
+            doc = json.load(f)
+        names = []
+        for entry in doc.get('stages') or []:
+            for field in ('weights', 'config'):
+                name = entry.get(field) if isinstance(entry, dict) else None
+                if isinstance(name, str) and Path(name).name == name:  # never a path outside save_dir
+                    names.append(name)
+        return names
 
     # ------------------------------------------------------------------------------------------------------------
     def _global_weights(self, batch: dict[str, Any], grad: bool = False) -> tuple[torch.Tensor, int, torch.Tensor]:

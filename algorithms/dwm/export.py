@@ -7,12 +7,16 @@ Layout of a ``save_dir``::
       stage_0.json          {"weighter_config": {...}, "stage": 0, "start": "0ba"}
       ...
       schedule.json         {"format": "dwm-schedule", "version": 1,
+                             "run": {"run_name": "...", "max_duration": "..."},
                              "stages": [{"stage": 0, "start": "0ba", "weights": "stage_0.safetensors",
                                          "config": "stage_0.json"}, ...]}
 
 ``start`` is the Composer time at which the stage began in the run that wrote it. A replay (``DWM(schedule=...,
 refit=False)``) switches to stage ``k``'s weighter at its own ``k``-th boundary, so a schedule transfers to a run
 of another length.
+
+``run`` names the run that owns the directory. ``DWM`` writes it when training starts and refuses, at start-up, a
+``save_dir`` whose ``schedule.json`` belongs to another run (see :func:`read_schedule_run`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from safetensors.torch import load_model, save_model
 
 from algorithms.dwm.weighter import Weighter, WeighterConfig
 
-__all__ = ['SCHEDULE_FILE', 'save_weighter', 'load_weighter', 'write_schedule', 'load_schedule']
+__all__ = ['SCHEDULE_FILE', 'save_weighter', 'load_weighter', 'write_schedule', 'load_schedule', 'read_schedule_run',
+           'schedule_file']
 
 SCHEDULE_FILE = 'schedule.json'
 
@@ -89,14 +94,50 @@ def _read_json(path: Path, what: str) -> Any:
                          f'are JSON + safetensors only, never pickle.') from e
 
 
-def write_schedule(save_dir: str | os.PathLike, stages: list[dict[str, Any]]) -> Path:
-    """Write ``schedule.json`` listing the saved stages (each ``{"stage", "start", "weights", "config"}``)."""
+def schedule_file(path: str | os.PathLike) -> Path:
+    """``schedule.json`` itself, for a path that is the file or its directory."""
+    path = Path(path)
+    return path if path.suffix == '.json' else path / SCHEDULE_FILE
+
+
+def write_schedule(save_dir: str | os.PathLike, stages: list[dict[str, Any]],
+                   run: dict[str, Any] | None = None) -> Path:
+    """Write ``schedule.json`` listing the saved stages (each ``{"stage", "start", "weights", "config"}``).
+
+    Args:
+        save_dir (str | os.PathLike): The directory.
+        stages (list[dict]): The stage entries.
+        run (dict, optional): The run that owns the directory (``{"run_name", "max_duration"}``). Default: ``None``
+            (keep the record already in the file, if any).
+    """
     path = Path(save_dir) / SCHEDULE_FILE
+    if run is None:
+        run = read_schedule_run(save_dir)
+    doc: dict[str, Any] = {'format': 'dwm-schedule', 'version': 1}
+    if run is not None:
+        doc['run'] = run
+    doc['stages'] = stages
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix('.json.tmp')
     with open(tmp, 'w') as f:
-        json.dump({'format': 'dwm-schedule', 'version': 1, 'stages': stages}, f, indent=2)
+        json.dump(doc, f, indent=2)
     os.replace(tmp, path)
     return path
+
+
+def read_schedule_run(save_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``run`` record of ``save_dir/schedule.json``: ``None`` if there is no file or it has no record (written by
+    another tool or an older version); an unreadable file counts as a record-less one."""
+    path = Path(save_dir) / SCHEDULE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    run = doc.get('run') if isinstance(doc, dict) else None
+    return dict(run) if isinstance(run, dict) else None
 
 
 def load_schedule(path: str | os.PathLike) -> list[tuple[dict[str, Any], Weighter]]:
@@ -114,8 +155,11 @@ def load_schedule(path: str | os.PathLike) -> list[tuple[dict[str, Any], Weighte
     if not path.is_file():
         raise FileNotFoundError(f'DWM schedule {path} not found')
     doc = _read_json(path, 'DWM schedule')
-    if doc.get('format') != 'dwm-schedule' or not isinstance(doc.get('stages'), list) or not doc['stages']:
-        raise ValueError(f'{path}: not a DWM schedule (expected format "dwm-schedule" with a non-empty "stages")')
+    if not isinstance(doc, dict) or doc.get('format') != 'dwm-schedule' or not isinstance(doc.get('stages'), list):
+        raise ValueError(f'{path}: not a DWM schedule (expected format "dwm-schedule" with a list of "stages")')
+    if not doc['stages']:
+        raise ValueError(f'{path}: holds no stage yet (the run writing it has not finished its first stage); '
+                         'replay a finished run\'s schedule')
     out = []
     for entry in sorted(doc['stages'], key=lambda e: e['stage']):
         out.append((entry, load_weighter(path.parent / entry['weights'], path.parent / entry['config'])))

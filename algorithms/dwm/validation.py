@@ -28,9 +28,13 @@ def read_lambada_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
         list[dict[str, str]]: ``{"context", "continuation"}`` records, blank lines skipped.
 
     Raises:
+        FileNotFoundError: The file does not exist.
         ValueError: On a line that is not a JSON object with string ``context`` and non-empty ``continuation``
             (the message names the file and line), or on a file without records.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'LAMBADA-format file {path} does not exist' +
+                                (' (it is a directory)' if os.path.isdir(path) else ''))
     records = []
     with open(path, encoding='utf-8') as f:
         for lineno, line in enumerate(f, start=1):
@@ -135,6 +139,10 @@ class ValidationBatches:
         if self._batches is None:
             self._batches = build_validation_batches(self.path, self.tokenizer, self.batch_size, self.max_length)
         return iter(self._batches)
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The first batch, without moving any iteration (``DWM`` checks its data with it at start-up)."""
+        return next(iter(self))
 
     def __len__(self) -> int:
         return len(list(iter(self)))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -136,22 +136,24 @@ def train_tokenizer(corpus_dir: str,
     return out_dir
 
 
-def load_tokenizer(name_or_path: str, revision: Optional[str] = None):
+def load_tokenizer(name_or_path: str, revision: Optional[str] = None, **kwargs: Any):
     """An HF tokenizer from a local directory (never touching the network) or a hub name.
 
     Args:
         name_or_path (str): Local tokenizer directory, or an HF hub name (then the usual HF cache
             and ``HF_HUB_OFFLINE`` rules apply).
         revision (str | None): Hub revision. Default: ``None``.
+        **kwargs: Passed to ``AutoTokenizer.from_pretrained`` (``model_max_length``, ``padding_side``...: LLM
+            Foundry's ``tokenizer.kwargs``).
     """
     from transformers import AutoTokenizer  # lazy: seconds to import, see train_tokenizer
     if os.path.isdir(name_or_path):
-        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, **kwargs)
     if os.path.exists(name_or_path) or name_or_path.startswith(('.', '/', '~')):
         raise FileNotFoundError(f'tokenizer {name_or_path!r}: not a tokenizer directory; train one '
                                 'with `dwm-stream tokenizer train --corpus DIR --out DIR`.')
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f'tokenizer {name_or_path!r}: not a local directory, and the hub '
                                 f'could not provide it ({e}). Give a local path, or pre-download '

@@ -5,11 +5,17 @@ The YAML layout is LLM Foundry's (``model``, ``tokenizer``, ``train_loader``, ``
 assembles the pieces into a Composer ``Trainer``, and ``dwm_stream.train.foundry`` exposes the same
 dataloader and algorithm to LLM Foundry's registries. Each builder first checks its section against the
 schema in :mod:`dwm_stream.train.config`, so an error names the YAML key however the builder is reached.
+
+A name that is not dwm-stream's own (an algorithm, callback or logger other than ours, an ``mpt_causal_lm``
+model, a ``text`` loader, a Lion optimizer...) is built from LLM Foundry's registry name
+(:func:`dwm_stream.train.config.component`), as ``llmfoundry train`` builds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import os
 from typing import Any, Iterator, Mapping, Optional
 
@@ -32,7 +38,8 @@ from dwm_stream.train.callbacks import TrainedSamples
 from dwm_stream.train.loggers import MetricsJSONLLogger
 
 __all__ = ['build_tokenizer', 'build_model', 'build_optimizer', 'build_scheduler', 'build_callbacks',
-           'build_loggers', 'build_train_dataloader', 'build_eval_dataloader', 'ConfiguredDWM', 'WidenedLoader']
+           'build_loggers', 'build_algorithm', 'build_train_dataloader', 'build_eval_dataloader', 'ConfiguredDWM',
+           'WidenedLoader']
 
 OPTIMIZERS = {'decoupled_adamw': DecoupledAdamW, 'adamw': torch.optim.AdamW}
 # scheduler.name -> Composer class; config.SCHEDULER_CONFIGS holds each one's schema (same names).
@@ -54,9 +61,13 @@ def _settings(section: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- model
 def build_tokenizer(cfg: Mapping[str, Any]):
-    """``tokenizer: {name: PATH_OR_HF_NAME, kwargs: {...}}``."""
+    """``tokenizer: {name: PATH_OR_HF_NAME, kwargs: {...}}``: ``kwargs`` go to ``AutoTokenizer.from_pretrained``
+    (``model_max_length``, ``padding_side``...), as LLM Foundry passes them."""
     settings = config.check(config.TokenizerConfig, cfg, 'tokenizer')
-    tokenizer = load_tokenizer(settings.name, **settings.kwargs)
+    try:
+        tokenizer = load_tokenizer(settings.name, **settings.kwargs)
+    except TypeError as e:
+        raise ValueError(f'tokenizer.kwargs: {e}; give AutoTokenizer.from_pretrained keyword arguments') from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -80,9 +91,12 @@ def build_model(cfg: Mapping[str, Any], tokenizer):
     ``model: {name: llama, config_overrides: {hidden_size: ..., ...}}`` builds a fresh
     ``LlamaForCausalLM`` (vocab size from the tokenizer); ``name: hf_causal_lm`` with
     ``pretrained_model_name_or_path: LOCAL_DIR`` loads one (``pretrained: true`` for its weights).
-    ``init_device: meta`` builds without allocating (used to check big YAMLs).
+    ``init_device: meta`` builds without allocating (used to check big YAMLs). Any other ``name`` is an LLM Foundry
+    model (``mpt_causal_lm``...), built by Foundry's ``build_composer_model`` with Foundry's keys.
     """
-    settings = config.check(config.ModelConfig, cfg, 'model')
+    settings = config.check_model(cfg, 'model')
+    if settings is None:
+        return _build_foundry_model(cfg, tokenizer)
     overrides = dict(settings.config_overrides)
     if settings.name == 'llama':
         config.check(_llama_overrides_schema(), overrides, 'model.config_overrides')
@@ -100,27 +114,47 @@ def build_model(cfg: Mapping[str, Any], tokenizer):
     elif settings.name == 'hf_causal_lm':
         path = settings.pretrained_model_name_or_path
         if not path:
-            raise ValueError('model.pretrained_model_name_or_path is required for name: hf_causal_lm.')
-        model_config = AutoConfig.from_pretrained(path, **overrides)
-        model_config._attn_implementation = settings.attn_implementation
+            raise ValueError('model.pretrained_model_name_or_path: required for name: hf_causal_lm; give a local '
+                             'model directory or an HF model name.')
+        hub = {'trust_remote_code': settings.trust_remote_code}
+        if settings.use_auth_token:
+            hub['token'] = True
+        model_config = AutoConfig.from_pretrained(path, **hub, **overrides)
+        model_config._attn_implementation = ('flash_attention_2' if settings.use_flash_attention_2
+                                             else settings.attn_implementation)
         if settings.pretrained and settings.init_device != 'meta':
-            model = AutoModelForCausalLM.from_pretrained(path, config=model_config)
+            model = AutoModelForCausalLM.from_pretrained(path, config=model_config, **hub)
         else:
             with torch.device(settings.init_device):
                 model = AutoModelForCausalLM.from_config(model_config)
-    else:
-        raise ValueError(f"model.name: {settings.name!r} is not supported; use 'llama' or 'hf_causal_lm'.")
+    else:  # pragma: no cover - config.check_model allows only these names here
+        raise AssertionError(settings.name)
     return HuggingFaceModel(model, tokenizer=tokenizer, use_logits=True, shift_labels=True,
                             metrics=[LanguageCrossEntropy(), LanguagePerplexity()],
                             eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()])
 
 
+def _build_foundry_model(cfg: Mapping[str, Any], tokenizer):
+    """An LLM Foundry model by its registry name, as ``llmfoundry train`` builds one on a single process."""
+    # only with LLM Foundry installed (config.check_model)
+    from llmfoundry.utils import builders as foundry
+
+    model_cfg = dict(cfg)
+    name = model_cfg.pop('name')
+    return foundry.build_composer_model(name=name, cfg=model_cfg, tokenizer=tokenizer, init_context=contextlib.nullcontext(),
+                                master_weights_dtype=model_cfg.pop('master_weights_dtype', None))
+
+
 # ---------------------------------------------------------------------------------------------- optim
 def build_optimizer(cfg: Optional[Mapping[str, Any]], model: torch.nn.Module):
-    """``optimizer: {name: decoupled_adamw | adamw, lr, betas, eps, weight_decay}`` (unset: the optimizer's default)."""
-    settings = config.check(config.OptimizerConfig, cfg, 'optimizer')
-    if settings.name not in OPTIMIZERS:
-        raise ValueError(f'optimizer.name: {settings.name!r} is not supported; use one of {sorted(OPTIMIZERS)}.')
+    """``optimizer: {name: decoupled_adamw | adamw, lr, betas, eps, weight_decay}`` (unset: the optimizer's default);
+    another name is a registry optimizer (LLM Foundry's ``decoupled_lionw``...) with its own keyword arguments."""
+    settings = config.check_optimizer(cfg or {'name': 'decoupled_adamw'}, 'optimizer')
+    if isinstance(settings, dict):
+        kwargs = dict(settings)
+        if isinstance(kwargs.get('betas'), list):
+            kwargs['betas'] = tuple(kwargs['betas'])
+        return config.component('optimizers', cfg['name'])(model.parameters(), **kwargs)
     kwargs = {k: v for k, v in _settings(settings).items() if k != 'name' and v is not None}
     if 'betas' in kwargs:
         if len(kwargs['betas']) != 2:
@@ -130,10 +164,13 @@ def build_optimizer(cfg: Optional[Mapping[str, Any]], model: torch.nn.Module):
 
 
 def build_scheduler(cfg: Optional[Mapping[str, Any]]):
-    """``scheduler: {name: cosine_with_warmup | linear_decay_with_warmup | constant_with_warmup, t_warmup, ...}``."""
+    """``scheduler: {name: cosine_with_warmup | linear_decay_with_warmup | constant_with_warmup, t_warmup, ...}``;
+    another name is a registry scheduler (LLM Foundry's ``inv_sqrt_with_warmup``...)."""
     settings = config.check_scheduler(cfg)
     if settings is None:
         return None
+    if isinstance(settings, dict):
+        return config.component('schedulers', cfg['name'])(**settings)
     kwargs = _settings(settings)
     for key, value in kwargs.items():
         if key.startswith('t_'):
@@ -150,12 +187,16 @@ def build_callbacks(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str] = N
     trained_samples: {filename, fsync}}``.
 
     ``trained_samples`` (ours, :mod:`dwm_stream.train.callbacks`) records the uids of every trained batch, by
-    default to ``<run_dir>/trained_samples-rank{rank}.jsonl``.
+    default to ``<run_dir>/trained_samples-rank{rank}.jsonl``. Any other name is a callback LLM Foundry registers
+    (``optimizer_monitor``, ``early_stopper``, ``hf_checkpointer``...) with its own keyword arguments.
     """
-    settings = config.check(config.CallbacksConfig, cfg, 'callbacks')
+    settings = config.check_components('callbacks', cfg, 'callbacks', config.CallbacksConfig)
     callbacks = []
-    for name in cfg or {}:  # the order of the YAML; `name: null` enables it with its defaults
-        kwargs = _settings(getattr(settings, name))
+    for name, typed in settings.items():  # the order of the YAML; `name: null` enables it with its defaults
+        if name not in CALLBACKS:
+            callbacks.append(config.component('callbacks', name)(**typed))
+            continue
+        kwargs = _settings(typed)
         if name == 'trained_samples':
             kwargs['run_dir'] = run_dir
         callbacks.append(CALLBACKS[name](**kwargs))
@@ -166,37 +207,52 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str]) -> l
     """``loggers: {metrics_jsonl: {filename}, file: {filename, ...}, tensorboard: {log_dir, ...}}``.
 
     ``metrics_jsonl`` (ours) writes every logged metric with its batch index, which
-    ``dwm-stream report`` and the demo read.
+    ``dwm-stream report`` and the demo read. Any other name is a logger LLM Foundry registers (``wandb``, ``mlflow``,
+    ``inmemory``...) with its own keyword arguments.
     """
-    settings = config.check(config.LoggersConfig, cfg, 'loggers')
+    settings = config.check_components('loggers', cfg, 'loggers', config.LoggersConfig)
     loggers = []
-    for name in cfg or {}:
-        kwargs = _settings(getattr(settings, name))
+    for name, typed in settings.items():
+        if name not in LOGGERS:
+            loggers.append(config.component('loggers', name)(**typed))
+            continue
+        kwargs = _settings(typed)
         if name == 'metrics_jsonl':
             kwargs['filename'] = kwargs.get('filename') or os.path.join(run_dir or '.', 'metrics.jsonl')
         loggers.append(LOGGERS[name](**kwargs))
     return loggers
 
 
+def build_algorithm(name: str, settings: Any, where: str):
+    """A registry algorithm (``gradient_clipping``, ``alibi``...; ``dwm`` is :class:`ConfiguredDWM`)."""
+    return config.component('algorithms', name)(**config.check_component('algorithms', name, settings, where))
+
+
 # ---------------------------------------------------------------------------------------------- data
-def _build_loader(schema: type, cfg: Mapping[str, Any], device_batch_size: int, where: str) -> DataSpec:
-    settings = config.check(schema, cfg, where)
-    if settings.name != 'dwm':
-        raise ValueError(f"{where}.name: {settings.name!r}; dwm-stream builds `name: dwm` loaders.")
+def _build_loader(schema: type, cfg: Mapping[str, Any], device_batch_size: int, where: str,
+                  tokenizer: Any = None) -> DataSpec:
+    settings = config.check_loader(cfg, where, schema)
+    if settings is None:  # an LLM Foundry loader (`text`, `finetuning`...), built as llmfoundry train builds it
+        from llmfoundry.data import dataloader as foundry
+
+        return foundry.build_dataloader(dict(cfg), tokenizer, device_batch_size)
     return build_dataloader(cfg['dataset'], device_batch_size, num_workers=settings.num_workers,
                             drop_last=settings.drop_last, prefetch_factor=settings.prefetch_factor,
                             persistent_workers=settings.persistent_workers, pin_memory=settings.pin_memory,
                             timeout=settings.timeout, where=f'{where}.dataset')
 
 
-def build_train_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'train_loader') -> DataSpec:
-    """``train_loader: {name: dwm, dataset: {...}, num_workers, drop_last, ...}`` -> ``DataSpec``."""
-    return _build_loader(config.LoaderConfig, cfg, device_batch_size, where)
+def build_train_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'train_loader',
+                           tokenizer: Any = None) -> DataSpec:
+    """``train_loader: {name: dwm, dataset: {...}, num_workers, drop_last, ...}`` -> ``DataSpec``; another ``name`` is
+    an LLM Foundry loader (``text``...), which takes the ``tokenizer``."""
+    return _build_loader(config.LoaderConfig, cfg, device_batch_size, where, tokenizer)
 
 
-def build_eval_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'eval_loader') -> DataSpec:
+def build_eval_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'eval_loader',
+                          tokenizer: Any = None) -> DataSpec:
     """``eval_loader``: as ``train_loader``, but ``drop_last`` defaults to ``false``."""
-    return _build_loader(config.EvalLoaderConfig, cfg, device_batch_size, where)
+    return _build_loader(config.EvalLoaderConfig, cfg, device_batch_size, where, tokenizer)
 
 
 class WidenedLoader:
@@ -209,13 +265,31 @@ class WidenedLoader:
         config.check(config.DatasetConfig, dataset_cfg, where)
         self.dataset_cfg, self.batch_size, self.where = dict(dataset_cfg), batch_size, where
         self._loader = None
+        self._peeked: Optional[tuple[Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _build(self) -> DataLoader:
         if self._loader is None:
             dataset = build_dataset(self.dataset_cfg, self.batch_size, where=self.where)
             self._loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_samples,
                                       drop_last=True)
-        return (widen_batch(batch) for batch in self._loader)
+        return self._loader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._peeked is not None:  # continue the iteration peek() started: the same sequence as without it
+            (iterator, first), self._peeked = self._peeked, None
+            return itertools.chain([first], (widen_batch(batch) for batch in iterator))
+        return (widen_batch(batch) for batch in self._build())
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The first batch; the next ``iter()`` starts with it (``DWM`` checks its data with it at start-up).
+
+        Raises:
+            StopIteration: The dataset yields no full batch.
+        """
+        if self._peeked is None:
+            iterator = iter(self._build())
+            self._peeked = (iterator, widen_batch(next(iterator)))
+        return self._peeked[1]
 
 
 # ---------------------------------------------------------------------------------------------- DWM
@@ -237,7 +311,15 @@ class ConfiguredDWM(DWM):
             ``dwm-stream train``; under LLM Foundry give ``refit_loader.dataset`` in full).
         tokenizer (Any, optional): The LLM's tokenizer (filled in by ``dwm-stream train``).
         device_batch_size (int, optional): Default batch size of the refit/validation loaders.
+        save_overwrite (bool): ``save_dir`` may hold another run's schedule, which this run then replaces (its stage
+            files removed). Default: ``False`` (refused at start-up, naming ``algorithms.dwm.save_dir``).
         **kwargs: Any other ``DWM`` argument.
+
+    Raises:
+        ConfigError: At construction (config load, under ``dwm-stream train`` and ``llmfoundry train`` alike), for a
+            wrong key or type, and for a run that refits without ``validation`` (or, under LLM Foundry, without
+            ``refit_loader.dataset`` or ``validation.tokenizer``) or whose ``validation.lambada`` file does not exist.
+            The data itself is checked at Composer's ``INIT`` (:class:`~algorithms.dwm.DWM`).
     """
 
     def __init__(self,
@@ -246,20 +328,28 @@ class ConfiguredDWM(DWM):
                  train_dataset: Optional[Mapping[str, Any]] = None,
                  tokenizer: Any = None,
                  device_batch_size: Optional[int] = None,
+                 save_overwrite: bool = False,
                  **kwargs: Any) -> None:
-        settings = config.check(config.DWMConfig, {**kwargs, 'refit_loader': refit_loader, 'validation': validation},
-                                'algorithms.dwm')
+        settings = config.check(config.DWMConfig, {**kwargs, 'refit_loader': refit_loader, 'validation': validation,
+                                                   'save_overwrite': save_overwrite}, 'algorithms.dwm')
         dwm_kwargs = {key: getattr(settings, key) for key in kwargs}  # as typed by the schema; DWM's defaults
         refit_cfg = dict(refit_loader or {})
         val_cfg = dict(validation or {})
         batch_size = refit_cfg.get('batch_size') or device_batch_size or 8
+        stages = len(settings.stage_boundaries) + 1 if settings.stage_boundaries is not None else settings.num_stages
+        refits = settings.refit and (not settings.warmup_uniform or stages > 1)
+        if refits and not val_cfg:
+            raise config.ConfigError('algorithms.dwm.validation: missing, and the weighter is refit against it; set '
+                                     '`lambada: PATH` (a LAMBADA-format file) or `dataset: {...}` (held-out MDS), or '
+                                     'algorithms.dwm.refit: false.')
         refit = None
         if settings.refit:
             refit_dataset = dict(refit_cfg.get('dataset') or {})
             dataset_cfg = {**(train_dataset or {}), **refit_dataset}
             if not dataset_cfg:
-                raise ValueError('algorithms.dwm.refit_loader.dataset is required (the training corpus, '
-                                 'with its own shuffle_seed).')
+                raise config.ConfigError('algorithms.dwm.refit_loader.dataset: missing (under llmfoundry train the '
+                                         'algorithm sees only its own keys); give the training corpus (remote/local, '
+                                         'its own shuffle_seed), or algorithms.dwm.refit: false.')
             if 'shuffle_seed' not in refit_dataset:
                 dataset_cfg['shuffle_seed'] = int(dataset_cfg.get('shuffle_seed', 9176)) + 1
             if dataset_cfg.get('remote') and 'local' in dataset_cfg and not refit_dataset.get('local'):
@@ -270,13 +360,20 @@ class ConfiguredDWM(DWM):
         if val_cfg:
             val_batch = val_cfg.get('batch_size') or batch_size
             if val_cfg.get('lambada'):
+                if not os.path.isfile(val_cfg['lambada']):
+                    raise config.ConfigError(f'algorithms.dwm.validation.lambada: {val_cfg["lambada"]} does not exist; '
+                                             'give a LAMBADA-format file (one {"context", "continuation"} per line).')
+                if not val_cfg.get('tokenizer') and tokenizer is None:
+                    raise config.ConfigError('algorithms.dwm.validation.tokenizer: missing (under llmfoundry train the '
+                                             "algorithm does not see the model's); give the tokenizer's name or "
+                                             'directory.')
                 tok = load_tokenizer(val_cfg['tokenizer']) if val_cfg.get('tokenizer') else tokenizer
-                if tok is None:
-                    raise ValueError('algorithms.dwm.validation.tokenizer is required (the LLM tokenizer).')
                 val = ValidationBatches(val_cfg['lambada'], tok, batch_size=val_batch,
                                         max_length=val_cfg.get('max_length'))
             elif val_cfg.get('dataset'):
                 val = WidenedLoader(val_cfg['dataset'], val_batch, 'algorithms.dwm.validation.dataset')
             else:
-                raise ValueError('algorithms.dwm.validation needs `lambada: PATH` or `dataset: {...}`.')
-        super().__init__(refit_dataloader=refit, val_dataloader=val, **dwm_kwargs)
+                raise config.ConfigError('algorithms.dwm.validation: needs `lambada: PATH` or `dataset: {...}`; set '
+                                         'one.')
+        super().__init__(refit_dataloader=refit, val_dataloader=val, save_overwrite=settings.save_overwrite,
+                         **dwm_kwargs)

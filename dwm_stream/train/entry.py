@@ -2,10 +2,11 @@
 
 Data-parallel: ``composer -n N -m dwm_stream.train CONFIG.yaml [key=value ...]``.
 
-The config is loaded with omegaconf (as LLM Foundry does), so ``${oc.env:VAR,default}``
-interpolations work and ``key.sub=value`` overrides apply, and then checked against the schema in
-:mod:`dwm_stream.train.config`: an unknown key or a wrong type fails naming the key (and the valid
-keys) before anything is built. See the README's YAML reference.
+The config is loaded with omegaconf (as LLM Foundry does), so ``${variables.x}`` and
+``${oc.env:VAR,default}`` interpolations work and ``key.sub=value`` overrides apply, and then checked
+against the schema in :mod:`dwm_stream.train.config`: an unknown key or a wrong type fails naming the
+key (and the valid keys) before anything is built, and an LLM Foundry key that only ``llmfoundry
+train`` runs fails saying so. See the README's YAML reference.
 
 Console output: on a terminal, Composer's progress bar; anywhere else (a pipe, a file, CI), one
 short line every ``console_log_interval`` (default ``10ba``) instead of the bar's redraws, unless
@@ -31,11 +32,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dwm_stream.progress import is_terminal
-from dwm_stream.train import builders
+from dwm_stream.train import builders, config
 from dwm_stream.train.checkpoint_safety import install as load_checkpoints_weights_only
 from dwm_stream.train.config import ConfigError, TrainConfig, check_train_config
 
-__all__ = ['load_config', 'build_trainer', 'main', 'ConsoleLineLogger']
+__all__ = ['load_config', 'build_trainer', 'fit', 'main', 'ConsoleLineLogger']
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -116,8 +117,52 @@ def _console_output(train: TrainConfig) -> tuple[bool, bool, list]:
     return progress_bar, log_to_console, []
 
 
+def _foundry_settings(train: TrainConfig, world_size: int, config_path: str) -> None:
+    """The LLM Foundry keys that act before anything is built: the ignored ones warn (FSDP/TP on one process, as
+    ``llmfoundry train`` reverts to DDP there; several processes refuse them), the CUDA allocator ones set the
+    environment as Foundry does."""
+    for key in ('fsdp_config', 'tp_config'):
+        if getattr(train, key) is not None:
+            if world_size > 1:
+                raise ConfigError(f'{config_path}: ' + config.refused(key, 'FSDP / tensor parallelism; dwm-stream train '
+                                                                    'trains with DDP, and DWM needs the full model '
+                                                                    'on every rank'))
+            warnings.warn(f'{key}: ignored ({config.FOUNDRY_IGNORED[key]}).')
+    for key in ('device_train_batch_size', 'n_gpus', 'device_train_grad_accum'):
+        if getattr(train, key) is not None:
+            warnings.warn(f'{key}: ignored ({config.FOUNDRY_IGNORED[key]}).')
+    alloc = [] if train.max_split_size_mb is None else [f'max_split_size_mb:{train.max_split_size_mb}']
+    if train.expandable_segments is not None:
+        alloc.append(f'expandable_segments:{train.expandable_segments}')
+    if alloc:
+        os.environ['PYTORCH_CUDA_ALLOC_CONF'] = ','.join(alloc)
+    if train.cuda_load_lazy:
+        os.environ['CUDA_MODULE_LOADING'] = 'LAZY'
+
+
+def _model_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``init_device: meta`` needs FSDP to materialise the model; dwm-stream train builds it on the CPU instead, as
+    ``llmfoundry train`` does without FSDP."""
+    model_cfg = dict(cfg)
+    if model_cfg.get('init_device') in ('meta', 'mixed'):
+        warnings.warn(f"model.init_device: {model_cfg['init_device']!r} is for FSDP; building the model on 'cpu', "
+                      'as llmfoundry train does without FSDP.')
+        model_cfg['init_device'] = 'cpu'
+    return model_cfg
+
+
+def _eval_metric_names(model: Any) -> list[str]:
+    """The model's eval metrics but the in-context-learning ones (they need ICL batches), as LLM Foundry picks them."""
+    return [name for name, metric in model.get_metrics(is_train=False).items()
+            if not any(cls.__name__ == 'InContextLearningMetric' for cls in type(metric).__mro__)]
+
+
 def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
-    """Build a Composer ``Trainer`` (not yet fit) from a loaded config."""
+    """Build a Composer ``Trainer`` (not yet fit) from a loaded config.
+
+    Everything the run needs is checked here, before any training step: the config (schema), each section as it is
+    built, and DWM's data, schedule and ``save_dir`` at Composer's ``INIT`` (in the ``Trainer``'s construction).
+    """
     train = _check(cfg, config_path)
     load_checkpoints_weights_only()  # Composer 0.32 unpickles checkpoints fully; see checkpoint_safety
 
@@ -126,6 +171,7 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
     if not dist.is_initialized() and int(os.environ.get('WORLD_SIZE', '1')) > 1:
         dist.initialize_dist(DeviceGPU() if device == 'gpu' else DeviceCPU(), train.dist_timeout)
     world_size = dist.get_world_size()
+    _foundry_settings(train, world_size, config_path)
     global_batch = train.global_train_batch_size
     if global_batch % world_size:
         raise ValueError(f'{config_path}: global_train_batch_size={global_batch} is not divisible by the '
@@ -135,26 +181,33 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
     run_dir = save_folder if save_folder and '://' not in save_folder else os.path.join('runs', train.run_name)
 
     tokenizer = builders.build_tokenizer(cfg['tokenizer'])
-    model = builders.build_model(cfg['model'], tokenizer)
-    train_spec = builders.build_train_dataloader(cfg['train_loader'], device_batch)
+    model = builders.build_model(_model_config(cfg['model']), tokenizer)
+    train_spec = builders.build_train_dataloader(cfg['train_loader'], device_batch, tokenizer=tokenizer)
     eval_spec = None
     if cfg.get('eval_loader'):
         eval_spec = Evaluator(label='eval',
                               dataloader=builders.build_eval_dataloader(
-                                  cfg['eval_loader'], train.device_eval_batch_size or device_batch),
-                              metric_names=['LanguageCrossEntropy', 'LanguagePerplexity'])
+                                  cfg['eval_loader'], train.device_eval_batch_size or device_batch,
+                                  tokenizer=tokenizer),
+                              metric_names=_eval_metric_names(model))
 
     algorithms = []
-    for kwargs in (cfg.get('algorithms') or {}).values():  # only `dwm` (the schema); `dwm: null`: its defaults
+    for name, kwargs in (cfg.get('algorithms') or {}).items():  # `name: null`: its defaults
+        if name != 'dwm':
+            algorithms.append(builders.build_algorithm(name, kwargs, f'algorithms.{name}'))
+            continue
         kwargs = dict(kwargs or {})
         if kwargs.get('save_dir') is None and run_dir:
             kwargs['save_dir'] = os.path.join(run_dir, 'dwm_schedule')
+        kwargs.setdefault('save_overwrite', train.save_overwrite)
         algorithms.append(builders.ConfiguredDWM(train_dataset=cfg['train_loader'].get('dataset'),
                                                  tokenizer=tokenizer, device_batch_size=device_batch, **kwargs))
 
     optimizer = builders.build_optimizer(cfg.get('optimizer') or {'name': 'decoupled_adamw', 'lr': 1e-3}, model)
     loggers = builders.build_loggers(cfg.get('loggers'), run_dir)
     progress_bar, log_to_console, console_loggers = _console_output(train)
+    optional = {key: getattr(train, key) for key in ('save_filename', 'save_latest_filename', 'compile_config')
+                if getattr(train, key) is not None}
     with warnings.catch_warnings():
         # Composer warns when a ConsoleLogger comes in `loggers`; ConsoleLineLogger is meant to.
         warnings.filterwarnings('ignore', message='Specifying the ConsoleLogger via `loggers`')
@@ -162,6 +215,8 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
             run_name=train.run_name,
             model=model,
             train_dataloader=train_spec,
+            train_subset_num_batches=train.train_subset_num_batches,
+            spin_dataloaders=train.spin_dataloaders,
             eval_dataloader=eval_spec,
             eval_interval=train.eval_interval,
             eval_subset_num_batches=train.eval_subset_num_batches,
@@ -180,15 +235,33 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
             save_interval=train.save_interval,
             save_num_checkpoints_to_keep=train.save_num_checkpoints_to_keep,
             save_overwrite=train.save_overwrite,
+            save_weights_only=train.save_weights_only,
+            save_ignore_keys=train.save_ignore_keys,
             autoresume=train.autoresume,
             load_path=train.load_path,
+            load_weights_only=train.load_weights_only,
+            load_strict_model_weights=train.load_strict_model_weights,
+            load_ignore_keys=train.load_ignore_keys,
             progress_bar=progress_bar,
             log_to_console=log_to_console,
             console_log_interval=train.console_log_interval,
             python_log_level=train.python_log_level,
             dist_timeout=train.dist_timeout,
+            **optional,
         )
+    if train.log_config:
+        trainer.logger.log_hyperparameters({k: v for k, v in cfg.items() if k != 'variables'})
+    if train.metadata:
+        trainer.logger.log_hyperparameters(dict(train.metadata) if train.flatten_metadata
+                                           else {'metadata': dict(train.metadata)})
     return trainer
+
+
+def fit(trainer: Trainer, cfg: dict[str, Any]) -> None:
+    """``eval_first`` (at batch 0, as LLM Foundry does), then ``trainer.fit()``."""
+    if cfg.get('eval_first') and int(trainer.state.timestamp.batch) == 0:
+        trainer.eval()
+    trainer.fit()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -201,6 +274,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     trainer = build_trainer(cfg, config_path=args.config)
-    trainer.fit()
+    fit(trainer, cfg)
     trainer.close()
     return 0

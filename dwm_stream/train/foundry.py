@@ -13,6 +13,12 @@ With dwm-stream installed, an LLM Foundry 0.22 YAML can say::
 
 LLM Foundry hands an algorithm only its own YAML keys, so under Foundry the refit loader's
 dataset and the validation tokenizer are given in full (``dwm-stream train`` fills them in).
+
+Foundry hands both the YAML's values raw; the same schema checks them when Foundry builds the run,
+and DWM checks its data, schedule and ``save_dir`` at Composer's ``INIT``, so every mistake is named
+by its YAML key (``algorithms.dwm.validation: missing, ...``) before any training step. Set
+``run_name``: DWM's ``save_dir`` belongs to the run that wrote it, and Composer names an unnamed run
+at random.
 """
 
 from __future__ import annotations

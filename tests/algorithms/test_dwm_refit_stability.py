@@ -110,7 +110,7 @@ def test_refit_objective_beta_zero_is_linear_and_gibbs_is_its_minimiser():
 # ------------------------------------------------------------------------------------------------- DWM in a Trainer
 def test_refit_kl_keeps_ess_high_and_metrics_are_logged():
     bounds = ['2ba', '3ba']  # the last stage (batch 4) ends at FIT_END, not at a boundary
-    free = _dwm(refit_lr=0.3, refit_steps=6, stage_boundaries=bounds)
+    free = _dwm(refit_lr=0.3, refit_steps=6, refit_kl=0.0, stage_boundaries=bounds)  # the paper's objective
     kl = _dwm(refit_lr=0.3, refit_steps=6, refit_kl=10.0, stage_boundaries=bounds)
     log_free, log_kl = _fit(free), _fit(kl)
     for key in ('ess_min', 'ess_mean', 'weight_std', 'lookahead_gain', 'kl', 'grad_norm', 'dead', 'dead_refits',

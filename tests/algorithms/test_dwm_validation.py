@@ -67,3 +67,15 @@ def test_continuation_without_tokens(tmp_path, tokenizer):
     path = _write(tmp_path / 'v.jsonl', [json.dumps({'context': 'the cat', 'continuation': ' sat'})])
     with pytest.raises(ValueError, match=r'v\.jsonl: record 1: continuation .* has no tokens'):
         build_validation_batches(path, DropsContinuation())
+
+
+def test_missing_file_and_peek(tmp_path, tokenizer):
+    """A missing file is named as such (DWM's start-up check reports it under algorithms.dwm.validation); peek()
+    gives the first batch without consuming anything."""
+    with pytest.raises(FileNotFoundError, match=r'LAMBADA-format file .*nope\.jsonl does not exist'):
+        read_lambada_jsonl(tmp_path / 'nope.jsonl')
+    path = _write(tmp_path / 'v.jsonl', [json.dumps({'context': 'the cat', 'continuation': ' sat'})] * 3)
+    batches = ValidationBatches(path, tokenizer, batch_size=2)
+    first = batches.peek()
+    assert first['input_ids'].shape == (2, 3)
+    assert [b['input_ids'].shape[0] for b in batches] == [2, 1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import os
 import types
 import typing
 from types import SimpleNamespace
@@ -78,11 +79,15 @@ def assert_matches(schema: type, fn, leave_out_params: Sequence[str] = (), leave
 
 # ------------------------------------------------------------------------------------------------ drift
 def test_dataset_schema_matches_streaming_dataset():
-    """Every StreamingDataset argument (but the registry-built stream's, which DWMDataset never uses) + selection."""
+    """Every StreamingDataset argument (but the registry-built stream's, which DWMDataset never uses) + selection,
+    and LLM Foundry's text-dataset keys, with DWMDataset's defaults."""
+    own = ('selection', 'max_seq_len', 'token_encoding_type')
     assert_matches(config.DatasetConfig, StreamingDataset.__init__,
                    leave_out_params=('streams', 'stream_name', 'stream_config'),
-                   leave_out_fields=('streams', 'selection'))
-    assert 'selection' in inspect.signature(DWMDataset.__init__).parameters
+                   leave_out_fields=('streams', *own))
+    params = inspect.signature(DWMDataset.__init__).parameters
+    for name in own:
+        assert params[name].default == _default(_fields(config.DatasetConfig)[name]), name
     hints = typing.get_type_hints(config.DatasetConfig)
     assert hints['streams'] == Optional[dict[str, config.StreamConfig]]
 
@@ -257,3 +262,110 @@ def test_console_line_logger_writes_one_short_line():
     assert len(lines) == 1, lines
     assert lines[0].startswith('[batch=50/400] loss/train/total: 3.2500'), lines[0]
     assert 'lr-DecoupledAdamW/group0' in lines[0] and 'dwm/weight/ess' in lines[0] and 'dwm/domain' not in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ LLM Foundry's keys
+def _foundry_train_keys() -> set[str]:
+    config_utils = pytest.importorskip('llmfoundry.utils.config_utils')
+    return set(config_utils.TRAIN_CONFIG_KEYS)
+
+
+def test_every_foundry_train_key_is_supported_ignored_or_refused():
+    """Each key of LLM Foundry 0.22's TrainConfig is a TrainConfig field here (supported, or ignored with a warning)
+    or refused naming llmfoundry train; and the README's YAML reference classifies every one of them."""
+    ours = {f.name for f in dataclasses.fields(config.TrainConfig)}
+    foundry = _foundry_train_keys()
+    assert foundry <= ours | set(config.FOUNDRY_REFUSED), sorted(foundry - ours - set(config.FOUNDRY_REFUSED))
+    assert not ours & set(config.FOUNDRY_REFUSED)
+    assert set(config.FOUNDRY_IGNORED) <= ours and set(config.FOUNDRY_REFUSED) <= foundry
+    with open(os.path.join(os.path.dirname(__file__), '..', '..', 'README.md')) as f:
+        readme = f.read()
+    section = readme[readme.index('## YAML reference'):readme.index('\n## ', readme.index('## YAML reference') + 1)]
+    missing = sorted(key for key in foundry | ours if f'`{key}`' not in section)
+    assert not missing, f'the README YAML reference does not classify {missing}'
+
+
+@pytest.mark.parametrize('key', sorted(config.FOUNDRY_REFUSED))
+def test_refused_foundry_key_names_llmfoundry_train(key):
+    with pytest.raises(ConfigError) as info:
+        config.check_train_config({key: None, 'model': {}, 'tokenizer': {'name': 't'}, 'max_duration': '1ba',
+                                   'train_loader': {'dataset': {'local': '/x'}}, 'global_train_batch_size': 1})
+    message = str(info.value)
+    assert message.startswith(f'{key}: not supported by dwm-stream train (') and 'run `llmfoundry train`' in message
+
+
+def test_a_list_of_eval_loaders_is_refused():
+    with pytest.raises(ConfigError, match=r'^eval_loader: not supported by dwm-stream train \(a list'):
+        config.check_train_config({'eval_loader': [{'name': 'dwm'}]})
+
+
+def test_foundry_style_top_level_variables_point_to_variables():
+    with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['data_local'\].*`variables:`"):
+        config.check_train_config({'data_local': '/x'})
+
+
+def test_variables_interpolate(tmp_path):
+    path = tmp_path / 'c.yaml'
+    path.write_text('variables:\n  seq: 128\n  local: /data\nmax_seq_len: ${variables.seq}\nmodel: {}\n'
+                    'tokenizer:\n  name: t\n  kwargs:\n    model_max_length: ${variables.seq}\n'
+                    'max_duration: 1ba\nglobal_train_batch_size: 2\ntrain_loader:\n  name: dwm\n  dataset:\n'
+                    '    local: ${variables.local}\n    max_seq_len: ${variables.seq}\n')
+    cfg = entry.load_config(str(path))
+    assert cfg['max_seq_len'] == 128 and cfg['tokenizer']['kwargs'] == {'model_max_length': 128}
+    assert cfg['train_loader']['dataset'] == {'local': '/data', 'max_seq_len': 128}
+
+
+def test_composer_components_are_foundry_registry_entries():
+    """The Composer classes known without LLM Foundry are the ones its registries hold under the same names."""
+    pytest.importorskip('llmfoundry')
+    for kind, names in config.COMPOSER_COMPONENTS.items():
+        registry = config.foundry_registry(kind)
+        for name in names:
+            assert registry.get(name) is config.component(kind, name), (kind, name)
+
+
+def test_registry_components_are_typed_by_their_signature():
+    checked = config.check_components('algorithms', {'gradient_clipping': {'clipping_type': 'norm',
+                                                                            'clipping_threshold': 1}},
+                                      'algorithms', config.AlgorithmsConfig)
+    assert checked['gradient_clipping'] == {'clipping_type': 'norm', 'clipping_threshold': 1.0}
+    with pytest.raises(ConfigError, match=r'^algorithms\.gradient_clipping\.clipping_threshold: expected float'):
+        config.check_component('algorithms', 'gradient_clipping', {'clipping_type': 'norm',
+                                                                   'clipping_threshold': 'high'},
+                               'algorithms.gradient_clipping')
+    with pytest.raises(ConfigError, match=r'`algorithms\.gradient_clipping\.clipping_type` is required'):
+        config.check_component('algorithms', 'gradient_clipping', {'clipping_threshold': 1.0},
+                               'algorithms.gradient_clipping')
+    with pytest.raises(ConfigError, match=r"^callbacks\.optimizer_monitor: unknown key\(s\) \['interval'\]"):
+        config.check_components('callbacks', {'optimizer_monitor': {'interval': 3}}, 'callbacks',
+                                config.CallbacksConfig)
+    with pytest.raises(ConfigError, match=r"^loggers: unknown key\(s\) \['wandbb'\].*'wandb'"):
+        config.check_components('loggers', {'wandbb': {}}, 'loggers', config.LoggersConfig)
+
+
+def test_foundry_callback_that_needs_the_train_config_is_refused():
+    pytest.importorskip('llmfoundry')
+    with pytest.raises(ConfigError, match=r'^callbacks\.async_eval: not supported by dwm-stream train'):
+        config.check_components('callbacks', {'async_eval': {}}, 'callbacks', config.CallbacksConfig)
+
+
+def test_model_and_loader_names_outside_ours_come_from_foundry():
+    pytest.importorskip('llmfoundry')
+    assert config.check_model({'name': 'mpt_causal_lm', 'd_model': 64}) is None  # Foundry checks its own keys
+    assert config.check_loader({'name': 'text', 'dataset': {}}) is None
+    with pytest.raises(ConfigError, match=r"^model\.name: 'gpt5' is not a model dwm-stream builds"):
+        config.check_model({'name': 'gpt5'})
+    with pytest.raises(ConfigError, match=r"^eval_loader\.name: 'txt' is not a loader dwm-stream builds"):
+        config.check_loader({'name': 'txt'}, 'eval_loader')
+    assert config.check_scheduler({'name': 'inv_sqrt_with_warmup', 't_warmup': '1ba', 't_scale': '1ba',
+                                   't_cooldown': '0ba'}) == {'t_warmup': '1ba', 't_scale': '1ba', 't_cooldown': '0ba'}
+    assert config.check_optimizer({'name': 'decoupled_lionw', 'lr': 1})['lr'] == 1.0
+
+
+def test_hf_causal_lm_takes_foundrys_keys():
+    model = check(config.ModelConfig, {'name': 'hf_causal_lm', 'pretrained_model_name_or_path': '/m',
+                                       'use_flash_attention_2': False, 'use_auth_token': True,
+                                       'trust_remote_code': False, 'init_device': 'meta'}, 'model')
+    assert model.use_auth_token is True
+    with pytest.raises(ConfigError, match=r'^model\.use_flash_attention_2: expected bool'):
+        check(config.ModelConfig, {'use_flash_attention_2': 'yes'}, 'model')

@@ -20,7 +20,8 @@ def test_demo_quick_prints_its_table_and_writes_its_plot(tmp_path):
         assert step in text
     assert 'Held-out quality (lower loss is better' in text
     assert 'Mean DWM weight per domain in each stage' in text
-    assert 'Verdict:' in text
+    assert 'Verdict (this run, one seed):' in text
+    assert 'Verdict across seeds (benchmarks/RESULTS.md' in text  # the committed quality.json is read
     summary = json.loads((out / 'demo.json').read_text())
     assert set(summary['runs']) == {'uniform', 'DWM'}
     for run in summary['runs'].values():
@@ -34,3 +35,24 @@ def test_demo_quick_prints_its_table_and_writes_its_plot(tmp_path):
     assert set(summary['degraded_domains']) <= set(later)
     png = out / 'demo.png'
     assert png.exists() and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def _analysis(deltas, met):
+    return {'analysis': {'target_method': 'dwm', 'noise_floor': 0.02,
+                         'methods': {'dwm': {'delta_vs_uniform': {'mean': sum(deltas) / len(deltas), 'n': len(deltas),
+                                                                  'better': sum(d < 0 for d in deltas)}}},
+                         'targets': [{'name': f't{i}', 'met': m} for i, m in enumerate(met)]}}
+
+
+def test_bench_verdict_follows_the_quality_json(tmp_path):
+    from dwm_stream.demo.run import QUALITY_JSON, bench_verdict
+    path = tmp_path / 'quality.json'
+    path.write_text(json.dumps(_analysis([-0.01, 0.02, -0.03, 0.0, 0.01], [True, False, True])))
+    (line,) = [x for x in bench_verdict(str(path)) if x]
+    assert 'does not reliably beat uniform' in line and '-0.0020' in line and 'lower in 2 of 5 seeds' in line
+    assert 'noise floor 0.0200' in line and 'targets met: 2 of 3' in line
+    path.write_text(json.dumps(_analysis([-0.05] * 5, [True, True])))
+    assert 'DWM (dwm) beats uniform' in bench_verdict(str(path))[1]
+    assert 'no quality-bench record' in bench_verdict(str(tmp_path / 'missing.json'))[1]
+    # The committed record is what the demo quotes.
+    assert 'no quality-bench record' not in bench_verdict(QUALITY_JSON)[1]

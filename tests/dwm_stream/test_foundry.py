@@ -120,3 +120,27 @@ def test_llm_foundry_train_runs_dwm(tmp_path, converted_mds, small_tokenizer, sm
     assert algorithms['DWMAlgorithm']['refits_done'] == 2
     assert algorithms['DWMAlgorithm']['stage_index'] == 1
     assert state['dataset_state'] is not None
+
+
+def test_foundry_builders_name_the_yaml_key(converted_mds, small_corpus):
+    """Findings 1 and 5 under LLM Foundry: its own builders hand our entry points the YAML's keys raw, and the
+    errors name them (a ConfigError, which is a ValueError), before any data is read."""
+    from llmfoundry.data.dataloader import build_dataloader
+    from llmfoundry.utils.builders import build_algorithm
+
+    from dwm_stream.train.config import ConfigError
+
+    refit = {'dataset': {'local': converted_mds}}
+    with pytest.raises(ConfigError, match=r"^algorithms\.dwm\.weighter\.d_model: expected int, got str \('big'\)"):
+        build_algorithm('dwm', {'refit': False, 'weighter': {'d_model': 'big'}})
+    with pytest.raises(ConfigError, match=r'^algorithms\.dwm\.validation: missing, and the weighter is refit'):
+        build_algorithm('dwm', {'num_stages': 5, 'refit_loader': refit})
+    with pytest.raises(ConfigError, match=r'^algorithms\.dwm\.validation\.lambada: .* does not exist'):
+        build_algorithm('dwm', {'refit_loader': refit, 'validation': {'lambada': '/nonexistent/lambada.jsonl',
+                                                                      'tokenizer': 'unused'}})
+    with pytest.raises(ConfigError, match=r'^algorithms\.dwm\.validation\.tokenizer: missing'):
+        build_algorithm('dwm', {'refit_loader': refit, 'validation': {'lambada': small_corpus.lambada_path}})
+    with pytest.raises(ConfigError, match=r'^algorithms\.dwm\.refit_loader\.dataset: missing'):
+        build_algorithm('dwm', {'validation': {'lambada': small_corpus.lambada_path}})
+    with pytest.raises(ConfigError, match=r"^train_loader\.dataset\.shuffle: expected bool .*got str \('false'\)"):
+        build_dataloader({'name': 'dwm', 'dataset': {'local': converted_mds, 'shuffle': 'false'}}, None, 4)

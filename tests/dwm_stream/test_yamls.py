@@ -331,7 +331,8 @@ def _build_section(cfg: dict, section: str | None, tokenizer):
     ('model.config_overrides.hiden_size=8', 'model', 'model.config_overrides', 'hidden_size'),
     ('train_loader.bogus=1', None, 'train_loader', 'num_workers'),
     ('train_loader.dataset.bogus=1', None, 'train_loader.dataset', 'shuffle_seed'),
-    ('algorithms.gradient_clipping.clipping_type=norm', None, 'algorithms', 'dwm'),
+    ('algorithms.gradient_clipper.clipping_type=norm', None, 'algorithms', 'gradient_clipping'),
+    ('algorithms.gradient_clipping.clipping_typ=norm', None, 'algorithms.gradient_clipping', 'clipping_type'),
     ('algorithms.dwm.bogus=1', None, 'algorithms.dwm', 'num_stages'),
     ('algorithms.dwm.refit_loader.bogus=1', None, 'algorithms.dwm.refit_loader', 'dataset'),
     ('algorithms.dwm.refit_loader.dataset.bogus=1', None, 'algorithms.dwm.refit_loader.dataset', 'shuffle_seed'),
@@ -382,6 +383,9 @@ def test_unknown_key_lists_valid_keys(override, section, where, valid_key, yaml_
     ('scheduler.t_warmup=soon', 'scheduler', 'scheduler.t_warmup'),
     ('scheduler.alpha_f=low', None, 'scheduler.alpha_f'),
     ('callbacks.speed_monitor.window_size=wide', None, 'callbacks.speed_monitor.window_size'),
+    ('algorithms.gradient_clipping={clipping_type: norm, clipping_threshold: high}', None,
+     'algorithms.gradient_clipping.clipping_threshold'),
+    ('callbacks.optimizer_monitor.batch_log_interval=often', None, 'callbacks.optimizer_monitor.batch_log_interval'),
 ])
 def test_wrong_type_names_the_key(override, section, key, yaml_env, small_tokenizer):
     """A wrong type fails when the config is loaded (``section`` None) or when its section is built (a Composer
@@ -414,3 +418,56 @@ def test_cli_rejects_unknown_dataset_key(yaml_env, local_mds):
 def test_not_key_value_override(yaml_env):
     with pytest.raises(ValueError, match='key=value'):
         load_config(_path('demo-cpu.yaml'), ['max_duration'])
+
+
+# ------------------------------------------------------------------------------------------------ start-up checks
+def _demo_cfg(yaml_env, local_mds, *overrides: str) -> dict:
+    raw = load_config(_path('demo-cpu.yaml'))
+    return load_config(_path('demo-cpu.yaml'), [*_local_data_overrides(raw, local_mds),
+                                                f'save_folder={yaml_env / "run"}', *overrides])
+
+
+def test_missing_validation_is_named_when_the_run_is_built(yaml_env, local_mds):
+    """Finding 1 under dwm-stream train: not at the first refit, but when the run is built, naming the YAML key."""
+    cfg = _demo_cfg(yaml_env, local_mds, 'algorithms.dwm.validation=null')
+    with pytest.raises(ValueError) as info:
+        build_trainer(cfg, config_path=_path('demo-cpu.yaml'))
+    assert str(info.value).startswith('algorithms.dwm.validation: missing, and the weighter is refit against it; set '
+                                      '`lambada: PATH`'), str(info.value)
+
+
+def test_validation_data_that_yields_nothing_fails_at_init(yaml_env, local_mds, tmp_path):
+    """validation: {dataset: ...} over a directory without a corpus: Composer's INIT (inside build_trainer) says so."""
+    empty = tmp_path / 'no-corpus'
+    empty.mkdir()
+    cfg = _demo_cfg(yaml_env, local_mds, 'algorithms.dwm.validation.lambada=null',
+                    f'algorithms.dwm.validation.dataset.local={empty}')
+    with pytest.raises(ValueError) as info:
+        build_trainer(cfg, config_path=_path('demo-cpu.yaml'))
+    assert str(info.value).startswith('algorithms.dwm.validation (DWM(val_dataloader=...)): yields no batch ('), \
+        str(info.value)
+
+
+def test_save_dir_of_another_run_fails_when_the_run_is_built(yaml_env, local_mds):
+    """Finding 4 under dwm-stream train: the default save_dir (<save_folder>/dwm_schedule) holds another run's
+    schedule; refused at INIT, and save_overwrite=true (the top-level key) lets the run replace it."""
+    schedule_dir = str(yaml_env / 'run' / 'dwm_schedule')
+    write_schedule(schedule_dir, [], run={'run_name': 'an-earlier-run', 'max_duration': '400ba'})
+    cfg = _demo_cfg(yaml_env, local_mds)
+    with pytest.raises(ValueError, match=r"^algorithms\.dwm\.save_dir \(DWM\(save_dir=\.\.\.\)\): .*schedule\.json "
+                                         r"belongs to run 'an-earlier-run', not to this run 'demo-dwm'; set a new "
+                                         r'save_dir, or algorithms\.dwm\.save_overwrite: true'):
+        build_trainer(cfg, config_path=_path('demo-cpu.yaml'))
+    build_trainer(_demo_cfg(yaml_env, local_mds, 'save_overwrite=true'), config_path=_path('demo-cpu.yaml')).close()
+
+
+def test_peeking_a_refit_loader_keeps_its_sequence(local_mds):
+    """WidenedLoader.peek (DWM's start-up probe) reads the first batch of the iteration that follows."""
+    dataset = {'local': local_mds, 'shuffle': True, 'shuffle_seed': 3}
+    peeked = builders.WidenedLoader(dataset, 4, 'algorithms.dwm.refit_loader.dataset')
+    first = peeked.peek()
+    assert torch.equal(peeked.peek()['uid'], first['uid'])  # a second peek is the same batch
+    plain = builders.WidenedLoader(dataset, 4, 'algorithms.dwm.refit_loader.dataset')
+    ours = [b['uid'].tolist() for _, b in zip(range(3), peeked)]
+    theirs = [b['uid'].tolist() for _, b in zip(range(3), plain)]
+    assert ours == theirs and ours[0] == first['uid'].tolist()
