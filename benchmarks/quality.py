@@ -693,6 +693,13 @@ def noise_floor(deltas: list[float]) -> float:
     return math.sqrt(sum(d * d for d in deltas) / len(deltas))
 
 
+def paired_t(delta: dict[str, Any] | None) -> float | None:
+    """``mean / (sd / sqrt(n))`` of a method's per-seed Δ (``None`` without a spread to divide by)."""
+    if not delta or delta['n'] < 2 or not delta['sd']:
+        return None
+    return delta['mean'] / (delta['sd'] / math.sqrt(delta['n']))
+
+
 def targets(deltas: dict[str, dict[str, Any]], dwm: str, floor: float | None, refit: dict[str, Any] | None,
             rerun_diff: float | None) -> list[dict[str, Any]]:
     """Issue 12's targets for the method ``dwm``: each with ``name``, ``measured``, ``bound`` and ``met``."""
@@ -885,8 +892,10 @@ def render_section(results: dict[str, Any], images: list[str] | None = None) -> 
               'Δ = the method\'s final macro loss minus uniform\'s, same seed (negative = better). Noise floor = RMS '
               'over seeds of the noise-floor method\'s Δ' + (f': **{a["noise_floor"]:.4f}**.' if a['noise_floor']
                                                             is not None else ' (not measured).'), '',
-              '| method | macro loss | Δ mean | Δ sd | better | per-seed Δ | degraded | LAMBADA loss | train s |',
-              '|---|---:|---:|---:|---:|---|---:|---:|---:|']
+              't = Δ mean / (Δ sd / √n), the paired t statistic (|t| < 2.8 is not significant at 5% with 5 seeds).',
+              '',
+              '| method | macro loss | Δ mean | Δ sd | t | better | per-seed Δ | degraded | LAMBADA loss | train s |',
+              '|---|---:|---:|---:|---:|---:|---|---:|---:|---:|']
     for key in methods:
         s = a['methods'][key]
         d = s.get('delta_vs_uniform')
@@ -894,7 +903,7 @@ def render_section(results: dict[str, Any], images: list[str] | None = None) -> 
         per_seed = ', '.join(f'{x:+.4f}' for x in d['per_seed']) if d else '-'
         lines.append(
             f'| {key} | {s["final_macro"]["mean"]:.4f} | {_f(d and d["mean"], "+.4f")} | {_f(d and d["sd"], ".4f")} | '
-            f'{better} | {per_seed} | '
+            f'{_f(paired_t(d), "+.2f")} | {better} | {per_seed} | '
             f'{_f(s["final_degraded"] and s["final_degraded"]["mean"], ".4f")} | '
             f'{_f(s["lambada_loss"] and s["lambada_loss"]["mean"], ".4f")} | {s["train_seconds"]["median"]:.0f} |')
     real = data['real_domains']

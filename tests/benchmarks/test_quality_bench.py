@@ -201,3 +201,5 @@ def test_paired_statistics_and_targets():
     rows = bench.targets(deltas, 'dwm', 0.015, {'ess_min': 0.4, 'dead': 2}, 1e-7)
     assert [r['met'] for r in rows] == [True, False, True, False, False, False, True]
     assert bench.targets(deltas, 'loss_reweighting', floor, None, None)[0]['met'] is False
+    assert bench.paired_t(deltas['dwm']) == pytest.approx(-0.02 / (math.sqrt(0.0002 / 4) / math.sqrt(5)))
+    assert bench.paired_t(deltas['uniform']) is None and bench.paired_t(None) is None
