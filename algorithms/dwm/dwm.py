@@ -33,7 +33,8 @@ from composer.utils import dist
 from torch.func import functional_call
 
 from algorithms.dwm.distributed import all_gather_cat, all_reduce_sum_, all_reduce_sum_dict, gather_with_local_grad
-from algorithms.dwm.export import load_schedule, save_weighter, write_schedule
+from algorithms.dwm.export import (SCHEDULE_FILE, listed_stage_files, load_schedule, read_schedule_run, save_weighter,
+                                   schedule_file, write_schedule)
 from algorithms.dwm.hypergradient import (adam_preconditioner, hypergradient_multistep, iter_named_trainable,
                                           jvp_attention, lookahead)
 from algorithms.dwm.functional import (IGNORE_INDEX, WEIGHT_KEY, ensure_labels, gumbel_top_k, logits_of,
@@ -300,6 +301,7 @@ class DWM(Algorithm):
         self.ess_band = (float(ess_band[0]), float(ess_band[1]))
         self.dead_tol = float(dead_tol)
         self.dead_refits = 0
+        self._save_dir_owner: Optional[dict[str, Any]] = None  # schedule.json's run record, INIT -> FIT_START
         self._stage_ess: list[float] = []
         self._held_batch: Optional[dict[str, Any]] = None  # the microbatch whose labels are held back
         self._precomputed_loss: Optional[torch.Tensor] = None
@@ -501,19 +503,17 @@ class DWM(Algorithm):
         before the first checkpoint) continues in it. A run of that name but another length may only continue it by
         resuming a checkpoint: that is known after the checkpoint loads (and Composer sets ``max_duration`` after
         INIT), so it is decided at FIT_START from the record this leaves in ``_save_dir_owner``."""
-        from algorithms.dwm import export  # local: this file's import block is shared
-
-        self._save_dir_owner: Optional[dict[str, Any]] = None
+        self._save_dir_owner = None
         if self.save_dir is None or self.save_overwrite:
             return None
         key = 'algorithms.dwm.save_dir (DWM(save_dir=...))'
         fix = 'set a new save_dir, or algorithms.dwm.save_overwrite: true to replace it'
-        path = export.schedule_file(self.save_dir)
-        if self.schedule_path is not None and export.schedule_file(self.schedule_path).resolve() == path.resolve():
+        path = schedule_file(self.save_dir)
+        if self.schedule_path is not None and schedule_file(self.schedule_path).resolve() == path.resolve():
             return f'{key}: {self.save_dir} holds the schedule this run replays (algorithms.dwm.schedule); set another save_dir'
         if not path.is_file():
             return None
-        record, ours = export.read_schedule_run(self.save_dir), self._run_record(state)
+        record, ours = read_schedule_run(self.save_dir), self._run_record(state)
         if record is None or record.get('run_name') != ours['run_name']:
             owner = f'run {record.get("run_name")!r}' if record else 'another run (no run recorded)'
             return f'{key}: {path} belongs to {owner}, not to this run {ours["run_name"]!r}; {fix}'
@@ -523,44 +523,21 @@ class DWM(Algorithm):
     def _claim_save_dir(self, state: State) -> None:
         """FIT_START: decide the case left open at INIT, and record this run as ``save_dir``'s owner (rank 0). A
         fresh start removes the stage files that the schedule it replaces listed."""
-        from algorithms.dwm import export  # local: this file's import block is shared
-
-        owner, self._save_dir_owner = getattr(self, '_save_dir_owner', None), None
+        owner, self._save_dir_owner = self._save_dir_owner, None
         resumed, ours = self.stage_index >= 0, self._run_record(state)
         theirs = (owner or {}).get('max_duration')
         if not resumed and None not in (theirs, ours['max_duration']) and theirs != ours['max_duration']:
-            raise ValueError(f'algorithms.dwm.save_dir (DWM(save_dir=...)): {export.schedule_file(self.save_dir)} '
+            raise ValueError(f'algorithms.dwm.save_dir (DWM(save_dir=...)): {schedule_file(self.save_dir)} '
                              f'belongs to a run {ours["run_name"]!r} of max_duration {theirs} (this one: '
                              f'{ours["max_duration"]}) that this run does not resume; set a new save_dir, or '
                              'algorithms.dwm.save_overwrite: true to replace it, or autoresume from its checkpoint')
         if self.save_dir is None or dist.get_global_rank() != 0:
             return
         save_dir = Path(self.save_dir)
-        if not resumed and (save_dir / export.SCHEDULE_FILE).is_file():
-            try:
-                old = self._listed_stage_files(save_dir)
-            except Exception:  # noqa: BLE001 - an unreadable old schedule: nothing to clean up
-                old = []
-            for name in old:
+        if not resumed and (save_dir / SCHEDULE_FILE).is_file():
+            for name in listed_stage_files(save_dir):  # an unreadable old schedule lists nothing to clean up
                 (save_dir / name).unlink(missing_ok=True)
-        export.write_schedule(save_dir, self.exports, run=ours)
-
-    @staticmethod
-    def _listed_stage_files(save_dir: Path) -> list[str]:
-        """The stage files (weights and configs) that ``save_dir/schedule.json`` lists, as plain file names."""
-        import json
-
-        from algorithms.dwm import export
-
-        with open(save_dir / export.SCHEDULE_FILE, encoding='utf-8') as f:
-            doc = json.load(f)
-        names = []
-        for entry in doc.get('stages') or []:
-            for field in ('weights', 'config'):
-                name = entry.get(field) if isinstance(entry, dict) else None
-                if isinstance(name, str) and Path(name).name == name:  # never a path outside save_dir
-                    names.append(name)
-        return names
+        write_schedule(save_dir, self.exports, run=ours)
 
     # ------------------------------------------------------------------------------------------------------------
     def _global_weights(self, batch: dict[str, Any], grad: bool = False) -> tuple[torch.Tensor, int, torch.Tensor]:

@@ -31,7 +31,7 @@ from safetensors.torch import load_model, save_model
 
 from algorithms.dwm.weighter import Weighter, WeighterConfig
 
-__all__ = ['SCHEDULE_FILE', 'save_weighter', 'load_weighter', 'write_schedule', 'load_schedule', 'read_schedule_run',
+__all__ = ['SCHEDULE_FILE', 'save_weighter', 'load_weighter', 'write_schedule', 'load_schedule', 'read_schedule_run', 'listed_stage_files',
            'schedule_file']
 
 SCHEDULE_FILE = 'schedule.json'
@@ -125,9 +125,8 @@ def write_schedule(save_dir: str | os.PathLike, stages: list[dict[str, Any]],
     return path
 
 
-def read_schedule_run(save_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``run`` record of ``save_dir/schedule.json``: ``None`` if there is no file or it has no record (written by
-    another tool or an older version); an unreadable file counts as a record-less one."""
+def _read_schedule_doc(save_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``save_dir/schedule.json`` as a dict; ``None`` if missing or unreadable."""
     path = Path(save_dir) / SCHEDULE_FILE
     if not path.is_file():
         return None
@@ -136,8 +135,26 @@ def read_schedule_run(save_dir: str | os.PathLike) -> dict[str, Any] | None:
             doc = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    run = doc.get('run') if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_schedule_run(save_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``run`` record of ``save_dir/schedule.json``: ``None`` if there is no file or it has no record (written by
+    another tool or an older version); an unreadable file counts as a record-less one."""
+    run = (_read_schedule_doc(save_dir) or {}).get('run')
     return dict(run) if isinstance(run, dict) else None
+
+
+def listed_stage_files(save_dir: str | os.PathLike) -> list[str]:
+    """The stage files (weights and configs) that ``save_dir/schedule.json`` lists, as plain file names (never a
+    path outside ``save_dir``); empty if there is no readable schedule."""
+    names = []
+    for entry in (_read_schedule_doc(save_dir) or {}).get('stages') or []:
+        for field in ('weights', 'config'):
+            name = entry.get(field) if isinstance(entry, dict) else None
+            if isinstance(name, str) and Path(name).name == name:
+                names.append(name)
+    return names
 
 
 def load_schedule(path: str | os.PathLike) -> list[tuple[dict[str, Any], Weighter]]:
