@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max, output_options,
                                read_section as _read_section, replace_section as _replace_section, results_md_path,
                                utc_now, write_json)
-from dwm_stream.data.dataset import DWMDataset
+from dwm_stream.data.dataset import DWMDataset, release_shared_memory
 from dwm_stream.data.loader import collate_samples
 from dwm_stream.data.selection import write_selection
 from dwm_stream.demo.loopback_s3 import LoopbackS3, upload_dir
@@ -96,6 +96,22 @@ def _sample_from_streaming(s: dict[str, Any]) -> dict[str, Any]:
 
 class PlainStreamingDataset(StreamingDataset):
     """mosaicml-streaming's own read path; each sample mapped to the DWM sample dict."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._owner_pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop('_owner_pid', None)  # copies in DataLoader workers do not release it
+        return state
+
+    def __del__(self, _getpid=os.getpid, _finalizing=sys.is_finalizing, _release=release_shared_memory) -> None:
+        # The bench builds a dataset per timed run: without this, streaming holds each one's shared
+        # memory (two descriptors per block) until exit, as DWMDataset no longer does.
+        super().__del__()
+        if not _finalizing() and getattr(self, '_owner_pid', None) == _getpid():
+            _release(self)
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         return _sample_from_streaming(super().get_item(sample_id, retry))

@@ -37,6 +37,7 @@ regenerates the section between the quality markers of ``benchmarks/RESULTS.md``
 
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -639,7 +640,13 @@ def run_all(ctx: dict[str, Any], budget: Budget, methods: list[str], seeds: list
 
     def execute(s: dict[str, Any], name: str) -> dict[str, Any]:
         started = time.perf_counter()
-        result = run_one(s) if jobs <= 1 else _run_subprocess(s, work, name)
+        if jobs <= 1:
+            result = run_one(s)
+            # The run's Trainer holds its loaders in reference cycles: collect them now, so that their
+            # datasets' shared memory is given back before the next run rather than at some later GC.
+            gc.collect()
+        else:
+            result = _run_subprocess(s, work, name)
         _say(f'{name}: {time.perf_counter() - started:.0f}s')
         return result
 

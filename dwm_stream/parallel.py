@@ -1,79 +1,122 @@
 """Process pools for the offline passes (``convert``, DSIR, QuRating): one way to set them up.
 
-A pool forks where the platform allows it, so the workers inherit the modules already imported
-(mosaicml-streaming imports torch, which takes seconds per process under spawn); streaming and
-tokenizers are imported once, before forking. The Rust tokenizer turns its own thread pool off in
-a forked child, and ``TOKENIZERS_PARALLELISM=false`` is set for the children only, so that
-one process per core does not oversubscribe the cores and tokenizers prints no fork warning.
-Workers hold no state from the parent but these modules: tasks must be picklable, and functions
-module-level.
+Workers come from a *forkserver* where the platform has one (else spawn), never from a plain fork
+of the caller: by the time a pass runs, the caller may hold threads (a loopback S3 server, torch's
+and tokenizers' pools, a logger's flusher), and a child forked while one of them holds a lock
+can hang on its first use of it. The forkserver is a single-threaded process started once per
+caller; it imports the task's module (and with it mosaicml-streaming and torch) once, so each
+worker is a cheap fork of it rather than a fresh interpreter.
+
+A forkserver child would inherit the forkserver's environment, working directory and
+``sys.path``, frozen when it started; each worker is therefore given the caller's, as they are
+when the pool is made. ``TOKENIZERS_PARALLELISM=false`` is set in the workers only, so that one
+process per core does not oversubscribe the cores.
+
+``concurrent.futures`` is used rather than ``multiprocessing.Pool`` because a worker that dies (a
+segfault, the OOM killer) raises ``BrokenProcessPool`` in the caller; ``Pool`` replaces the worker
+and waits for its lost task forever. Tasks must be picklable, and functions module-level.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.pool
 import os
+import sys
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
-
-import streaming  # noqa: F401 - imported before forking, so that workers inherit it
-import tokenizers  # noqa: F401 - likewise
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from dwm_stream.progress import Progress
 
 __all__ = ['worker_pool', 'map_tasks', 'parallel_map']
 
 
-def _worker_init() -> None:
+def _worker_init(environ: dict[str, str], cwd: str, path: list[str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ['TOKENIZERS_PARALLELISM'] = 'false'
+    os.chdir(cwd)
+    sys.path[:] = path
+
+
+def _context(preload: Sequence[str]) -> multiprocessing.context.BaseContext:
+    if 'forkserver' not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context('spawn')
+    ctx = multiprocessing.get_context('forkserver')
+    # Takes effect when this process starts its forkserver (its first pool); later pools reuse it,
+    # and their workers import any other task module on their first task.
+    ctx.set_forkserver_preload([m for m in preload if m != '__main__'])
+    return ctx
+
+
+def _stop(executor: ProcessPoolExecutor) -> None:
+    """Stop the workers now: tasks still running are killed, not waited for."""
+    terminate = getattr(executor, 'terminate_workers', None)  # Python >= 3.14
+    if terminate is not None:
+        terminate()
+        return
+    # Before 3.14: kill its processes, then shut down (which forgets them, so take them first).
+    for p in list((executor._processes or {}).values()):
+        p.terminate()
+    executor.shutdown(wait=True, cancel_futures=True)
 
 
 @contextmanager
-def worker_pool(workers: int, num_tasks: int) -> Iterator[Optional[multiprocessing.pool.Pool]]:
+def worker_pool(workers: int, num_tasks: int, preload: Sequence[str] = ()) -> Iterator[Optional[Executor]]:
     """A pool of ``min(workers, num_tasks)`` processes, or ``None`` when one process is enough.
 
-    The pool is terminated on exit (results not yet consumed are dropped).
+    On a normal exit the pool is shut down; on an error (or a consumer that stops early) its
+    workers are terminated, so no task outlives the pass.
 
     Args:
         workers (int): Processes asked for.
         num_tasks (int): Tasks to run; a pool is only made for two or more.
+        preload (Sequence[str]): Modules the forkserver imports before it forks workers: the
+            modules that define the tasks. Default: none.
     """
     if workers <= 1 or num_tasks <= 1:
         yield None
         return
-    method = 'fork' if 'fork' in multiprocessing.get_all_start_methods() else 'spawn'
-    saved = os.environ.get('TOKENIZERS_PARALLELISM')
-    os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # for the children only
+    executor = ProcessPoolExecutor(max_workers=min(workers, num_tasks),
+                                   mp_context=_context(['dwm_stream.parallel', *preload]),
+                                   initializer=_worker_init,
+                                   initargs=(dict(os.environ), os.getcwd(), list(sys.path)))
     try:
-        pool = multiprocessing.get_context(method).Pool(min(workers, num_tasks), initializer=_worker_init)
-    finally:
-        if saved is None:
-            os.environ.pop('TOKENIZERS_PARALLELISM', None)
-        else:
-            os.environ['TOKENIZERS_PARALLELISM'] = saved
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
+        yield executor
+    except BaseException:  # an error, or GeneratorExit from a consumer that stopped early
+        _stop(executor)
+        raise
+    executor.shutdown(wait=True)
 
 
 def map_tasks(fn: Callable[[Any], Any],
               tasks: list[Any],
-              pool: Optional[multiprocessing.pool.Pool],
+              pool: Optional[Executor],
               ordered: bool = True) -> Iterator[Any]:
     """``fn(task)`` for every task: in this process without a pool, else in it.
 
     Args:
         fn (Callable): A module-level (picklable) function.
         tasks (list): Its arguments.
-        pool (Pool, optional): From :func:`worker_pool`; ``None`` runs here.
+        pool (Executor, optional): From :func:`worker_pool`; ``None`` runs here.
         ordered (bool): Results in task order; ``False`` yields them as they complete. Default: ``True``.
     """
     if pool is None:
         return map(fn, tasks)
-    return pool.imap(fn, tasks) if ordered else pool.imap_unordered(fn, tasks)
+    if ordered:
+        return _named_failures(pool.map(fn, tasks))
+    futures = [pool.submit(fn, task) for task in tasks]
+    return _named_failures(future.result() for future in as_completed(futures))
+
+
+def _named_failures(results: Iterator[Any]) -> Iterator[Any]:
+    try:
+        yield from results
+    except BrokenProcessPool as e:
+        raise RuntimeError(f'a worker process died without a Python error ({e}); the usual cause is '
+                           'running out of memory: rerun with fewer --workers, or --workers 1 to '
+                           'run the pass in one process') from e
 
 
 def parallel_map(fn: Callable[[Any], Any],
@@ -91,7 +134,7 @@ def parallel_map(fn: Callable[[Any], Any],
     """
     tasks = list(tasks)
     try:
-        with worker_pool(workers, len(tasks)) as pool:
+        with worker_pool(workers, len(tasks), preload=[fn.__module__]) as pool:
             for result in map_tasks(fn, tasks, pool):
                 if progress is not None:
                     progress.update(1)

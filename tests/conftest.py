@@ -5,8 +5,10 @@ All are session-scoped and built once; tests must not modify them (copy first).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import resource
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,21 @@ import pytest
 SMALL_CORPUS_SIZE = '1.5MB'
 SMALL_VOCAB = 2048
 SMALL_SEQ_LEN = 256
+
+
+@pytest.fixture(autouse=True)
+def _bounded_descriptors():
+    """Collect cyclic garbage after a test once the session holds half its descriptor limit.
+
+    A Composer ``Trainer`` holds its loaders, and so their datasets' shared memory, in reference
+    cycles that only a full collection frees; a long process would run one eventually. Doing it
+    here, only when needed, keeps the session well under ``ulimit -n 1024`` (CI's limit).
+    """
+    yield
+    if os.path.isdir('/proc/self/fd'):
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if len(os.listdir('/proc/self/fd')) > soft // 2:
+            gc.collect()
 
 
 @pytest.fixture(scope='session')

@@ -488,7 +488,7 @@ def convert(src: str,
     size_of = [sizes[r] for r in sources]
     # Each source is read twice (scan, then convert): the meter counts its bytes once per pass.
     with Progress('convert (scan)', 2 * sum(size_of), unit='B', enabled=progress) as meter, \
-            worker_pool(workers, len(sources)) as pool:
+            worker_pool(workers, len(sources), preload=[__name__]) as pool:
         scan_tasks = [{'src': src_root, 'relpath': r, 'skip_bad': skip_bad} for r in sources]
         scans = {r['relpath']: r for r in _run(_scan, scan_tasks, pool, meter, size_of)}
         domains = sorted({d for r in scans.values() for d in r['domains']})

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -43,7 +44,7 @@ import torch.distributed as torch_dist
 from streaming import Stream, StreamingDataset
 
 import dwm_stream.data._streaming_compat as compat
-from dwm_stream.data._streaming_compat import SHARD_LOCAL, EpochIterator, World
+from dwm_stream.data._streaming_compat import SHARD_LOCAL, EpochIterator, World, release_shared_memory
 from dwm_stream.data.arguments import check_dataset_arguments, check_stream_arguments
 from dwm_stream.data.selection import ResolvedSelection, read_selection, resolve_selection
 from dwm_stream.format import foundry, integrity
@@ -52,7 +53,7 @@ from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, SCORE_P
 from dwm_stream.format.storage import download_file
 from dwm_stream.format.view import ShardView, record_dtype
 
-__all__ = ['DWMDataset', 'DWMStream']
+__all__ = ['DWMDataset', 'DWMStream', 'release_shared_memory']
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +323,16 @@ class DWMDataset(StreamingDataset):
                                  f'{e}') from e
         self._build_tables()
         self._decoders: dict[int, _ShardDecoder] = {}
+        self._shm_owner_pid = os.getpid()  # not pickled: copies in workers never release it
+
+    def __del__(self, _getpid=os.getpid, _finalizing=sys.is_finalizing, _release=release_shared_memory) -> None:
+        super().__del__()
+        if _finalizing():  # at interpreter exit streaming's own atexit cleanup gives it back
+            return
+        # Streaming keeps a dataset's shared memory (and its descriptors) until interpreter exit;
+        # the object that created it gives it back when it is freed.
+        if getattr(self, '_shm_owner_pid', None) == _getpid():
+            _release(self)
 
     # ------------------------------------------------------------------ tables built once
     def _build_tables(self) -> None:
@@ -412,6 +423,7 @@ class DWMDataset(StreamingDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state['_decoders'] = {}  # mmaps are per process; workers map shards themselves
+        state.pop('_shm_owner_pid', None)
         return state
 
     # ------------------------------------------------------------------ reading

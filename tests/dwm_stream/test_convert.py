@@ -159,6 +159,8 @@ def test_parquet_ids_outside_vocab(small_tokenizer, tmp_path):
 
 def test_streaming_dataset_reads_the_output(converted_mds, tmp_path):
     from streaming import StreamingDataset
+
+    from dwm_stream.data.dataset import release_shared_memory
     local = str(tmp_path / 'copy')  # StreamingDataset decompresses shards in place
     shutil.copytree(converted_mds, local)
     meta = CorpusMeta.from_json(open(os.path.join(converted_mds, META_BASENAME)).read())
@@ -167,6 +169,7 @@ def test_streaming_dataset_reads_the_output(converted_mds, tmp_path):
     uids = np.load(os.path.join(converted_mds, UIDS_BASENAME))
     assert [int(ds[i]['uid']) for i in (0, len(ds) // 2, len(ds) - 1)] == \
         [int(uids[i]) for i in (0, len(ds) // 2, len(ds) - 1)]
+    release_shared_memory(ds)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 
-from dwm_stream.data.dataset import DWMDataset, DWMStream
+from dwm_stream.data.dataset import DWMDataset, DWMStream, release_shared_memory
 from dwm_stream.data.loader import collate_samples, widen_batch
 from dwm_stream.demo.loopback_s3 import LoopbackS3, upload_dir
 from dwm_stream.data.selection import read_selection, write_selection
@@ -95,6 +95,7 @@ def test_same_sequence_as_plain_streaming_dataset(corpus, seed):
     plain = StreamingDataset(local=corpus, shuffle=True, shuffle_seed=seed, batch_size=4)
     for _ in range(2):  # two epochs: streaming reshuffles per epoch
         assert _uids(ours) == [int(s['uid']) for s in plain]
+    release_shared_memory(plain)
 
 
 def test_random_access_matches_iteration(corpus):

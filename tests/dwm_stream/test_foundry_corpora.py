@@ -16,7 +16,7 @@ import pytest
 import torch
 from streaming import MDSWriter, StreamingDataset
 
-from dwm_stream.data.dataset import DWMDataset, DWMStream
+from dwm_stream.data.dataset import DWMDataset, DWMStream, release_shared_memory
 from dwm_stream.data.loader import build_dataloader, build_dataset
 from dwm_stream.format.foundry import STREAM_UID_SHIFT, stream_uid_base
 from dwm_stream.format.shards import CorpusMeta
@@ -84,6 +84,7 @@ def test_every_foundry_layout_decodes_as_written(tmp_path, layout):
     for ours, theirs in zip(samples, expected):
         np.testing.assert_array_equal(ours['input_ids'], theirs)
     assert sorted(int(s['uid']) for s in ds) == sorted(int(s['uid']) for s in samples)  # stable across epochs
+    release_shared_memory(plain)
 
 
 @pytest.mark.parametrize('layout', ['bytes-int64', 'ndarray-int32', 'ndarray-uint32-fixed'])
@@ -98,6 +99,7 @@ def test_truncates_to_max_seq_len_as_foundry_does(tmp_path, layout):
         sample = ours[i]
         assert sample['num_tokens'] == 10
         np.testing.assert_array_equal(sample['input_ids'], theirs[i].numpy())
+    release_shared_memory(theirs)
 
 
 def test_variable_length_samples_are_padded_per_batch_and_masked(tmp_path):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
-from dwm_stream.parallel import parallel_map, worker_pool
+import pytest
+
+from dwm_stream.parallel import map_tasks, parallel_map, worker_pool
 from dwm_stream.progress import Progress
 
 
@@ -30,3 +33,62 @@ def test_one_worker_or_one_task_runs_here():
         with worker_pool(workers, tasks) as pool:
             assert pool is None
     assert [r[1] for r in parallel_map(_square_and_env, range(3))] == [os.getpid()] * 3
+
+
+def _env_and_cwd(_: int) -> tuple[str, str]:
+    return os.environ.get('DWM_PARALLEL_PROBE', ''), os.getcwd()
+
+
+def test_workers_see_the_callers_environment_and_directory_as_they_are_now(monkeypatch, tmp_path):
+    # The forkserver may have started in an earlier test, with another environment and directory.
+    list(parallel_map(_square_and_env, range(2), workers=2))
+    monkeypatch.setenv('DWM_PARALLEL_PROBE', 'set-after-the-server-started')
+    monkeypatch.chdir(tmp_path)
+    seen = set(parallel_map(_env_and_cwd, range(4), workers=2))
+    assert seen == {('set-after-the-server-started', str(tmp_path))}
+
+
+def _die_on_three(x: int) -> int:
+    if x == 3:
+        os._exit(9)  # as the OOM killer would: no Python error, no result
+    return x
+
+
+def test_a_worker_that_dies_fails_the_pass_instead_of_hanging():
+    for ordered in (True, False):
+        with pytest.raises(RuntimeError, match='worker process died.*--workers 1'):
+            with worker_pool(2, 8) as pool:
+                list(map_tasks(_die_on_three, list(range(8)), pool, ordered=ordered))
+
+
+def _record_pid_then_sleep(path: str) -> None:
+    with open(path, 'w') as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            return any(line.split() == ['State:', 'Z', '(zombie)'] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def test_an_error_in_the_caller_kills_running_tasks_instead_of_waiting_for_them(tmp_path):
+    paths = [str(tmp_path / f'pid{i}') for i in range(2)]
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with worker_pool(2, 2) as pool:
+            for path in paths:
+                pool.submit(_record_pid_then_sleep, path)
+            while not all(os.path.exists(p) and os.path.getsize(p) for p in paths):
+                assert time.monotonic() - start < 60, 'the workers never started'
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+    assert time.monotonic() - start < 50  # not the tasks' 60 s
+    pids = [int(open(p).read()) for p in paths]
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(pid) for pid in pids)
