@@ -16,6 +16,8 @@ its ``StreamingDataset.__iter__``, ``prepare_shard``, ``_Iterator`` and ``Stream
 from __future__ import annotations
 
 import atexit
+import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from threading import Event
 from typing import Any, Iterator, Optional
@@ -33,7 +35,7 @@ __all__ = [
     'World', 'POLL_INTERVAL_S', 'SHARD_LOCAL', 'DownloadHookStream', 'EpochIterator', 'stream_arguments',
     'begin_epoch', 'start_epoch', 'background_executor', 'background_event', 'shard_states',
     'shard_access_times', 'release_failed_shard', 'wait_for_file', 'is_shm_prefix_race',
-    'is_cache_limit_error', 'is_unsafe_type_error', 'release_shared_memory',
+    'is_cache_limit_error', 'is_unsafe_type_error', 'release_shared_memory', 'make_fork_safe',
 ]
 
 # `streaming.base.world.World`: the rank/worker topology streaming passes to `Stream.get_shards`
@@ -302,3 +304,32 @@ def release_shared_memory(dataset: StreamingDataset) -> int:
             except FileNotFoundError:  # already gone (another process cleaned it up)
                 pass
     return len(found)
+
+
+_FORK_SAFE: 'weakref.WeakSet[StreamingDataset]' = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    for dataset in list(_FORK_SAFE):
+        barrier = getattr(dataset, '_shared_barrier', None)
+        if barrier is not None and hasattr(barrier, 'lock'):
+            del barrier.lock
+        if hasattr(dataset, '_cache_filelock'):
+            del dataset._cache_filelock
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def make_fork_safe(dataset: StreamingDataset) -> None:
+    """Let ``dataset`` be iterated in this process and then in forked workers (a DataLoader's).
+
+    Wraps ``StreamingDataset._shared_barrier.lock`` and ``_cache_filelock``: streaming creates these
+    ``filelock.FileLock`` objects lazily, on the first epoch or eviction in a process, and keeps them.
+    A DataLoader worker forked after the dataset was iterated here inherits them, and ``filelock``
+    refuses an inherited lock (``RuntimeError: ... was inherited across fork``; older versions
+    could hang). In a forked child each registered dataset drops them, and streaming creates its own
+    on first use, on the same lock files.
+    """
+    _FORK_SAFE.add(dataset)

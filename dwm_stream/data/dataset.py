@@ -324,6 +324,7 @@ class DWMDataset(StreamingDataset):
         self._build_tables()
         self._decoders: dict[int, _ShardDecoder] = {}
         self._shm_owner_pid = os.getpid()  # not pickled: copies in workers never release it
+        compat.make_fork_safe(self)
 
     def __del__(self, _getpid=os.getpid, _finalizing=sys.is_finalizing, _release=release_shared_memory) -> None:
         super().__del__()

@@ -122,6 +122,22 @@ def test_dataloader_two_workers_exactly_once(corpus):
     assert sorted(uids) == sorted(np.load(os.path.join(corpus, 'uids.npy')).tolist())
 
 
+def test_iterated_here_then_by_forked_workers(corpus):
+    """A dataset read in this process (a check, a peek), then by DataLoader workers forked afterwards.
+
+    Streaming's file locks, created on the first epoch here, would be inherited by the workers, and
+    filelock refuses an inherited lock (or, in older versions, the worker hangs).
+    """
+    dataset = DWMDataset(local=corpus, shuffle=True, shuffle_seed=3, batch_size=10)
+    everything = sorted(np.load(os.path.join(corpus, 'uids.npy')).tolist())
+    assert sorted(int(s['uid']) for s in dataset) == everything
+    loader = DataLoader(dataset, batch_size=10, num_workers=2, collate_fn=collate_samples,
+                        multiprocessing_context='fork')
+    for _ in range(2):  # new workers each epoch
+        assert sorted(u for batch in loader for u in batch['uid'].tolist()) == everything
+    assert sorted(int(s['uid']) for s in dataset) == everything  # and here again
+
+
 # ---------------------------------------------------------------------------- selection overlay
 @pytest.fixture(scope='module')
 def selection_file(corpus, tmp_path_factory):
