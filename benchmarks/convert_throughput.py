@@ -134,7 +134,9 @@ def measure_tokenizer(tokenizer_dir: str, texts_by_file: list[list[str]], proces
         tokens = _encode_all(encode, texts)
         seconds = time.perf_counter() - started
         return {'seconds': seconds, 'tokens': tokens, 'tokens_per_s': tokens / seconds}
-    ctx = multiprocessing.get_context('fork')  # as convert's own pool; children inherit the texts
+    # Forked, so that the children inherit the decoded texts. (convert's own workers start from a forkserver,
+    # and their start-up, once per process for the server, is inside convert's wall time.)
+    ctx = multiprocessing.get_context('fork')
     start, queue = ctx.Event(), ctx.Queue()
     shares = [[t for file_texts in texts_by_file[i::processes] for t in file_texts] for i in range(processes)]
     children = [ctx.Process(target=_tokenize_child, args=(tokenizer_dir, share, start, queue)) for share in shares]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 
 import pytest
@@ -92,3 +96,37 @@ def test_an_error_in_the_caller_kills_running_tasks_instead_of_waiting_for_them(
     while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(_gone(pid) for pid in pids)
+
+
+def _parent_pid(_: int) -> int:
+    return os.getppid()
+
+
+def test_a_process_with_other_threads_does_not_fork_itself():
+    release = threading.Event()
+    other = threading.Thread(target=release.wait, daemon=True)
+    other.start()
+    try:
+        parents = set(parallel_map(_parent_pid, range(4), workers=2))
+    finally:
+        release.set()
+        other.join()
+    assert os.getpid() not in parents  # children of the forkserver, not of this process
+
+
+def test_a_single_threaded_process_forks_its_workers(tmp_path):
+    script = tmp_path / 'probe.py'
+    script.write_text(textwrap.dedent('''
+        import os, threading
+        from dwm_stream.parallel import parallel_map
+
+        def parent(_):
+            return os.getppid()
+
+        if __name__ == '__main__':
+            assert threading.active_count() == 1
+            print(set(parallel_map(parent, range(4), workers=2)) == {os.getpid()})
+    '''))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == 'True'
