@@ -34,7 +34,10 @@ def _shm_descriptors() -> list[str]:
 
 
 def _settled(limit: int, timeout_s: float = 10.0) -> int:
-    """The descriptor count once it is at most ``limit`` (a prepare thread may drop the last reference)."""
+    """The descriptor count once it is at most ``limit`` (a prepare thread may drop the last reference).
+
+    At most, not exactly: a collection during the test may free other tests' datasets too.
+    """
     deadline = time.monotonic() + timeout_s
     while len(_shm_descriptors()) > limit and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -63,9 +66,9 @@ def test_datasets_built_one_after_another_hold_no_more_descriptors_than_one(corp
             assert one > 0
         del ds
     # Streaming alone would hold 25 datasets' blocks, plus the probes of `live`'s, until exit.
-    assert _settled(before) == before
+    assert _settled(before) <= before
     del live
-    assert _settled(base) == base
+    assert _settled(base) <= base
 
 
 def test_a_freed_dataset_unlinks_its_blocks_and_a_live_one_keeps_them(corpus):
@@ -94,7 +97,7 @@ def test_dataloader_worker_copies_leave_the_blocks_to_the_dataset(corpus):
     names = {os.path.basename(t) for t in _shm_descriptors()}
     assert names and all(os.path.exists(os.path.join('/dev/shm', n)) for n in names)
     del ds
-    assert _settled(base) == base
+    assert _settled(base) <= base
 
 
 def test_release_shared_memory_gives_back_a_plain_streaming_dataset(corpus):
@@ -104,4 +107,4 @@ def test_release_shared_memory_gives_back_a_plain_streaming_dataset(corpus):
     assert len(_shm_descriptors()) > base
     assert release_shared_memory(plain) > 0
     del plain
-    assert _settled(base) == base
+    assert _settled(base) <= base
