@@ -12,8 +12,9 @@ a thread-holding process must guard its entry point with ``if __name__ == '__mai
 
 A forkserver child would inherit the forkserver's environment, working directory and
 ``sys.path``, frozen when it started; each worker is therefore given the caller's, as they are
-when the pool is made. ``TOKENIZERS_PARALLELISM=false`` is set in the workers only, so that one
-process per core does not oversubscribe the cores.
+when the pool is made. ``TOKENIZERS_PARALLELISM=false`` is set in the workers, so that one
+process per core does not oversubscribe the cores, and in the caller only while it forks them, so
+that tokenizers prints no fork warning when the caller has used its own tokenizer pool.
 
 ``concurrent.futures`` is used rather than ``multiprocessing.Pool`` because a worker that dies (a
 segfault, the OOM killer) raises ``BrokenProcessPool`` in the caller; ``Pool`` replaces the worker
@@ -84,10 +85,20 @@ def worker_pool(workers: int, num_tasks: int, preload: Sequence[str] = ()) -> It
     if workers <= 1 or num_tasks <= 1:
         yield None
         return
-    executor = ProcessPoolExecutor(max_workers=min(workers, num_tasks),
-                                   mp_context=_context(['dwm_stream.parallel', *preload]),
-                                   initializer=_worker_init,
-                                   initargs=(dict(os.environ), os.getcwd(), list(sys.path)))
+    environ = dict(os.environ)
+    saved = os.environ.get('TOKENIZERS_PARALLELISM')
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # in the parent only while its workers are forked:
+    try:  # a fork after this process used the tokenizer otherwise prints tokenizers' warning in every child
+        executor = ProcessPoolExecutor(max_workers=min(workers, num_tasks),
+                                       mp_context=_context(['dwm_stream.parallel', *preload]),
+                                       initializer=_worker_init,
+                                       initargs=(environ, os.getcwd(), list(sys.path)))
+        executor.submit(int)  # a forking pool starts all its workers on its first task: now
+    finally:
+        if saved is None:
+            os.environ.pop('TOKENIZERS_PARALLELISM', None)
+        else:
+            os.environ['TOKENIZERS_PARALLELISM'] = saved
     try:
         yield executor
     except BaseException:  # an error, or GeneratorExit from a consumer that stopped early

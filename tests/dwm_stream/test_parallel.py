@@ -130,3 +130,26 @@ def test_a_single_threaded_process_forks_its_workers(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == 'True'
+
+
+def test_forking_after_the_tokenizer_ran_prints_no_tokenizers_warning(tmp_path):
+    script = tmp_path / 'probe.py'
+    script.write_text(textwrap.dedent('''
+        import os
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from dwm_stream.parallel import parallel_map
+
+        def same(x):
+            return x
+
+        if __name__ == '__main__':
+            tok = Tokenizer(models.BPE())
+            tok.pre_tokenizer = pre_tokenizers.Whitespace()
+            tok.train_from_iterator(['hello world ' * 50] * 2000, trainers.BpeTrainer(vocab_size=100))
+            tok.encode_batch(['hello world'] * 2000)  # the parent's tokenizer pool has run
+            print(list(parallel_map(same, range(4), workers=2)), os.environ.get('TOKENIZERS_PARALLELISM'))
+    '''))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == '[0, 1, 2, 3] None'  # and the parent's environment is as it was
+    assert 'huggingface/tokenizers' not in out.stderr
