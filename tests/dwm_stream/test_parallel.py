@@ -149,7 +149,8 @@ def test_forking_after_the_tokenizer_ran_prints_no_tokenizers_warning(tmp_path):
             tok.encode_batch(['hello world'] * 2000)  # the parent's tokenizer pool has run
             print(list(parallel_map(same, range(4), workers=2)), os.environ.get('TOKENIZERS_PARALLELISM'))
     '''))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != 'TOKENIZERS_PARALLELISM'}  # earlier tests may set it
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == '[0, 1, 2, 3] None'  # and the parent's environment is as it was
     assert 'huggingface/tokenizers' not in out.stderr
