@@ -12,17 +12,18 @@ Events:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
+from algorithms.baselines.null import _batch_seed, permute_within_batch
 from algorithms.baselines.static_domain import apply_weighted_loss
 from algorithms.baselines.weights import linupper_weights
 from algorithms.dwm.functional import WEIGHT_KEY, logits_of, per_sample_loss
 
-__all__ = ['LossReweighting']
+__all__ = ['LossReweighting', 'ReducibleLossWeighting']
 
 
 class LossReweighting(Algorithm):
@@ -42,6 +43,9 @@ class LossReweighting(Algorithm):
         domain_names (Sequence[str], optional): Names of ``batch['domain']`` ids, for per-domain metrics. Default:
             ``None`` (the train dataset's ``domain_names``).
         log_every (int): Log the mean weight per domain every this many batches. Default: ``1``.
+        permute_seed (int, optional): Permute each batch's weights at random (seeded by this and the batch index)
+            before they enter the loss: the method's *null*, with the same spread of weights but none of their
+            knowledge of the samples. Default: ``None`` (the method itself).
     """
 
     def __init__(self,
@@ -49,13 +53,15 @@ class LossReweighting(Algorithm):
                  delta: float = 1.0,
                  warmup: Union[str, Time] = '0.05dur',
                  domain_names: Optional[Sequence[str]] = None,
-                 log_every: int = 1) -> None:
+                 log_every: int = 1,
+                 permute_seed: Optional[int] = None) -> None:
         if r <= 0:
             raise ValueError(f'LossReweighting: r must be > 0, got {r}')
         self.r, self.delta = float(r), float(delta)
         self.warmup = Time.from_input(warmup, TimeUnit.BATCH) if isinstance(warmup, (str, int)) else warmup
         self.domain_names = list(domain_names) if domain_names is not None else None
         self.log_every = max(1, int(log_every))
+        self.permute_seed = None if permute_seed is None else int(permute_seed)
         self._batch_weights: list[torch.Tensor] = []
 
     def match(self, event: Event, state: State) -> bool:
@@ -85,11 +91,19 @@ class LossReweighting(Algorithm):
             weights = torch.ones(batch['input_ids'].shape[0])
         else:
             with torch.no_grad():
-                weights = linupper_weights(per_sample_loss(logits_of(state.outputs), batch['labels']), self.r,
-                                           self.delta)
+                losses = per_sample_loss(logits_of(state.outputs), batch['labels'])
+                weights = linupper_weights(self.signal(losses, batch), self.r, self.delta)
+        if self.permute_seed is not None:  # the method's null: the same weights, in a random order
+            generator = torch.Generator().manual_seed(
+                _batch_seed('null', self.permute_seed, int(state.timestamp.batch)) + len(self._batch_weights))
+            weights = permute_within_batch(weights, generator)
         weights = weights.to(batch['input_ids'].device)
         apply_weighted_loss(state, weights)
         self._batch_weights.append(weights.detach())
+
+    def signal(self, losses: torch.Tensor, batch: dict) -> torch.Tensor:
+        """What the weights rise with: the per-sample loss itself (subclasses change it)."""
+        return losses
 
     def _batch_end(self, state: State, logger: Logger) -> None:
         batch = state.batch  # the whole device batch again (Composer restores it after the microbatches)
@@ -104,3 +118,34 @@ class LossReweighting(Algorithm):
                 name = self.domain_names[d] if self.domain_names and d < len(self.domain_names) else str(d)
                 metrics[f'loss_reweighting/domain/{name}/weight'] = float(weights[batch['domain'] == d].mean())
             logger.log_metrics(metrics)
+
+
+class ReducibleLossWeighting(LossReweighting):
+    """A RHO-LOSS rule (Mindermann et al., ICML 2022) as per-sample weights: the same LinUpper mapping as
+    :class:`LossReweighting`, applied to the *reducible* loss ``l_i - IL_i`` instead of the loss, where ``IL_i`` is
+    sample ``i``'s loss under a small model trained on held-out data (its *irreducible* loss). Noisy samples have a
+    high loss under both models, so a low reducible loss; learnable ones not yet learnt have a high one.
+
+    RHO-LOSS itself selects the top of a larger batch by reducible loss; here the same signal weights the batch, so
+    that it is compared with the other weighting methods at the same trained batch.
+
+    Args:
+        irreducible_loss (Mapping[int, float]): ``IL`` by sample uid (``batch['uid']``); a sample without one raises.
+        **kwargs: :class:`LossReweighting`'s arguments (``r``, ``delta``, ``warmup``, ``domain_names``,
+            ``log_every``, ``permute_seed``).
+    """
+
+    def __init__(self, irreducible_loss: Mapping[int, float], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.irreducible_loss = {int(k): float(v) for k, v in irreducible_loss.items()}
+
+    def signal(self, losses: torch.Tensor, batch: dict) -> torch.Tensor:
+        if 'uid' not in batch:
+            raise ValueError('ReducibleLossWeighting: the batch has no uid (a DWMDataset yields one per sample)')
+        uids = batch['uid'].tolist()
+        missing = [u for u in uids if int(u) not in self.irreducible_loss]
+        if missing:
+            raise ValueError(f'ReducibleLossWeighting: no irreducible loss for sample uid(s) {missing[:5]}; compute '
+                             'it for every training sample')
+        il = torch.tensor([self.irreducible_loss[int(u)] for u in uids], dtype=losses.dtype, device=losses.device)
+        return losses - il
