@@ -38,8 +38,9 @@ from algorithms.dwm.export import (SCHEDULE_FILE, listed_stage_files, load_sched
 from algorithms.dwm.hypergradient import (adam_preconditioner, hypergradient_multistep, iter_named_trainable,
                                           jvp_attention, lookahead)
 from algorithms.dwm.functional import (IGNORE_INDEX, WEIGHT_KEY, ensure_labels, gumbel_top_k, logits_of,
-                                       loss_contributions, normalize_with_prior, per_sample_loss_sums, refit_objective, spearman, subset_batch,
-                                       uniform_if_nonfinite, weight_statistics, weighted_loss)
+                                       log_weight_regression_loss, loss_contributions, normalize_with_prior,
+                                       per_sample_loss_sums, refit_objective, spearman, spread_reached, subset_batch,
+                                       trust_region_target, uniform_if_nonfinite, weight_statistics, weighted_loss)
 from algorithms.dwm.schedule import boundary_reached
 from algorithms.dwm.schedule import stage_boundaries as compute_stage_boundaries  # `stage_boundaries` is an argument
 from algorithms.dwm.weighter import Weighter, WeighterConfig
@@ -204,6 +205,15 @@ class DWM(Algorithm):
             ``ESS = (sum w)^2 / (n sum w^2)`` (1 = uniform). A refit whose refit-batch weights leave it, or a stage
             whose training batches leave it, gives a warning (and the metrics ``dwm/refit/ess_out_of_band``,
             ``dwm/stage/ess_out_of_band``). Default: ``(0.5, 1.0)``.
+        refit_fit (str): **[ours]** How a refit moves the weighter. ``'gradient'``: ``refit_steps`` Adam steps on the
+            refit objective, one refit batch each (the paper's). ``'regression'``: the hypergradients of
+            ``refit_steps`` refit batches at the current weighter give each batch its trust-region optimum
+            ``w ∝ exp(-h / refit_kl)`` (needs ``refit_kl > 0``); the weighter is then fit to all of them at once,
+            ``refit_fit_steps`` Adam steps on the squared error of centred log-weights, in the manner of MATES's
+            data-influence model. The same LLM passes as ``'gradient'``; the fit itself runs the weighter only.
+            Default: ``'gradient'``.
+        refit_fit_steps (int): **[ours]** Adam steps of the regression fit (``refit_fit='regression'``), cycling
+            over the pooled refit batches. Default: ``100``.
         dead_tol (float): A refit is *dead* when, at every one of its steps, all weights of the refit batch are
             within ``dead_tol`` of each other (the weighter gives exactly uniform weights and cannot be moved by
             the refit: collapsed embeddings or a zero score head); it is counted (``dwm/refit/dead``,
@@ -247,6 +257,8 @@ class DWM(Algorithm):
         lookahead_steps: int = 1,
         ess_band: Sequence[float] = (0.5, 1.0),
         dead_tol: float = 1e-6,
+        refit_fit: str = 'gradient',
+        refit_fit_steps: int = 100,
     ):
         if lookahead not in ('sgd', 'adam'):
             raise ValueError(f"DWM lookahead must be 'sgd' or 'adam', got {lookahead!r}")
@@ -266,6 +278,13 @@ class DWM(Algorithm):
             raise ValueError(f'DWM lookahead_steps must be >= 1, got {lookahead_steps}')
         if len(ess_band) != 2 or not 0.0 <= float(ess_band[0]) <= float(ess_band[1]):
             raise ValueError(f'DWM ess_band must be (low, high) with 0 <= low <= high, got {ess_band}')
+        if refit_fit not in ('gradient', 'regression'):
+            raise ValueError(f"DWM refit_fit must be 'gradient' or 'regression', got {refit_fit!r}")
+        if refit_fit == 'regression' and float(refit_kl) <= 0:
+            raise ValueError('DWM refit_fit=regression fits the trust-region optimum exp(-h / refit_kl): '
+                             f'refit_kl must be > 0, got {refit_kl}')
+        if int(refit_fit_steps) < 1:
+            raise ValueError(f'DWM refit_fit_steps must be >= 1, got {refit_fit_steps}')
         if mode == 'select' and select_factor < 1:
             raise ValueError(f'DWM select_factor must be >= 1, got {select_factor}')
         self.num_stages = num_stages
@@ -300,6 +319,8 @@ class DWM(Algorithm):
         self.lookahead_steps = int(lookahead_steps)
         self.ess_band = (float(ess_band[0]), float(ess_band[1]))
         self.dead_tol = float(dead_tol)
+        self.refit_fit = refit_fit
+        self.refit_fit_steps = int(refit_fit_steps)
         self.dead_refits = 0
         self._save_dir_owner: Optional[dict[str, Any]] = None  # schedule.json's run record, INIT -> FIT_START
         self._stage_ess: list[float] = []
@@ -814,6 +835,7 @@ class DWM(Algorithm):
         ess, stds, kls, gains, grad_norms = [], [], [], [], []
         dead_steps = 0
         first_pair = None
+        pooled: list[tuple[dict, torch.Tensor]] = []  # (refit batch, its trust-region target), for every refit_fit
         self.weighter.train()
         try:
             for _ in range(self.refit_steps):
@@ -845,6 +867,14 @@ class DWM(Algorithm):
                 if self.normalize_hypergradient:
                     rms = torch.cat(hypers).pow(2).mean().sqrt().clamp(min=1e-30)
                     hypers = [h / rms for h in hypers]
+                if self.refit_kl > 0:
+                    pooled += [(batch, trust_region_target(h, self.refit_kl, self.weighter_config.mix_uniform))
+                               for batch, h in zip(refit_batches, hypers)]
+                if self.refit_fit == 'regression':  # the weighter moves once every target is in (below)
+                    val_losses.append(result.val_loss)
+                    hyper_norms.append(hyper_norm)
+                    step_times.append(time.perf_counter() - step_started)
+                    continue
                 self.weighter_optimizer.zero_grad(set_to_none=False)
                 step_kls = []
                 with torch.enable_grad():
@@ -863,8 +893,14 @@ class DWM(Algorithm):
                 val_losses.append(result.val_loss)
                 hyper_norms.append(hyper_norm)
                 step_times.append(time.perf_counter() - step_started)
+            fit_loss = self._fit_by_regression(pooled, backbone_names, world) if self.refit_fit == 'regression' \
+                else math.nan
             steps = max(len(step_times), 1)
             metrics = {
+                'dwm/refit/fit_loss': fit_loss,
+                'dwm/refit/target_reached': self._target_reached(pooled),
+                'dwm/refit/target_std': (float(torch.stack([t.std(unbiased=False) for _, t in pooled]).mean())
+                                         if pooled else math.nan),
                 'dwm/refit/val_loss_before': val_losses[0] if val_losses else math.nan,
                 'dwm/refit/hypergradient_norm': float(sum(hyper_norms) / steps),
                 'dwm/refit/step_time': float(sum(step_times) / steps),
@@ -912,6 +948,36 @@ class DWM(Algorithm):
         metrics['dwm/refit/count'] = self.refits_done
         self.last_refit_metrics = metrics
         logger.log_metrics(metrics)
+
+    def _fit_by_regression(self, pooled: list[tuple[dict, torch.Tensor]], backbone_names: set[str],
+                           world: int) -> float:
+        """``refit_fit='regression'``: ``refit_fit_steps`` Adam steps fitting the weighter's own log-weights to the
+        pooled trust-region targets, one pooled batch per step in a fixed cycle. Returns the mean loss of the last
+        pass over the pool."""
+        assert self.weighter is not None and self.weighter_optimizer is not None
+        losses: list[float] = []
+        for step in range(self.refit_fit_steps):
+            batch, target = pooled[step % len(pooled)]
+            self.weighter_optimizer.zero_grad(set_to_none=False)
+            with torch.enable_grad():
+                _, _, scores = self._global_weights(batch, grad=True)
+                loss = log_weight_regression_loss(self.weighter.weights_from_scores(scores), target.to(scores.device))
+                loss.backward()
+            self._sync_weighter_grads(backbone_names, world)
+            self.weighter_optimizer.step()
+            losses.append(float(loss))
+        return sum(losses[-len(pooled):]) / min(len(losses), len(pooled))
+
+    def _target_reached(self, pooled: list[tuple[dict, torch.Tensor]]) -> float:
+        """Mean over the refit's batches of how far the refit weighter's own weights went toward each batch's
+        trust-region target (:func:`~algorithms.dwm.functional.spread_reached`; NaN without targets)."""
+        reached = []
+        with torch.no_grad():
+            for batch, target in pooled:
+                _, _, scores = self._global_weights(batch)
+                reached.append(spread_reached(self.weighter.weights_from_scores(scores), target.to(scores.device)))
+        reached = [r for r in reached if not math.isnan(r)]
+        return sum(reached) / len(reached) if reached else math.nan
 
     @staticmethod
     def _val_loss(val_loss_fn: Callable, params: dict[str, torch.Tensor]) -> float:

@@ -27,6 +27,9 @@ __all__ = [
     'normalize_with_prior',
     'uniform_if_nonfinite',
     'weight_statistics',
+    'trust_region_target',
+    'log_weight_regression_loss',
+    'spread_reached',
     'gumbel_top_k',
     'subset_batch',
     'spearman',
@@ -286,3 +289,41 @@ def refit_objective(hyper: torch.Tensor, weights: torch.Tensor, own_weights: tor
     if beta > 0:
         loss = loss + beta * own_weights.shape[0] * kl
     return loss, kl.detach()
+
+
+def trust_region_target(hyper: torch.Tensor, beta: float, mix_uniform: float = 0.0) -> torch.Tensor:
+    """The weights that minimise one batch's trust-region refit objective (:func:`refit_objective`):
+    ``w_i ∝ exp(-h_i / beta)``, mean 1, then mixed with uniform as the weighter mixes its own (``(1 - λ) w + λ``),
+    so that the target is one the weighter can reach.
+
+    Args:
+        hyper (torch.Tensor): ``[n]`` hypergradient of the batch (RMS-normalised, so ``beta`` is a temperature in
+            RMS units).
+        beta (float): Trust-region strength (``refit_kl``), ``> 0``.
+        mix_uniform (float): The weighter's ``λ``. Default: ``0.0``.
+
+    Returns:
+        torch.Tensor: ``[n]`` float64 target weights, mean 1.
+    """
+    if beta <= 0:
+        raise ValueError(f'trust_region_target: beta must be > 0 (refit_kl), got {beta}')
+    h = hyper.detach().double()
+    w = h.numel() * torch.softmax(-h / beta, dim=0)
+    return (1.0 - mix_uniform) * w + mix_uniform
+
+
+def log_weight_regression_loss(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of ``log w`` and ``log target``, each centred over the batch (a weighting is defined
+    up to its scale): the loss that fits the weighter to pooled refit targets (``refit_fit='regression'``)."""
+    lw = torch.log(weights.clamp(min=1e-12))
+    lt = torch.log(target.detach().to(weights.dtype).clamp(min=1e-12))
+    return ((lw - lw.mean()) - (lt - lt.mean())).pow(2).mean()
+
+
+def spread_reached(weights: torch.Tensor, target: torch.Tensor) -> float:
+    """How far a weighting went toward its target: ``<w - 1, t - 1> / |t - 1|^2`` (the projection of the weights'
+    deviation from uniform on the target's; 1 = all the way, 0 = uniform or orthogonal, NaN for a uniform target)."""
+    dw = weights.detach().double() - weights.detach().double().mean()
+    dt = target.detach().double() - target.detach().double().mean()
+    denom = float(dt.pow(2).sum())
+    return float((dw * dt).sum()) / denom if denom > 0 else math.nan

@@ -192,6 +192,8 @@ class DWMConfig:
     lookahead_steps: int = 1
     ess_band: list[float] = field(default_factory=lambda: [0.5, 1.0])
     dead_tol: float = 1e-6
+    refit_fit: str = 'gradient'
+    refit_fit_steps: int = 100
     save_overwrite: bool = False  # ConfiguredDWM's: replace another run's schedule in save_dir
 
 

@@ -1,0 +1,77 @@
+"""``refit_fit='regression'`` (issue 18): the weighter is fit to the pooled trust-region targets of a refit's batches,
+and goes much further toward them than the same number of gradient refit steps; the pure pieces behind it."""
+
+import math
+
+import pytest
+import torch
+from composer import Trainer
+from composer.loggers import InMemoryLogger
+from dwm_testing import ToyCorpus, composer_llama, loader, val_batches
+from torch.utils.data import DataLoader
+
+from algorithms.dwm import DWM
+from algorithms.dwm.functional import (log_weight_regression_loss, refit_objective, spread_reached,
+                                       trust_region_target)
+
+
+def test_trust_region_target_minimises_the_refit_objective():
+    h = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    beta = 2.0
+    target = trust_region_target(h, beta)
+    assert target.mean().item() == pytest.approx(1.0) and (target > 0).all()
+    assert int(target.argmax()) == 1 and int(target.argmin()) == 4  # lowest hypergradient, highest weight
+
+    def objective(w):
+        return float(refit_objective(h, w, w, beta)[0])
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # every other mean-1 weighting nearby does worse
+        other = (target * torch.exp(0.1 * torch.randn(5, generator=gen, dtype=torch.float64)))
+        other = other / other.mean()
+        assert objective(other) > objective(target)
+    mixed = trust_region_target(h, beta, mix_uniform=0.1)
+    torch.testing.assert_close(mixed, 0.9 * target + 0.1)
+    with pytest.raises(ValueError, match='beta must be > 0'):
+        trust_region_target(h, 0.0)
+
+
+def test_regression_loss_and_spread_reached():
+    t = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    assert float(log_weight_regression_loss(t * 3.0, t)) == pytest.approx(0.0, abs=1e-12)  # scale-free
+    assert float(log_weight_regression_loss(torch.ones(3, dtype=torch.float64), t)) > 0
+    assert spread_reached(t, t) == pytest.approx(1.0)
+    assert spread_reached(torch.ones(3), t) == pytest.approx(0.0)
+    assert spread_reached(1 + 0.5 * (t - 1), t) == pytest.approx(0.5)
+    assert math.isnan(spread_reached(t, torch.ones(3)))
+
+
+def _refit_metrics(refit_fit, **kwargs):
+    logger = InMemoryLogger()
+    model = composer_llama()
+    dwm = DWM(stage_boundaries=['3ba'], refit_steps=6, refit_lr=0.02, lookahead_lr=0.5, refit_fit=refit_fit,
+              refit_dataloader=DataLoader(ToyCorpus(96, seed=1), batch_size=8, shuffle=False),
+              val_dataloader=val_batches(), domain_names=['clean', 'noisy'],
+              weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1}, **kwargs)
+    trainer = Trainer(model=model, train_dataloader=loader(64, 8, seed=0), max_duration='4ba',
+                      optimizers=torch.optim.Adam(model.parameters(), lr=3e-3), algorithms=[dwm], device='cpu',
+                      seed=17, loggers=[logger], progress_bar=False, log_to_console=False)
+    trainer.fit()
+    return {k[len('dwm/refit/'):]: v[-1][1] for k, v in logger.data.items() if k.startswith('dwm/refit/')}
+
+
+def test_regression_refit_reaches_its_targets_and_gradient_refit_reports_how_far_it_got():
+    regression = _refit_metrics('regression', refit_fit_steps=150)
+    gradient = _refit_metrics('gradient')
+    assert regression['target_std'] > 0.05  # the targets ask for a real spread
+    assert regression['target_reached'] >= 0.5, regression
+    assert regression['target_reached'] > gradient['target_reached'] + 0.2, (regression, gradient)
+    assert regression['weight_std_after'] > 0.02 and regression['ess_after'] >= 0.5
+    assert not math.isnan(regression['fit_loss']) and math.isnan(gradient['fit_loss'])
+
+
+def test_regression_refit_needs_a_trust_region():
+    with pytest.raises(ValueError, match='refit_kl must be > 0'):
+        DWM(refit_fit='regression', refit_kl=0.0)
+    with pytest.raises(ValueError, match="refit_fit must be 'gradient' or 'regression'"):
+        DWM(refit_fit='sgd')
