@@ -25,8 +25,9 @@ machine is left out and its share goes to the others):
 ``RedPajamaCommonCrawl``    licence texts: ``/usr/share/common-licenses/*``, Python's
                             ``LICENSE.txt``, ``/usr/share/doc/*/copyright``
 ``DegradedShuffledWords``   training prose with its words shuffled within each document
-``DegradedRandomTokens``    words drawn uniformly from the prose vocabulary, mixed with random
-                            character strings
+``DegradedRandomTokens``    training documents of every real domain with each prose word replaced
+                            by another, through one fixed random permutation of the prose
+                            vocabulary: the real token types with conflicting statistics
 ``DegradedBoilerplate``     web boilerplate lines (cookie banners, menus, footers) repeated with
                             small variations
 =========================== =================================================================
@@ -85,7 +86,7 @@ from dwm_stream.progress import Progress
 __all__ = [
     'build_corpus', 'CorpusInfo', 'parse_size', 'REAL_DOMAINS', 'DEGRADED_DOMAINS', 'DOMAINS',
     'DOMAIN_SHARES', 'FILES_PER_CHUNK', 'HOLDOUT_EVERY', 'MAX_DOC_CHARS', 'EOS_TEXT', 'split_lambada',
-    'ALT_DEGRADED_DOMAINS', 'CORRUPTIONS', 'degraded_domains',
+    'ALT_DEGRADED_DOMAINS', 'CORRUPTIONS', 'degraded_domains', 'domain_shares', 'RECIPE_VERSION',
 ]
 
 REAL_DOMAINS = ('RedPajamaBook', 'RedPajamaWikipedia', 'RedPajamaGithub', 'RedPajamaCommonCrawl')
@@ -112,7 +113,31 @@ MAX_DOC_CHARS = 32_000
 LAMBADA_MAX_EXAMPLES = 500
 _STDLIB = sysconfig.get_paths()['stdlib']
 EOS_TEXT = '<|endoftext|>'  # documents containing it are skipped, so EOS splits documents exactly
-_BUILD_VERSION = 1
+_BUILD_VERSION = 1  # seeds every random choice: changing it changes every domain
+# What the degraded domains are made of; recorded in dwm_corpus.json so that a cached corpus of an older recipe is
+# rebuilt (2: DegradedRandomTokens became a word cipher of real documents).
+RECIPE_VERSION = 2
+
+
+def domain_shares(domains: Iterator[str] | list[str], degraded_share: Optional[float] = None) -> dict[str, float]:
+    """Share of the corpus bytes of each of ``domains``, summing to 1.
+
+    ``DOMAIN_SHARES`` renormalised over ``domains``; with ``degraded_share``, the degraded domains together get that
+    share (each in proportion to its ``DOMAIN_SHARES`` entry) and the real ones the rest.
+    """
+    shares = {d: DOMAIN_SHARES[d] for d in domains}
+    if degraded_share is None:
+        total = sum(shares.values())
+        return {d: s / total for d, s in shares.items()}
+    if not 0.0 <= degraded_share < 1.0:
+        raise ValueError(f'degraded_share must be in [0, 1), got {degraded_share}')
+    real = {d: s for d, s in shares.items() if d in REAL_DOMAINS}
+    dirty = {d: s for d, s in shares.items() if d not in REAL_DOMAINS}
+    if not real:
+        raise ValueError('degraded_share: the corpus has no real domain')
+    out = {d: (1.0 - (degraded_share if dirty else 0.0)) * s / sum(real.values()) for d, s in real.items()}
+    out.update({d: degraded_share * s / sum(dirty.values()) for d, s in dirty.items()})
+    return out
 
 
 def degraded_domains(corruptions: str = 'standard') -> tuple[str, ...]:
@@ -364,22 +389,23 @@ def _shuffled_words(prose: Iterator[str], rng: random.Random) -> Iterator[str]:
         yield '\n'.join(lines)
 
 
-def _random_tokens(vocab: list[str], rng: random.Random) -> Iterator[str]:
-    alphabet = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-#@$%&*+=/'
-    punct = ['', '', '', '', ',', '.', ';', ':', '!', '?', ')', '"']
-    while True:
-        n = rng.randint(30, 1200)
-        words = []
-        for _ in range(n):
-            if vocab and rng.random() < 0.7:
-                w = rng.choice(vocab)
-            else:
-                w = ''.join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))
-            words.append(w + rng.choice(punct))
-        text = ''
-        for i, w in enumerate(words):
-            text += w + ('\n' if rng.random() < 0.05 else ' ')
-        yield text.rstrip()
+def _word_cipher(real: Iterator[str], vocab: list[str], rng: random.Random) -> Iterator[str]:
+    """Real documents with every word of ``vocab`` replaced by its image under one fixed random permutation of
+    ``vocab`` (drawn once from ``rng``); other words, whitespace and punctuation stay, so code keeps its layout.
+
+    The words are the real domains' own, and so are their overall frequencies, but each word stands where another
+    one would: the same token types with consistently wrong unigram and bigram statistics. A model trained on both
+    learns conflicting statistics for the same tokens; a weighting method that drops these documents helps.
+    """
+    image = list(vocab)
+    rng.shuffle(image)
+    table = dict(zip(vocab, image))
+
+    def swap(match: re.Match) -> str:
+        return table.get(match.group(0), match.group(0))
+
+    for text in real:
+        yield re.sub(r'[A-Za-z]{2,}', swap, text)
 
 
 _BOILERPLATE = [
@@ -481,18 +507,24 @@ class _DomainStreams:
         book, wiki = list(items.get('RedPajamaBook', [])), list(items.get('RedPajamaWikipedia', []))
         rng('vocab').shuffle(book)
         rng('vocab').shuffle(wiki)
-        self.streams['DegradedRandomTokens'] = _random_tokens(_prose_vocab(book, wiki),
-                                                              rng('random-tokens'))
+        real_items = [i for d in REAL_DOMAINS for i in items.get(d, [])]
+        if real_items:
+            self.streams['DegradedRandomTokens'] = _word_cipher(
+                iter(_RealStream('real', real_items, rng('real-for-cipher'))), _prose_vocab(book, wiki),
+                random.Random(f'dwm-corpus|{_BUILD_VERSION}|{seed}|cipher'))  # one cipher for train and validation
         self.streams['DegradedBoilerplate'] = _boilerplate(rng('boilerplate'))
 
 
 def _write_split(out_dir: str, split: str, stem: str, budget: int, streams: _DomainStreams,
-                 seed: int, file_bytes: int, pbar, lambada: Optional[_LambadaCandidates]
-                 ) -> tuple[list[str], dict[str, int], dict[str, int]]:
+                 seed: int, file_bytes: int, pbar, lambada: Optional[_LambadaCandidates],
+                 degraded_share: Optional[float] = None) -> tuple[list[str], dict[str, int], dict[str, int]]:
     """Interleave domain documents into SlimPajama files until ``budget`` text bytes."""
-    shares = {d: DOMAIN_SHARES[d] for d in streams.streams}
-    total_share = sum(shares.values())
-    remaining = {d: int(budget * s / total_share) for d, s in shares.items()}
+    if degraded_share is None:  # the arithmetic of the corpora built before degraded_share, kept byte for byte
+        shares = {d: DOMAIN_SHARES[d] for d in streams.streams}
+        total_share = sum(shares.values())
+        remaining = {d: int(budget * s / total_share) for d, s in shares.items()}
+    else:
+        remaining = {d: int(budget * s) for d, s in domain_shares(list(streams.streams), degraded_share).items()}
     docs: dict[str, int] = {d: 0 for d in streams.streams}
     nbytes: dict[str, int] = {d: 0 for d in streams.streams}
     rng = random.Random(f'dwm-corpus|{_BUILD_VERSION}|{seed}|{split}|interleave')
@@ -596,7 +628,8 @@ def build_corpus(out_dir: str,
                  seed: int = 0,
                  progress: bool = False,
                  corruptions: str = 'standard',
-                 validation_size: int | str | None = None) -> CorpusInfo:
+                 validation_size: int | str | None = None,
+                 degraded_share: Optional[float] = None) -> CorpusInfo:
     """Build the embedded SlimPajama-format corpus (see the module docstring for the layout).
 
     Args:
@@ -609,6 +642,9 @@ def build_corpus(out_dir: str,
             corruption types in their place: ``ALT_DEGRADED_DOMAINS``). Default: ``'standard'``.
         validation_size (int | str, optional): Validation text bytes. Default: ``None`` (``max(64 KiB, size /
             50)``).
+        degraded_share (float, optional): Share of the bytes (train and validation) that the degraded domains take
+            together; the real domains keep their relative shares. Default: ``None`` (``DOMAIN_SHARES`` as they are:
+            20% degraded). The quality benchmark uses 0.45, so that degraded data do measurable harm.
 
     Returns:
         CorpusInfo: What was written.
@@ -616,6 +652,8 @@ def build_corpus(out_dir: str,
     start = time.perf_counter()
     size_bytes = parse_size(size)
     degraded_domains(corruptions)  # validate
+    if degraded_share is not None:
+        domain_shares(REAL_DOMAINS, degraded_share)  # validate
     if os.path.exists(os.path.join(out_dir, 'train')):
         raise FileExistsError(f'{out_dir} already holds a corpus (train/); choose another --out or '
                               'delete it first.')
@@ -639,10 +677,10 @@ def build_corpus(out_dir: str,
     try:
         train_files, docs, nbytes = _write_split(out_dir, 'train', 'example_train', size_bytes,
                                                  _DomainStreams('train', seed, train_items, corruptions), seed,
-                                                 file_bytes, pbar, lambada)
+                                                 file_bytes, pbar, lambada, degraded_share)
         val_files, val_docs, _ = _write_split(out_dir, 'validation', 'example_holdout', val_bytes,
                                               _DomainStreams('validation', seed, held_items, corruptions), seed,
-                                              file_bytes, pbar, None)
+                                              file_bytes, pbar, None, degraded_share)
     finally:
         pbar.close()
     examples = lambada.clean(LAMBADA_MAX_EXAMPLES)
@@ -661,8 +699,11 @@ def build_corpus(out_dir: str,
                       lambada_examples=len(examples))
     record = asdict(info)
     del record['seconds'], record['out_dir']
+    record['recipe'] = RECIPE_VERSION
     if corruptions != 'standard':  # absent for the standard set: its summary stays byte-identical
         record['corruptions'] = corruptions
+    if degraded_share is not None:  # absent by default, for the same reason
+        record['degraded_share'] = degraded_share
     with open(os.path.join(out_dir, 'dwm_corpus.json'), 'w', encoding='utf-8') as f:
         f.write(json.dumps(record, indent=2, sort_keys=True) + '\n')
     info.seconds = time.perf_counter() - start

@@ -10,6 +10,7 @@ never share a cache by mistake.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 
 from dwm_stream.convert.pipeline import convert
 from dwm_stream.convert.tokenizer import train_tokenizer
-from dwm_stream.demo.corpus import build_corpus, split_lambada
+from dwm_stream.demo.corpus import RECIPE_VERSION, build_corpus, split_lambada
 
 __all__ = ['DataBudget', 'prepare_data']
 
@@ -32,18 +33,32 @@ class DataBudget:
         seq_len (int): Tokens per packed sample in the MDS shards.
         validation_size (str, optional): Validation text of the embedded corpus, e.g. ``'600KB'``. Default:
             ``None`` (``build_corpus``'s default).
+        degraded_share (float, optional): Share of the embedded corpus's bytes in its degraded domains. Default:
+            ``None`` (``build_corpus``'s default).
     """
     corpus_size: str
     vocab_size: int
     seq_len: int
     validation_size: Optional[str] = None
+    degraded_share: Optional[float] = None
 
     def key(self, seed: int = 0, corruptions: str = 'standard') -> str:
         """The cache folder's name: ``4MB-v2048-s128`` (``-val600KB``, ``-alt``, ``-seed3`` appended for a
         validation size, corruption set or corpus seed other than the defaults)."""
         return (f'{self.corpus_size}-v{self.vocab_size}-s{self.seq_len}'
                 + (f'-val{self.validation_size}' if self.validation_size else '')
+                + (f'-deg{round(100 * self.degraded_share)}' if self.degraded_share is not None else '')
                 + (f'-{corruptions}' if corruptions != 'standard' else '') + (f'-seed{seed}' if seed else ''))
+
+
+def _cached_recipe(corpus: str) -> Optional[int]:
+    """The recipe version of the cached embedded corpus in ``corpus`` (1 for one built before versions were
+    recorded; ``None`` if there is no complete corpus)."""
+    try:
+        with open(os.path.join(corpus, 'dwm_corpus.json'), encoding='utf-8') as f:
+            return int(json.load(f).get('recipe', 1))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def prepare_data(data_dir: str, budget: DataBudget, seed: int = 0, workers: int = 1, progress: bool = False,
@@ -93,13 +108,16 @@ def prepare_data(data_dir: str, budget: DataBudget, seed: int = 0, workers: int 
             if not os.path.isdir(os.path.join(corpus_dir, split)):
                 raise FileNotFoundError(f'{corpus_dir} has no {split}/ folder: not a SlimPajama-layout corpus')
         tell('corpus', f'corpus: {corpus_dir}')
-    elif os.path.exists(os.path.join(paths['corpus'], 'dwm_corpus.json')):  # written last: the corpus is complete
+    elif _cached_recipe(paths['corpus']) == RECIPE_VERSION:  # dwm_corpus.json is written last: complete
         tell('corpus', f'corpus: cached in {paths["corpus"]}')
     else:
-        shutil.rmtree(paths['corpus'], ignore_errors=True)  # an interrupted build
+        # An interrupted build, or one of an older recipe: this folder is the cache's own, never a user's corpus.
+        # Everything built from it goes too.
+        for stale in (paths['corpus'], paths['tokenizer'], os.path.join(root, 'mds')):
+            shutil.rmtree(stale, ignore_errors=True)
         tell('corpus', f'building the embedded corpus ({budget.corpus_size}) in {paths["corpus"]}')
         build_corpus(paths['corpus'], size=budget.corpus_size, seed=seed, progress=progress, corruptions=corruptions,
-                     validation_size=budget.validation_size)
+                     validation_size=budget.validation_size, degraded_share=budget.degraded_share)
     tell('tokenizer', 'training the BPE tokenizer (cached when unchanged)')
     train_tokenizer(paths['corpus'], paths['tokenizer'], vocab_size=budget.vocab_size, progress=progress)
     for split in ('train', 'validation'):
