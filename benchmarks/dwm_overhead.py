@@ -124,7 +124,7 @@ def _flops(shape: dict[str, int], wcfg, batch: int, seq_len: int) -> dict[str, f
     (primal 2N + tangent 4N: about one more training step) + weighter fwd/bwd (3x its forward).
     """
     h, n_layers, vocab = shape['hidden'], shape['layers'], shape['vocab']
-    ffn = 4 * h
+    ffn = shape.get('ffn', 4 * h)
     llm_matmul = n_layers * (4 * h * h + 3 * h * ffn) + h * vocab
     llm_train = 6.0 * llm_matmul + 12.0 * n_layers * seq_len * h
     d, w_layers = wcfg.d_model, wcfg.n_layers

@@ -57,6 +57,7 @@ __all__ = [
     'jvp_attention',
     'eager_attention',
     'chunked_attention',
+    'jvp_query_block',
     'JVP_QUERY_BLOCK',
 ]
 
@@ -345,8 +346,23 @@ def eager_attention(lm: torch.nn.Module) -> Iterator[None]:
         config._attn_implementation = previous
 
 
-JVP_QUERY_BLOCK = 512  # query rows per block of the JVP's attention: scores are [B, H, 512, T], not [B, H, T, T]
+# Query rows per block of the JVP's attention; ``None``: :func:`jvp_query_block`'s rule (from the model's shape).
+JVP_QUERY_BLOCK: Optional[int] = None
 _CHUNKED_NAME = 'dwm_jvp_chunked'
+
+
+def jvp_query_block(vocab_size: int, num_heads: int, minimum: int = 64) -> int:
+    """Query rows per attention block in the JVP, so that the attention never bounds its memory.
+
+    Under :func:`torch.func.jvp` (no graph is kept) the JVP's peak is its largest op: the attention scores of one
+    layer (primal and tangent scores and softmax, ``4 x B x H x rows x T`` values) or the LM head (logits and their
+    log-softmax in the cross-entropy, ``4 x B x T x V``). Blocks of ``V // H`` rows keep the scores at or under the
+    head's size at any ``T``, so chunking costs nothing where the head bounds anyway (a 50k vocabulary with 16 heads
+    at ``T = 2048``: one block) and caps the ``O(T^2)`` scores where they would not (long sequences, small
+    vocabularies). Rounded down to a multiple of ``minimum``, at least ``minimum``.
+    """
+    rows = max(vocab_size // max(num_heads, 1), minimum)
+    return rows - rows % minimum
 
 
 def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -363,7 +379,8 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     Args:
         module, query, key, value, attention_mask, dropout, scaling, is_causal: as HF's ``sdpa_attention_forward``.
-        query_block (int, optional): Query rows per block. Default: ``None`` (:data:`JVP_QUERY_BLOCK`).
+        query_block (int, optional): Query rows per block. Default: ``None`` (:data:`JVP_QUERY_BLOCK` if set, else
+            :func:`jvp_query_block` of the module's ``config``; one block for a module without one).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import repeat_kv
@@ -372,6 +389,10 @@ def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     block = query_block or JVP_QUERY_BLOCK
+    config = getattr(module, 'config', None)
+    if block is None:
+        vocab, heads = getattr(config, 'vocab_size', None), getattr(config, 'num_attention_heads', None)
+        block = jvp_query_block(vocab, heads) if vocab and heads else query.shape[2]
     q_len, k_len = query.shape[2], key.shape[2]
     mask = attention_mask[:, :, :, :k_len] if attention_mask is not None and attention_mask.ndim == 4 else \
         attention_mask
@@ -437,11 +458,12 @@ def jvp_attention(lm: torch.nn.Module) -> Iterator[None]:
     SDPA's fused kernels (flash/memory-efficient, CPU flash) and flash-attn have no forward-mode rule, but SDPA's
     *math* backend is a composite of differentiable ops (measured faster than HF's eager attention for the JVP on
     CPU, see ``benchmarks/RESULTS.md``). It materialises the ``[B, H, T, T]`` scores, with their tangents; at
-    ``T = 2048`` that is what bounds the JVP's memory, so:
+    long sequences (or small vocabularies) that is what bounds the JVP's memory, so:
 
     * a HuggingFace model on the attention interface (``_supports_attention_backend``: Llama, Mistral, Qwen2...),
       whatever its ``attn_implementation`` (``sdpa``, ``flash_attention_2``, ``eager``), runs
-      :func:`chunked_attention` for the JVP: the math backend over blocks of :data:`JVP_QUERY_BLOCK` query rows;
+      :func:`chunked_attention` for the JVP: the math backend over blocks of query rows (:func:`jvp_query_block`:
+      as many as keep the scores under the LM head's size);
     * another HF model on ``sdpa`` keeps SDPA, restricted to the math backend; on anything else, eager;
     * an LLM Foundry MPT model with ``attn_impl: flash`` runs its ``torch`` attention for the JVP (``attn_impl:
       torch`` is already plain ops).

@@ -294,3 +294,33 @@ def test_chunked_attention_is_what_the_jvp_runs(monkeypatch):
     ids = torch.stack([clean_sequence(gen, 8) for _ in range(2)])
     _jvp_of(model, ids, torch.ones_like(ids))
     assert calls == [3, 3, 2] * 2
+
+
+def test_jvp_query_block_keeps_the_scores_under_the_lm_head():
+    """Blocks of ``V // H`` rows (a multiple of 64): the scores of a block (``B x H x rows x T``) are never larger
+    than the logits (``B x T x V``), so a vocabulary of 50k with 16 heads runs T = 2048 in one block."""
+    from algorithms.dwm.hypergradient import jvp_query_block
+    assert jvp_query_block(50304, 16) == 3136 >= 2048
+    assert jvp_query_block(1024, 4) == 256
+    assert jvp_query_block(100, 16) == 64  # at least 64 rows
+    for vocab, heads in ((50304, 16), (32000, 32), (1024, 4), (151936, 14)):
+        assert jvp_query_block(vocab, heads) * heads <= vocab
+
+
+def test_chunked_attention_default_block_follows_the_model(monkeypatch):
+    """Without JVP_QUERY_BLOCK, a Llama with vocab 128 and 4 heads runs the JVP's attention in blocks of 64 rows: a
+    sequence of 80 is 2 blocks (64 + 16) per layer."""
+    model = tiny_llama(hidden=16, layers=1, seed=5, dtype=torch.float64, attn='sdpa')
+    model.config.max_position_embeddings = 128
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', spy)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.stack([clean_sequence(gen, 80) for _ in range(2)])
+    _jvp_of(model, ids, torch.ones_like(ids))
+    assert calls == [64, 16]
