@@ -1,4 +1,4 @@
-"""``dwm-stream bench gpu --dry-run`` runs every part on CPU and its JSON says what happened: both YAML runs trained,
+"""``dwm-stream bench gpu --dry-run`` (through the CLI) runs every part on CPU and its JSON says what happened: both YAML runs trained,
 DWM refitted inside its run, every ratio is real and positive, the chunked JVP used less memory than the unchunked
 one; its RESULTS.md section is what the JSON renders. Without CUDA, ``bench gpu`` runs the dry run (with a note) and
 never writes into the committed results."""
@@ -18,7 +18,8 @@ def dry_run(tmp_path_factory):
     results_md.write_text('# Benchmark results\n\n' + OTHER_SECTION + '\n' + bench.BEGIN_MARK + '\nstale 9.99\n' +
                           bench.END_MARK + '\n')
     out = root / 'results'
-    assert bench.main(['--dry-run', '--out', str(out), '--data-dir', str(root / 'data')]) == 0
+    from dwm_stream.cli import main as cli  # as a user runs it: `dwm-stream bench gpu --dry-run`
+    assert cli(['bench', 'gpu', '--dry-run', '--out', str(out), '--data-dir', str(root / 'data')]) == 0
     import json
     with open(out / 'gpu.json') as f:
         return bench, json.load(f), results_md
