@@ -135,3 +135,31 @@ def test_jvp_memory_model_at_the_370m_yaml():
     long = bench.jvp_memory_model(bench.MODELS['370m'], 16, 8192)
     assert long['bound_unchunked'] == 'attention scores' and long['bound'] == 'LM head (logits)'
     assert long['blocks'] == 3 and long['attention'] <= long['head']
+
+
+@pytest.mark.parametrize('model', ['124m', '370m'])
+def test_the_gpu_run_overrides_load_against_the_shipped_yamls(model, tmp_path):
+    """The real run's overrides (which the CPU dry run does not use as they are: GPU device, workers, compile) are
+    valid keys of the shipped YAMLs and give the sizes the module docstring budgets for; everything else is the
+    YAML's own (amp_bf16, SDPA, compile_config, the 512-wide weighter)."""
+    from dwm_stream.train.entry import load_config
+    bench = load_bench('gpu')
+    args = bench.build_parser().parse_args(['--model', model])
+    budget = bench._budget(args, cuda=True)
+    paths = {'tokenizer': str(tmp_path / 'tok'), 'train': str(tmp_path / 'train'),
+             'lambada_fit': str(tmp_path / 'lambada.jsonl')}
+    shape = bench.MODELS[model]
+    for yaml, dwm in ((bench.YAML_UNIFORM, False), (bench.YAML_DWM, True)):
+        cfg = load_config(str(yaml), bench._overrides(budget, paths, str(tmp_path / 'run'), 'gpu', dwm))
+        assert cfg['device'] == 'gpu' and cfg['precision'] == 'amp_bf16' and cfg['compile_config'] == {}
+        assert cfg['model']['attn_implementation'] == 'sdpa'
+        assert cfg['model']['config_overrides']['hidden_size'] == shape['hidden']
+        assert cfg['max_seq_len'] == shape['seq_len'] and cfg['max_duration'] == '60ba'
+        assert cfg['global_train_batch_size'] == 32 and cfg['device_train_microbatch_size'] == 16
+        assert cfg['train_loader']['num_workers'] == 4 and cfg['train_loader']['dataset']['local'] == paths['train']
+        if dwm:
+            d = cfg['algorithms']['dwm']
+            assert d['num_stages'] == 3 and d['refit_steps'] == (20 if model == '124m' else 5)
+            assert d['weighter']['d_model'] == 512 and d['validation']['lambada'] == paths['lambada_fit']
+        else:
+            assert not cfg.get('algorithms')
