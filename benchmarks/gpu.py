@@ -15,8 +15,9 @@ one process:
    model, with the project's functional core (``weighted_loss``, ``hypergradient``, ``jvp_attention``,
    ``refit_objective``, ``Weighter``), and the peak memory of each; the refit in TF32 (as Composer sets it) and, on
    CUDA, strict fp32.
-4. **The refit's JVP memory**: the JVP peak with the attention over query blocks (``jvp_attention``'s default) and
-   unchunked, measured, beside the analytic model (``jvp_memory_model``) at the run's shape and at the 370M YAML's.
+4. **The refit's JVP memory**: the JVP peak with the attention over query blocks (``jvp_attention``'s rule) and in
+   one block, measured at the run's shape, beside the analytic model (``jvp_memory_model``) there and at the 370M
+   YAML's.
 5. **Loader** at 1, 2, 4 and 8 DataLoader workers: ``DWMDataset`` against the do-nothing DataLoader at seq 2048, and
    directly iterated against a plain ``StreamingDataset`` (``benchmarks.loader_throughput``'s pieces).
 
@@ -113,15 +114,15 @@ def _budget(args: argparse.Namespace, cuda: bool) -> dict[str, Any]:
                 'weighter': {'d_model': 32, 'n_layers': 1, 'n_heads': 4}, 'compile': False,
                 'corpus_size': '1MB', 'tokenizer_vocab': 1024, 'reps': 2, 'loader_workers': [1, 2],
                 'loader_samples': 256, 'loader_reps': 1, 'train_workers': 0,
-                'jvp': {'hidden': 64, 'layers': 1, 'heads': 4, 'ffn': 128, 'vocab': 1024, 'seq_len': 2048,
-                        'batch': 2}}
+                'jvp': [{'hidden': 64, 'layers': 1, 'heads': 4, 'ffn': 128, 'vocab': 1024, 'seq_len': 2048,
+                         'batch': 2}]}
     shape = dict(MODELS[args.model])
     return {'model': args.model, 'shape': shape, 'seq_len': args.seq_len or shape['seq_len'],
             'batches': args.batches or 60, 'global_batch': 32, 'microbatch': 16, 'stages': 3,
             'refit_steps': 20 if args.model == '124m' else 5, 'weighter': None, 'compile': True,
             'corpus_size': '4MB', 'tokenizer_vocab': 8192, 'reps': 5, 'loader_workers': [1, 2, 4, 8],
             'loader_samples': 2048, 'loader_reps': 3, 'train_workers': 4,
-            'jvp': {**shape, 'seq_len': args.seq_len or shape['seq_len'], 'batch': 16 if cuda else 2}}
+            'jvp': [{**shape, 'seq_len': args.seq_len or shape['seq_len'], 'batch': 16 if cuda else 2}]}
 
 
 def _llama_config(shape: dict[str, int], seq_len: int, attn: str = 'sdpa') -> LlamaConfig:
@@ -527,7 +528,7 @@ def _jvp_memory(spec: dict[str, int], device: torch.device, log: Callable[[str],
            'yaml_370m_model_mib': {k: _mib(v) if isinstance(v, float) else v for k, v in
                                    jvp_memory_model(MODELS['370m'], 16, 2048).items()}}
     log(f'  JVP memory at seq {seq}, batch {batch}: chunked {chunked["transient_mib"]:,.0f} MiB, unchunked '
-        f'{unchunked["transient_mib"]:,.0f} MiB (model: attention {out["model_mib"]["attention"]:,.0f} / '
+        f'{unchunked["transient_mib"]:,.0f} MiB (model: scores {out["model_mib"]["attention"]:,.0f} / '
         f'{out["model_mib"]["attention_unchunked"]:,.0f} MiB, head {out["model_mib"]["head"]:,.0f} MiB)')
     del lm, params, direction
     gc.collect()
@@ -607,7 +608,9 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
     device = torch.device('cuda' if cuda else 'cpu')
     budget = _budget(args, cuda)
     if getattr(args, 'jvp_shape', 'run') == 'reduced-370m':
-        budget['jvp'] = {**MODELS['370m'], 'hidden': 256, 'layers': 2, 'ffn': 704, 'seq_len': 2048, 'batch': 2}
+        reduced = {**MODELS['370m'], 'hidden': 256, 'layers': 2, 'ffn': 704, 'seq_len': 2048, 'batch': 2}
+        # the same at 4 heads and a 1024 vocabulary: a shape where the scores, not the head, would bound the JVP
+        budget['jvp'] = [reduced, {**reduced, 'heads': 4, 'vocab': 1024}]
     parts = args.part or ['train', 'plain', 'jvp_memory', 'loader']
     started = time.perf_counter()
     res: dict[str, Any] = {
@@ -646,7 +649,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None]) -> dict[
             res['plain'] = _plain_pytorch(budget, device, log)
         if 'jvp_memory' in parts:
             log('[4/5] the refit JVP\'s memory, chunked and unchunked attention')
-            res['jvp_memory'] = _jvp_memory(budget['jvp'], device, log)
+            res['jvp_memory'] = [_jvp_memory(spec, device, log) for spec in budget['jvp']]
         if 'loader' in parts:
             log(f'[5/5] loader at {budget["loader_workers"]} workers, seq 2048')
             res['loader'] = _loader(budget, log)
@@ -718,28 +721,38 @@ def _render_external(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _render_jvp(j: dict[str, Any]) -> list[str]:
-    s, m, y = j['shape'], j['model_mib'], j['yaml_370m_model_mib']
-    return [
+def _render_jvp(cases: list[dict[str, Any]]) -> list[str]:
+    y = cases[0]['yaml_370m_model_mib']
+    first = cases[0]
+    lines = [
         '', '### The refit JVP\'s memory', '',
-        f'Measured on {j["device"].upper()} ({j["chunked"]["probe"]}, transient = peak minus the start), Llama '
-        f'{s["layers"]} x {s["hidden"]} ({s["heads"]} heads, vocab {s["vocab"]}), batch {j["batch"]} x seq '
-        f'{j["seq_len"]}, fp32: the attention in blocks of {j["query_block"]} query rows (`jvp_attention`\'s rule, '
-        f'`jvp_query_block`: vocab // heads rows, so that the scores stay under the LM head\'s size; '
-        f'{-(-j["seq_len"] // j["query_block"])} block(s) here) against one block of {j["seq_len"]}:', '',
-        '| JVP attention | transient peak (MiB) | time (s) | model: attention (MiB) | model: LM head (MiB) |',
-        '|---|---:|---:|---:|---:|',
-        f'| blocks of {min(j["query_block"], j["seq_len"])} rows | {j["chunked"]["transient_mib"]:,.0f} | {j["seconds"]["chunked"]:.2f} '
-        f'| {m["attention"]:,.0f} | {m["head"]:,.0f} |',
-        f'| unchunked | {j["unchunked"]["transient_mib"]:,.0f} | {j["seconds"]["unchunked"]:.2f} | '
-        f'{m["attention_unchunked"]:,.0f} | {m["head"]:,.0f} |', '',
-        f'At the 370M YAML\'s shape (24 x 1024, 16 heads, vocab {MODELS["370m"]["vocab"]}), refit batch 16 x seq 2048, '
-        f'fp32, the model gives: attention scores {y["attention_unchunked"] / 1024:,.1f} GiB per layer, LM head '
+        f'Measured on {first["device"].upper()} ({first["chunked"]["probe"]}; transient = peak minus the start), fp32, '
+        'one JVP of the per-sample losses: the attention in blocks of query rows as `jvp_attention` runs it (its rule, '
+        '`jvp_query_block`: vocab // heads rows, so that the scores stay under the LM head\'s size) against one '
+        'block of all rows, beside the analytic model (4 primal/tangent tensors of the scores, or of the logits):', '',
+        '| Llama (layers x width, heads, vocab), batch x seq | rows per block (blocks) | transient MiB, blocks / one '
+        'block | time s, blocks / one block | model MiB: scores in blocks / in one block / LM head | bound |',
+        '|---|---:|---:|---:|---:|---|',
+    ]
+    for j in cases:
+        s, m = j['shape'], j['model_mib']
+        lines.append(
+            f'| {s["layers"]} x {s["hidden"]}, {s["heads"]} heads, vocab {s["vocab"]}; {j["batch"]} x {j["seq_len"]} | '
+            f'{min(j["query_block"], j["seq_len"])} ({m["blocks"]}) | {j["chunked"]["transient_mib"]:,.0f} / '
+            f'{j["unchunked"]["transient_mib"]:,.0f} | {j["seconds"]["chunked"]:.2f} / {j["seconds"]["unchunked"]:.2f} '
+            f'| {m["attention"]:,.0f} / {m["attention_unchunked"]:,.0f} / {m["head"]:,.0f} | {m["bound_unchunked"]} '
+            f'in one block, {m["bound"]} in blocks |')
+    lines += [
+        '', f'At the 370M YAML\'s shape (24 x 1024, 16 heads, vocab {MODELS["370m"]["vocab"]}), refit batch 16 x seq '
+        f'2048, fp32, the model gives: attention scores {y["attention_unchunked"] / 1024:,.1f} GiB per layer, LM head '
         f'{y["head"] / 1024:,.1f} GiB, direction and preconditioner {y["parameter_sized"] / 1024:,.1f} GiB: the '
         f'bound is the {y["bound_unchunked"]}, so `jvp_attention` runs one block there ({y["query_block"]} rows '
         f'>= 2048); at seq 8192 the scores would be 16x larger ({16 * y["attention_unchunked"] / 1024:,.0f} GiB) and '
-        f'it runs them in blocks of {y["query_block"]} rows.',
+        f'it runs them in blocks of {y["query_block"]} rows. The JVP keeps nothing between layers; the refit step\'s '
+        'peak is its look-ahead forward/backward, which keeps every layer\'s activations for the refit batch, in fp32 '
+        '(the refit runs outside Composer\'s `amp_bf16` autocast).',
     ]
+    return lines
 
 
 def _render_measured(res: dict[str, Any]) -> list[str]:
@@ -877,7 +890,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          'temporary directory)')
     parser.add_argument('--jvp-shape', choices=['run', 'reduced-370m'], default='run',
                         help="the JVP memory part's model: the run's (default), or the 370M YAML's at a quarter width "
-                             '(256 wide, 2 layers, 16 heads, vocab 50304, batch 2 x seq 2048: a CPU measurement)')
+                             '(256 wide, 2 layers, 16 heads, vocab 50304, batch 2 x seq 2048), and the same with 4 '
+                             'heads and vocab 1024 (a CPU measurement)')
     parser.add_argument('--part', action='append', choices=['train', 'plain', 'jvp_memory', 'loader'],
                         help='run only this part (repeatable); its results are merged into the existing JSON')
     parser.set_defaults(out=None)  # unset: the committed results for a GPU run, a temporary directory for a dry run

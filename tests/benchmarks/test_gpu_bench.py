@@ -70,7 +70,8 @@ def test_dry_run_plain_pytorch_jvp_memory_and_loader(dry_run):
     # a refit step does a look-ahead fwd/bwd, a validation fwd/bwd and a JVP: more work than one plain step
     assert r['refit_fp32_over_plain']['median'] > 1.0
     assert _positive(r['refit_memory_over_plain']) and _positive(r['weighted_memory_over_plain'])
-    jvp = res['jvp_memory']
+    assert len(res['jvp_memory']) == 1
+    jvp = res['jvp_memory'][0]
     assert jvp['seq_len'] == 2048 and jvp['query_block'] < jvp['seq_len']  # vocab 1024 / 4 heads: blocks of 256
     # attention over blocks of query rows needs less memory than the [B, H, T, T] scores
     assert 0 < jvp['chunked']['transient_mib'] < jvp['unchunked']['transient_mib']
