@@ -8,8 +8,8 @@ one process:
 2. **Training**: the shipped ``yamls/slimpajama-370m-random.yaml`` (uniform) and ``yamls/slimpajama-370m-random-dwm.yaml``
    (DWM), scaled by overrides, through the project's own train entry point (``dwm_stream.train.entry``: the same
    ``load_config`` + ``build_trainer`` as ``dwm-stream train``), with everything else as shipped (``amp_bf16``, SDPA,
-   ``compile_config``, the 512-wide weighter). DWM runs ``--stages`` stages, so it refits ``--stages`` times (at
-   step 0 and at each boundary) inside the run. Reported: steady step time (median over the steps after the first
+   ``compile_config``, the 512-wide weighter). DWM runs 3 stages, so it refits 3 times (at step 0 and at each
+   boundary) inside the run. Reported: steady step time (median over the steps after the first
    quarter, refit steps excluded), tokens/s, MFU (bf16 dense peak of the GPU), peak memory, each refit's time.
 3. **Plain PyTorch** (no Composer): a plain step, a DWM-weighted step and a refit step, alternated, on the same
    model, with the project's functional core (``weighted_loss``, ``hypergradient``, ``jvp_attention``,
