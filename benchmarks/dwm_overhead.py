@@ -95,8 +95,8 @@ class _RandomTokens(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------- sizes, FLOPs
-# The Llama shapes of ``--model`` (and of ``benchmarks.gpu``): width, depth, heads, FFN width, vocabulary (gpt-neox-20b's,
-# padded), tokens per sample.
+# The Llama shapes of ``--model`` (and of ``benchmarks.gpu``): width, depth, heads, FFN width, vocabulary
+# (gpt-neox-20b's, padded), tokens per sample.
 MODELS = {
     '124m': {'hidden': 768, 'layers': 12, 'heads': 12, 'ffn': 2048, 'vocab': 50304, 'seq_len': 1024},
     '370m': {'hidden': 1024, 'layers': 24, 'heads': 16, 'ffn': 2816, 'vocab': 50304, 'seq_len': 2048},
@@ -208,7 +208,7 @@ class _Setup:
                 trainer.fit(duration='2ba')
 
     def step(self, trainer, steps: int) -> tuple[float, float]:
-        """``steps`` Composer steps; returns (wall, process CPU) seconds per step (on CUDA: synchronised wall, twice)."""
+        """``steps`` Composer steps; returns (wall, process CPU) seconds per step (CUDA: synchronised wall, twice)."""
         _sync()
         wall, cpu = time.perf_counter(), time.process_time()
         trainer.fit(duration=f'{steps}ba')
@@ -497,8 +497,8 @@ def render_section(res: dict[str, Any], command: str) -> str:
 
     on_cpu = st.get('device', 'cpu') == 'cpu'  # schema 3 before --device: CPU
     clock = 'CPU' if on_cpu else 'GPU wall'
-    clocks = ('- **Clocks:** the ratios are of *process CPU time* (one torch thread, so CPU time is the work done): the '
-              'other jobs on this shared machine stretch wall time by up to 2x at random, which would swamp a 5-10% '
+    clocks = ('- **Clocks:** the ratios are of *process CPU time* (one torch thread, so CPU time is the work done): '
+              'the other jobs on this shared machine stretch wall time by up to 2x at random, which would swamp a 5-10% '
               'effect. Wall-clock ratios (medians) are given beside them.') if on_cpu else (
         f'- **Device:** CUDA ({st.get("gpu", "GPU")}), `{st.get("precision")}` steps, Llama `--model '
         f'{st.get("model")}`. **Clocks:** wall time with the device synchronised around each timing (both clock '

@@ -5,8 +5,8 @@ one process:
 
 1. **Data**, with the project's own tools: the embedded SlimPajama-format corpus, a BPE tokenizer and MDS shards
    (``dwm_stream.demo.data.prepare_data``, cached under ``--data-dir``), and the convert rate at all cores.
-2. **Training**: the shipped ``yamls/slimpajama-370m-random.yaml`` (uniform) and ``yamls/slimpajama-370m-random-dwm.yaml``
-   (DWM), scaled by overrides, through the project's own train entry point (``dwm_stream.train.entry``: the same
+2. **Training**: the shipped ``yamls/slimpajama-370m-random.yaml`` (uniform) and
+   ``yamls/slimpajama-370m-random-dwm.yaml`` (DWM), scaled by overrides, through the project's own train entry point (``dwm_stream.train.entry``: the same
    ``load_config`` + ``build_trainer`` as ``dwm-stream train``), with everything else as shipped (``amp_bf16``, SDPA,
    ``compile_config``, the 512-wide weighter). DWM runs 3 stages, so it refits 3 times (at step 0 and at each
    boundary) inside the run. Reported: steady step time (median over the steps after the first
@@ -78,26 +78,22 @@ from algorithms.dwm.hypergradient import (adam_preconditioner, directional_deriv
 from benchmarks.common import (RESULTS_DIR, library_versions, machine_info, min_median_max, output_options,
                                read_section as _read_section, replace_section as _replace_section, utc_now,
                                write_json)
-from benchmarks.dwm_overhead import _flops, _peak_of, _status_kb
+from benchmarks.dwm_overhead import MODELS as OVERHEAD_MODELS, _flops, _peak_of, _status_kb
 
 REPO = Path(__file__).resolve().parents[1]
 YAML_UNIFORM = REPO / 'yamls' / 'slimpajama-370m-random.yaml'
 YAML_DWM = REPO / 'yamls' / 'slimpajama-370m-random-dwm.yaml'
 
-__all__ = ['main', 'build_parser', 'resolve_run', 'run_benchmark', 'render_section', 'replace_section', 'read_section', 'jvp_memory_model',
-           'MODELS', 'BEGIN_MARK', 'END_MARK']
+__all__ = ['main', 'build_parser', 'resolve_run', 'run_benchmark', 'render_section', 'replace_section',
+           'read_section', 'jvp_memory_model', 'MODELS', 'BEGIN_MARK', 'END_MARK']
 
 SECTION = '## GPU'
 BEGIN_MARK = '<!-- gpu:begin -->'
 END_MARK = '<!-- gpu:end -->'
 SCHEMA_VERSION = 1
-VOCAB = 50304  # the model's vocabulary (gpt-neox-20b's, padded): the local tokenizer's ids all fall inside it
-# Llama shapes: hidden, layers, heads, FFN width; vocabulary VOCAB, tied embeddings (as the 370M YAML).
-MODELS = {
-    '124m': {'hidden': 768, 'layers': 12, 'heads': 12, 'ffn': 2048, 'vocab': VOCAB, 'seq_len': 1024},
-    '370m': {'hidden': 1024, 'layers': 24, 'heads': 16, 'ffn': 2816, 'vocab': VOCAB, 'seq_len': 2048},
-    'dry': {'hidden': 64, 'layers': 2, 'heads': 4, 'ffn': 128, 'vocab': 1024, 'seq_len': 64},
-}
+# Llama shapes (``dwm_overhead.MODELS``: hidden, layers, heads, FFN width, vocabulary 50304 (gpt-neox-20b's, padded:
+# the local tokenizer's ids all fall inside it), seq), tied embeddings as in the 370M YAML; and the dry run's.
+MODELS = {**OVERHEAD_MODELS, 'dry': {'hidden': 64, 'layers': 2, 'heads': 4, 'ffn': 128, 'vocab': 1024, 'seq_len': 64}}
 # Dense bf16 peak FLOP/s by GPU name (vendor data sheets, SXM parts).
 PEAK_BF16 = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'A10G': 125e12, 'L4': 121e12}
 TARGETS = {'dwm_over_uniform': 1.10, 'refit_over_plain': 3.0, 'refit_memory': 1.3, 'mfu': 0.35,
@@ -912,9 +908,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     results_md = os.path.abspath(args.results_md or os.path.join(os.path.dirname(os.path.abspath(args.out)),
                                                                  'RESULTS.md'))
     results = run_benchmark(args, log)
-    command = 'dwm-stream bench gpu' + (' --dry-run' if args.dry_run else f' --model {args.model}') + (
-        f' --seq-len {args.seq_len}' if args.seq_len else '') + (f' --batches {args.batches}' if args.batches else '') + (
-        f' --jvp-shape {args.jvp_shape}' if args.jvp_shape != 'run' else '')
+    command = ('dwm-stream bench gpu' + (' --dry-run' if args.dry_run else f' --model {args.model}')
+               + (f' --seq-len {args.seq_len}' if args.seq_len else '')
+               + (f' --batches {args.batches}' if args.batches else '')
+               + (f' --jvp-shape {args.jvp_shape}' if args.jvp_shape != 'run' else ''))
     json_path = os.path.join(args.out, 'gpu.json')
     if args.part and os.path.exists(json_path):  # one part: merged into the record it belongs to
         with open(json_path) as f:

@@ -1,6 +1,6 @@
-"""``dwm-stream bench gpu --dry-run`` (through the CLI) runs every part on CPU and its JSON says what happened: both YAML runs trained,
-DWM refitted inside its run, every ratio is real and positive, the chunked JVP used less memory than the unchunked
-one; its RESULTS.md section is what the JSON renders. Without CUDA, ``bench gpu`` runs the dry run (with a note) and
+"""``dwm-stream bench gpu --dry-run`` (through the CLI) runs every part on CPU and its JSON says what happened: both
+YAML runs trained, DWM refitted inside its run, every ratio is real and positive, the chunked JVP used less memory than
+the unchunked one; its RESULTS.md section is what the JSON renders. Without CUDA, ``bench gpu`` runs the dry run (with a note) and
 never writes into the committed results."""
 
 import math
