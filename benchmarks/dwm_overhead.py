@@ -1,4 +1,4 @@
-"""DWM overhead on CPU: step time with vs without DWM weighting, one refit step vs one plain step, and their memory.
+"""DWM overhead: step time with vs without DWM weighting, one refit step vs one plain step, and their memory.
 
 Everything runs with real Composer ``Trainer`` steps on a tiny Llama, for weighter/model parameter ratios 1/4 and 1
 and batch sizes 8 and 32 (issue 6). Every comparison is a ratio measured in the same run: A (plain step) and B
@@ -25,8 +25,14 @@ at random (two torch threads waiting for each other at every parallel region mak
 reported beside them. A large-vocabulary case (where the cross-entropy matters) times the single loss pass against
 ``single_loss_pass=False``.
 
+Device and size: ``--device cpu`` (default) or ``cuda``; ``--model tiny`` (default: the 4 x 128 Llama above) or
+``124m``/``370m`` (the GPU benchmark's Llama shapes, ``MODELS``). On CUDA, the timings are wall time with the device
+synchronised before and after (there is no CPU clock of a GPU's work; both clock fields hold it), the steps run under
+``amp_bf16``, and the memory is ``torch.cuda.max_memory_allocated`` (the child process still runs, on the GPU).
+
 Usage::
 
+    python -m benchmarks.dwm_overhead --device cuda --model 124m   # the same grid on a GPU at 124M
     python -m benchmarks.dwm_overhead            # full run (a few minutes): writes benchmarks/results/dwm_overhead.json
                                                  # and the "DWM overhead" section of benchmarks/RESULTS.md
     python -m benchmarks.dwm_overhead --quick    # smaller model, fewer repetitions (< ~1 min; CI)
@@ -89,14 +95,26 @@ class _RandomTokens(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------- sizes, FLOPs
-def _llm_shape(quick: bool) -> dict[str, int]:
+# The Llama shapes of ``--model`` (and of ``benchmarks.gpu``): width, depth, heads, FFN width, vocabulary
+# (gpt-neox-20b's, padded), tokens per sample.
+MODELS = {
+    '124m': {'hidden': 768, 'layers': 12, 'heads': 12, 'ffn': 2048, 'vocab': 50304, 'seq_len': 1024},
+    '370m': {'hidden': 1024, 'layers': 24, 'heads': 16, 'ffn': 2816, 'vocab': 50304, 'seq_len': 2048},
+}
+_DEVICE = torch.device('cpu')  # set by run_benchmark / the memory child from --device
+
+
+def _llm_shape(quick: bool, model: str = 'tiny') -> dict[str, int]:
+    if model != 'tiny':
+        return dict(MODELS[model])
     if quick:
         return {'hidden': 64, 'layers': 2, 'vocab': 256, 'seq_len': 64, 'heads': 4}
     return {'hidden': 128, 'layers': 4, 'vocab': 512, 'seq_len': 128, 'heads': 4}
 
 
 def _llama_config(shape: dict[str, int], seq_len: Optional[int] = None):
-    return LlamaConfig(vocab_size=shape['vocab'], hidden_size=shape['hidden'], intermediate_size=4 * shape['hidden'],
+    return LlamaConfig(vocab_size=shape['vocab'], hidden_size=shape['hidden'],
+                       intermediate_size=shape.get('ffn', 4 * shape['hidden']),
                        num_hidden_layers=shape['layers'], num_attention_heads=shape['heads'],
                        num_key_value_heads=shape['heads'], max_position_embeddings=seq_len or shape['seq_len'],
                        tie_word_embeddings=False, attn_implementation='sdpa')
@@ -107,7 +125,8 @@ def _weighter_config(shape: dict[str, int], llm_params: int, ratio: float, seq_l
     best = None
     for d_model in range(16, 8 * shape['hidden'] + 1, 16):
         cfg = WeighterConfig(vocab_size=shape['vocab'], d_model=d_model, n_heads=4, n_layers=2, max_seq_len=seq_len)
-        gap = abs(Weighter(cfg).num_parameters() - ratio * llm_params)
+        with torch.device('meta'):  # counted, not allocated
+            gap = abs(Weighter(cfg).num_parameters() - ratio * llm_params)
         if best is None or gap < best[0]:
             best = (gap, cfg)
     assert best is not None
@@ -124,7 +143,7 @@ def _flops(shape: dict[str, int], wcfg, batch: int, seq_len: int) -> dict[str, f
     (primal 2N + tangent 4N: about one more training step) + weighter fwd/bwd (3x its forward).
     """
     h, n_layers, vocab = shape['hidden'], shape['layers'], shape['vocab']
-    ffn = 4 * h
+    ffn = shape.get('ffn', 4 * h)
     llm_matmul = n_layers * (4 * h * h + 3 * h * ffn) + h * vocab
     llm_train = 6.0 * llm_matmul + 12.0 * n_layers * seq_len * h
     d, w_layers = wcfg.d_model, wcfg.n_layers
@@ -154,16 +173,21 @@ class _Setup:
                  checkpoint_weighter: bool = False):
         seq_len = seq_len or shape['seq_len']
         config = _llama_config(shape, seq_len)
-        self.llm_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
-        self.wcfg = _weighter_config(shape, self.llm_params, ratio, seq_len)
-        self.weighter_params = Weighter(self.wcfg).num_parameters()
+        with torch.device('meta'):
+            self.llm_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+            self.wcfg = _weighter_config(shape, self.llm_params, ratio, seq_len)
+            self.weighter_params = Weighter(self.wcfg).num_parameters()
         self.seq_len, self.batch = seq_len, batch
 
         def make_trainer(algorithms):
             torch.manual_seed(0)
             model = HuggingFaceModel(LlamaForCausalLM(config), use_logits=True)
             data = DataLoader(_RandomTokens(4096, seq_len, shape['vocab'], seed=0), batch_size=batch, shuffle=False)
-            return Trainer(model=model, train_dataloader=data, max_duration=None, algorithms=algorithms, device='cpu',
+            cuda = _DEVICE.type == 'cuda'
+            if cuda:
+                model = model.to(_DEVICE)  # before the optimizer is built over its parameters
+            return Trainer(model=model, train_dataloader=data, max_duration=None, algorithms=algorithms,
+                           device='gpu' if cuda else 'cpu', precision='amp_bf16' if cuda else 'fp32',
                            optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), seed=0, progress_bar=False,
                            log_to_console=False, loggers=[])
 
@@ -184,10 +208,13 @@ class _Setup:
                 trainer.fit(duration='2ba')
 
     def step(self, trainer, steps: int) -> tuple[float, float]:
-        """``steps`` Composer steps; returns (wall, process CPU) seconds per step."""
+        """``steps`` Composer steps; returns (wall, process CPU) seconds per step (CUDA: synchronised wall, twice)."""
+        _sync()
         wall, cpu = time.perf_counter(), time.process_time()
         trainer.fit(duration=f'{steps}ba')
-        return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+        _sync()
+        wall = (time.perf_counter() - wall) / steps
+        return wall, (wall if _DEVICE.type == 'cuda' else (time.process_time() - cpu) / steps)
 
     def refit(self, hypergrad: str = 'jvp', eager: bool = False) -> tuple[float, float]:
         """One ``_refit`` call; returns (wall, process CPU) seconds per weighter update.
@@ -219,7 +246,14 @@ class _Setup:
             self.dwm.hypergrad, self.dwm.refit = 'jvp', False
             del self.dwm._lookahead_val_loss
         wall = float(self.dwm.last_refit_metrics['dwm/refit/step_time'])
+        if _DEVICE.type == 'cuda':  # the refit reads its losses back (.item()): its step times are synchronised
+            return wall, wall
         return wall, (cpu - after_cpu[0]) / self.dwm.refit_steps
+
+
+def _sync() -> None:
+    if _DEVICE.type == 'cuda':
+        torch.cuda.synchronize(_DEVICE)
 
 
 @contextlib.contextmanager
@@ -310,7 +344,16 @@ def _status_kb(field: str) -> int:
 
 
 def _peak_of(fn: Callable[[], Any], libc) -> dict[str, float]:
-    """Transient and absolute peak RSS (MiB) of ``fn`` (see the module docstring)."""
+    """Transient and absolute peak RSS (MiB) of ``fn`` (see the module docstring); on CUDA, of
+    ``torch.cuda.max_memory_allocated``."""
+    if _DEVICE.type == 'cuda':
+        torch.cuda.synchronize(_DEVICE)
+        start = torch.cuda.memory_allocated(_DEVICE)
+        torch.cuda.reset_peak_memory_stats(_DEVICE)
+        fn()
+        torch.cuda.synchronize(_DEVICE)
+        peak = torch.cuda.max_memory_allocated(_DEVICE)
+        return {'transient_mib': (peak - start) / 2**20, 'peak_mib': peak / 2**20, 'start_mib': start / 2**20}
     libc.malloc_trim(0)
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')  # reset VmHWM to the current RSS
@@ -325,6 +368,8 @@ def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: large blocks get their own mapping, returned on free
     libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
     torch.set_num_threads(spec['threads'])
+    global _DEVICE
+    _DEVICE = torch.device(spec.get('device', 'cpu'))
     shape = spec['shape']
     out = []
     for case in spec['cases']:
@@ -344,7 +389,7 @@ def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure_memory(shape, cases, reps: int, threads: int) -> list[dict[str, Any]]:
-    spec = {'shape': shape, 'cases': cases, 'reps': reps, 'threads': threads}
+    spec = {'shape': shape, 'cases': cases, 'reps': reps, 'threads': threads, 'device': _DEVICE.type}
     proc = subprocess.run([sys.executable, '-m', 'benchmarks.dwm_overhead', '--memory-child', json.dumps(spec)],
                           capture_output=True, text=True, check=False, cwd=str(REPO))
     if proc.returncode != 0:
@@ -366,10 +411,14 @@ def _measure_memory(shape, cases, reps: int, threads: int) -> list[dict[str, Any
 
 # ---------------------------------------------------------------------------------------------------- driver
 def run_benchmark(quick: bool = False, reps: Optional[int] = None, steps: Optional[int] = None,
-                  threads: int = 1) -> dict[str, Any]:
+                  threads: int = 1, device: str = 'cpu', model: str = 'tiny') -> dict[str, Any]:
     """Measure and return the figures (see the module docstring)."""
+    global _DEVICE
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda: no CUDA device is available here; run on a GPU machine or use --device cpu')
+    _DEVICE = torch.device(device)
     torch.set_num_threads(threads)
-    shape = _llm_shape(quick)
+    shape = _llm_shape(quick, model)
     reps = reps or (2 if quick else 5)
     steps = steps or (1 if quick else 3)
     refit_steps = 1 if quick else 2
@@ -380,10 +429,11 @@ def run_benchmark(quick: bool = False, reps: Optional[int] = None, steps: Option
         for batch in BATCHES:
             configs.append(_time_config(shape, ratio, batch, reps, max(1, round(steps * 8 / batch)), refit_steps,
                                         ablations=(ratio, batch) == MAIN))
-    vocab_case = _time_vocab(shape, 4096 if quick else 16384, 8, reps, steps)
+    vocab_case = _time_vocab(shape, 4096 if quick else max(16384, 2 * shape['vocab'] if model != 'tiny' else 0), 8,
+                             reps, steps)
     cases = [{'name': f'ratio {r:g}, batch {b}', 'ratio': r, 'batch': b} for r in RATIOS for b in BATCHES]
     large = {'name': 'ratio 0.25, batch 32 x 256 tokens', 'ratio': 0.25, 'batch': 32,
-             'seq_len': 128 if quick else 256}
+             'seq_len': 128 if quick else 2 * shape['seq_len']}
     checkpointed = {'name': 'ratio 1, batch 32, `refit_checkpoint_weighter=True`', 'ratio': 1.0, 'batch': 32,
                     'checkpoint_weighter': True}
     memory = _measure_memory(shape, cases + [large, checkpointed], 2 if quick else 3, threads)
@@ -408,7 +458,10 @@ def run_benchmark(quick: bool = False, reps: Optional[int] = None, steps: Option
     return {
         'benchmark': 'dwm_overhead', 'schema_version': SCHEMA_VERSION, 'quick': quick,
         'date': utc_now(), 'machine': machine, 'versions': library_versions(('torch', 'mosaicml', 'transformers')),
-        'settings': {'reps': reps, 'steps_per_rep': steps, 'refit_steps_per_call': refit_steps, 'clock': 'cpu',
+        'settings': {'reps': reps, 'steps_per_rep': steps, 'refit_steps_per_call': refit_steps,
+                     'clock': 'cpu' if device == 'cpu' else 'wall (CUDA-synchronised)', 'device': device,
+                     'model': model, 'precision': 'fp32' if device == 'cpu' else 'amp_bf16',
+                     'gpu': torch.cuda.get_device_name(_DEVICE) if device == 'cuda' else None,
                      'llm': shape, 'optimizer': 'AdamW', 'lookahead': 'adam', 'hypergrad': 'jvp',
                      'attention': 'sdpa (JVP: SDPA math backend)', 'ratios': list(RATIOS), 'batches': list(BATCHES),
                      'main': {'ratio': MAIN[0], 'batch': MAIN[1]}, 'memory_reps': 2 if quick else 3},
@@ -442,6 +495,14 @@ def render_section(res: dict[str, Any], command: str) -> str:
     def ok(flag):
         return 'met' if flag else '**missed**'
 
+    on_cpu = st.get('device', 'cpu') == 'cpu'  # schema 3 before --device: CPU
+    clock = 'CPU' if on_cpu else 'GPU wall'
+    clocks = ('- **Clocks:** the ratios are of *process CPU time* (one torch thread, so CPU time is the work done): '
+              'the other jobs on this shared machine stretch wall time by up to 2x at random, which would swamp a 5-10% '
+              'effect. Wall-clock ratios (medians) are given beside them.') if on_cpu else (
+        f'- **Device:** CUDA ({st.get("gpu", "GPU")}), `{st.get("precision")}` steps, Llama `--model '
+        f'{st.get("model")}`. **Clocks:** wall time with the device synchronised around each timing (both clock '
+        f'columns hold it). Memory: `torch.cuda.max_memory_allocated`.')
     lines = [
         BEGIN_MARK, SECTION, '',
         f'_Generated by `{command}` on {res["date"]} into `benchmarks/results/dwm_overhead.json`; do not edit by '
@@ -456,11 +517,9 @@ def render_section(res: dict[str, Any], command: str) -> str:
         f'- **Repetitions:** {st["reps"]}, A and B alternated, {st["steps_per_rep"]} Composer step(s) per timing at '
         f'batch 8 (proportionally fewer at batch 32, at least 1); each cell is min / median / max of the '
         f'per-repetition ratio. Memory: {st["memory_reps"]} alternated repetitions in a child process.',
-        '- **Clocks:** the ratios are of *process CPU time* (one torch thread, so CPU time is the work done): the '
-        'other jobs on this shared machine stretch wall time by up to 2x at random, which would swamp a 5-10% '
-        'effect. Wall-clock ratios (medians) are given beside them.', '',
+        clocks, '',
         '### Time', '',
-        '| config (weighter/model params, batch) | weighter params | plain step CPU (s) | weighting overhead | '
+        f'| config (weighter/model params, batch) | weighter params | plain step {clock} (s) | weighting overhead | '
         'bound (FLOPs share + 5%) | refit step / plain step | wall: overhead, refit |',
         '|---|---:|---:|---:|---:|---:|---:|',
     ]
@@ -476,7 +535,7 @@ def render_section(res: dict[str, Any], command: str) -> str:
     r, voc = main['ratios'], res['vocab_ablation']
     rv = voc['ratios']
     lines += [
-        '', f'What the choices cost, same alternation ({main["name"]}; CPU time, wall median in brackets):', '',
+        '', f'What the choices cost, same alternation ({main["name"]}; {clock} time, wall median in brackets):', '',
         '| variant | ratio to a plain step (min / median / max) |', '|---|---:|',
         f'| DWM step, single loss pass (default) | {_pct(r["weighting_overhead"]["cpu"])} '
         f'({100 * r["weighting_overhead"]["wall"]["median"]:+.1f}%) |',
@@ -522,7 +581,7 @@ def render_section(res: dict[str, Any], command: str) -> str:
         'every block >= 64 KiB separately (`mallopt`) and `malloc_trim(0)` runs first, so freed tensors leave the '
         'resident set and the figure is live memory, not the allocator cache. The model and the optimizer state '
         'are resident in both cases and not counted; the absolute peak counts them (and the Python process).', '',
-        '### Targets (medians, CPU time)', '',
+        f'### Targets (medians, {clock} time)', '',
         '| config | weighting overhead <= FLOPs share + 5% | refit step <= 4x plain | refit transient memory <= 1.5x |',
         '|---|---|---|---|',
     ]
@@ -557,13 +616,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--reps', type=int, default=None, help='A/B repetitions (default: 5, quick: 2)')
     parser.add_argument('--steps', type=int, default=None, help='steps per timing (default: 3, quick: 1)')
     parser.add_argument('--threads', type=int, default=1, help='torch threads (default: 1)')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu', help='where the model runs (default: cpu)')
+    parser.add_argument('--model', choices=['tiny', *MODELS], default='tiny',
+                        help='Llama size: tiny (4 x 128, the CPU default) or the GPU shapes 124m / 370m')
     parser.add_argument('--memory-child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child is not None:
         print(json.dumps(_memory_child(json.loads(args.memory_child))))
         return 0
-    results = run_benchmark(quick=args.quick, reps=args.reps, steps=args.steps, threads=args.threads)
-    command = 'python -m benchmarks.dwm_overhead' + (' --quick' if args.quick else '')
+    results = run_benchmark(quick=args.quick, reps=args.reps, steps=args.steps, threads=args.threads,
+                            device=args.device, model=args.model)
+    command = 'python -m benchmarks.dwm_overhead' + (' --quick' if args.quick else '') + (
+        f' --device {args.device}' if args.device != 'cpu' else '') + (f' --model {args.model}' if args.model != 'tiny'
+                                                                       else '')
     results['command'] = command
     write_json(os.path.join(args.out, 'dwm_overhead.json'), results, indent=2)
     section = render_section(results, command)

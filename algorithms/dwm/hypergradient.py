@@ -56,6 +56,9 @@ __all__ = [
     'hypergradient_multistep_autograd',
     'jvp_attention',
     'eager_attention',
+    'chunked_attention',
+    'jvp_query_block',
+    'JVP_QUERY_BLOCK',
 ]
 
 ParamDict = dict[str, torch.Tensor]
@@ -343,17 +346,144 @@ def eager_attention(lm: torch.nn.Module) -> Iterator[None]:
         config._attn_implementation = previous
 
 
+# Query rows per block of the JVP's attention; ``None``: :func:`jvp_query_block`'s rule (from the model's shape).
+JVP_QUERY_BLOCK: Optional[int] = None
+_CHUNKED_NAME = 'dwm_jvp_chunked'
+
+
+def jvp_query_block(vocab_size: int, num_heads: int, minimum: int = 64) -> int:
+    """Query rows per attention block in the JVP, so that the attention never bounds its memory.
+
+    Under :func:`torch.func.jvp` (no graph is kept) the JVP's peak is its largest op: the attention scores of one
+    layer (primal and tangent scores and softmax, ``4 x B x H x rows x T`` values) or the LM head (logits and their
+    log-softmax in the cross-entropy, ``4 x B x T x V``). Blocks of ``V // H`` rows keep the scores at or under the
+    head's size at any ``T``, so chunking costs nothing where the head bounds anyway (a 50k vocabulary with 16 heads
+    at ``T = 2048``: one block) and caps the ``O(T^2)`` scores where they would not (long sequences, small
+    vocabularies). Rounded down to a multiple of ``minimum``, at least ``minimum``.
+    """
+    rows = max(vocab_size // max(num_heads, 1), minimum)
+    return rows - rows % minimum
+
+
+def chunked_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, query_block: Optional[int] = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention over blocks of query rows, each on SDPA's *math* backend: what forward-mode AD can differentiate,
+    with scores of ``[B, H, query_block, T]`` at a time instead of ``[B, H, T, T]``.
+
+    A HuggingFace attention function (``AttentionInterface`` signature: ``query`` ``[B, H, T, D]``, ``key``/``value``
+    ``[B, H_kv, S, D]``, the 4-D additive ``attention_mask`` ``[B, 1, T, S]`` or ``None``; returns ``[B, T, H, D]``).
+    Every query row attends to the same keys as in one call, so the result is the unchunked one (same math, blocks
+    concatenated); under :func:`torch.func.jvp` each block's primal and tangent scores are freed before the next.
+
+    Args:
+        module, query, key, value, attention_mask, dropout, scaling, is_causal: as HF's ``sdpa_attention_forward``.
+        query_block (int, optional): Query rows per block. Default: ``None`` (:data:`JVP_QUERY_BLOCK` if set, else
+            :func:`jvp_query_block` of the module's ``config``; one block for a module without one).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = getattr(module, 'num_key_value_groups', 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    block = query_block or JVP_QUERY_BLOCK
+    config = getattr(module, 'config', None)
+    if block is None:
+        vocab, heads = getattr(config, 'vocab_size', None), getattr(config, 'num_attention_heads', None)
+        block = jvp_query_block(vocab, heads) if vocab and heads else query.shape[2]
+    q_len, k_len = query.shape[2], key.shape[2]
+    mask = attention_mask[:, :, :, :k_len] if attention_mask is not None and attention_mask.ndim == 4 else \
+        attention_mask
+    causal = bool(is_causal if is_causal is not None else (q_len > 1 and mask is None))
+    key, value = key.contiguous(), value.contiguous()
+    dropout = dropout if module.training else 0.0
+    outputs = []
+    with sdpa_kernel([SDPBackend.MATH]):
+        for start in range(0, q_len, block):
+            stop = min(start + block, q_len)
+            block_mask = mask[:, :, start:stop] if mask is not None and mask.ndim == 4 else mask
+            if causal:  # query row i sees keys 0..i + (k_len - q_len): the bottom-right aligned causal mask
+                rows = torch.arange(start, stop, device=query.device)[:, None] + (k_len - q_len)
+                block_mask = torch.arange(k_len, device=query.device)[None, :] <= rows  # [block, S] bool
+            outputs.append(torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, start:stop].contiguous(), key, value, attn_mask=block_mask, dropout_p=dropout,
+                scale=scaling))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_chunked_attention() -> bool:
+    """Register :func:`chunked_attention` with HF's ``AttentionInterface`` (once); ``False`` where HF has none."""
+    try:
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:  # pragma: no cover - transformers < 4.50
+        return False
+    if _CHUNKED_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_CHUNKED_NAME, chunked_attention)
+    return True
+
+
+@contextlib.contextmanager
+def _switched_attributes(changes: list[tuple[object, str, object]]) -> Iterator[None]:
+    previous = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
+    try:
+        for obj, name, value in changes:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in reversed(previous):
+            setattr(obj, name, value)
+
+
+def _mpt_torch_attention(lm: torch.nn.Module) -> list[tuple[object, str, object]]:
+    """LLM Foundry MPT modules set to ``attn_impl: flash``: the attribute changes that run them on ``torch``
+    attention (plain ops, differentiable in forward mode) instead; empty for any other model."""
+    changes: list[tuple[object, str, object]] = []
+    for module in lm.modules():
+        if getattr(module, 'attn_impl', None) != 'flash':
+            continue
+        changes.append((module, 'attn_impl', 'torch'))
+        if hasattr(module, 'attn_fn'):
+            from llmfoundry.models.layers.attention import scaled_multihead_dot_product_attention
+            changes.append((module, 'attn_fn', scaled_multihead_dot_product_attention))
+    return changes
+
+
 @contextlib.contextmanager
 def jvp_attention(lm: torch.nn.Module) -> Iterator[None]:
-    """Attention that forward-mode AD can differentiate, as cheaply as available.
+    """Attention that forward-mode AD can differentiate, as cheaply as available, and in bounded memory.
 
-    SDPA's fused kernels (flash/memory-efficient, CPU flash) have no forward-mode rule, but its *math* backend is a
-    composite of differentiable ops: an ``sdpa`` model keeps SDPA restricted to that backend (measured faster than
-    HF's eager attention for the JVP on CPU, see ``benchmarks/RESULTS.md``). Any other implementation (flash
-    attention 2, flex...) is switched to eager for the JVP.
+    SDPA's fused kernels (flash/memory-efficient, CPU flash) and flash-attn have no forward-mode rule, but SDPA's
+    *math* backend is a composite of differentiable ops (measured faster than HF's eager attention for the JVP on
+    CPU, see ``benchmarks/RESULTS.md``). It materialises the ``[B, H, T, T]`` scores, with their tangents; at
+    long sequences (or small vocabularies) that is what bounds the JVP's memory, so:
+
+    * a HuggingFace model on the attention interface (``_supports_attention_backend``: Llama, Mistral, Qwen2...),
+      whatever its ``attn_implementation`` (``sdpa``, ``flash_attention_2``, ``eager``), runs
+      :func:`chunked_attention` for the JVP: the math backend over blocks of query rows (:func:`jvp_query_block`:
+      as many as keep the scores under the LM head's size);
+    * another HF model on ``sdpa`` keeps SDPA, restricted to the math backend; on anything else, eager;
+    * an LLM Foundry MPT model with ``attn_impl: flash`` runs its ``torch`` attention for the JVP (``attn_impl:
+      torch`` is already plain ops).
     """
     config = getattr(lm, 'config', None)
-    if getattr(config, '_attn_implementation', None) == 'sdpa':
+    implementation = getattr(config, '_attn_implementation', None)
+    mpt_changes = _mpt_torch_attention(lm)
+    if mpt_changes:
+        with _switched_attributes(mpt_changes):
+            yield
+        return
+    if (config is not None and implementation is not None and getattr(lm, '_supports_attention_backend', False)
+            and _register_chunked_attention()):
+        config._attn_implementation = _CHUNKED_NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = implementation
+        return
+    if implementation == 'sdpa':
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel([SDPBackend.MATH]):
             yield

@@ -223,3 +223,104 @@ def test_lookahead_in_place_buffers_with_aliased_gradients():
     torch.testing.assert_close(out['b'], b - 0.1 * 1.0 * 2.0)
     torch.testing.assert_close(out['c'], c - 0.1 * 2.0 * 3.0)
     assert torch.equal(a, torch.tensor([1.0, 2.0], dtype=torch.float64))  # theta itself untouched
+
+
+# ------------------------------------------------------------------------------------------------ chunked JVP attention
+def _jvp_of(model, ids, mask, direction_seed=0):
+    """``<grad c_i, u>`` for a random direction ``u``, through DWM's ``jvp_attention`` context."""
+    from algorithms.dwm.hypergradient import directional_derivative_jvp
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(direction_seed)
+    direction = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def contributions_fn(p):
+        logits = functional_call(model, p, args=(), kwargs={'input_ids': ids, 'attention_mask': mask}).logits
+        return loss_contributions(*per_sample_loss_sums(logits, labels))
+
+    with jvp_attention(model):
+        return directional_derivative_jvp(contributions_fn, params, direction)
+
+
+@pytest.mark.parametrize('attn', ['sdpa', 'eager'])
+@pytest.mark.parametrize('padded', [False, True])
+def test_chunked_jvp_attention_equals_unchunked(attn, padded, monkeypatch):
+    """The JVP through attention over blocks of query rows (3 rows, uneven: 8 = 3 + 3 + 2) equals the one-block JVP
+    (block >= T) and the eager-attention JVP, with and without padding; the model's attention is restored after."""
+    from algorithms.dwm import hypergradient as hg
+    model = tiny_llama(hidden=16, layers=2, seed=5, dtype=torch.float64, attn=attn)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.stack([clean_sequence(gen, 8) if i % 2 else noisy_sequence(gen, 8) for i in range(4)])
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 5:] = 0
+        mask[2, 6:] = 0
+    monkeypatch.setattr(hg, 'JVP_QUERY_BLOCK', 3)
+    chunked = _jvp_of(model, ids, mask)
+    monkeypatch.setattr(hg, 'JVP_QUERY_BLOCK', 64)
+    whole = _jvp_of(model, ids, mask)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    direction = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def contributions_fn(p):
+        logits = functional_call(model, p, args=(), kwargs={'input_ids': ids, 'attention_mask': mask}).logits
+        return loss_contributions(*per_sample_loss_sums(logits, labels))
+
+    with eager_attention(model):
+        eager = hg.directional_derivative_jvp(contributions_fn, params, direction)
+    assert model.config._attn_implementation == attn
+    assert eager.abs().max() > 1e-6
+    assert _rel(chunked, whole) <= 1e-10
+    assert _rel(chunked, eager) <= 1e-6  # HF's eager softmax runs in float32
+
+
+def test_chunked_attention_is_what_the_jvp_runs(monkeypatch):
+    """Inside ``jvp_attention`` a Llama runs :func:`chunked_attention`, one SDPA call per block of query rows: with
+    T = 8 and blocks of 3, three calls per layer, each with at most 3 query rows."""
+    from algorithms.dwm import hypergradient as hg
+    model = tiny_llama(hidden=16, layers=2, seed=5, dtype=torch.float64, attn='sdpa')
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(hg, 'JVP_QUERY_BLOCK', 3)
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', spy)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.stack([clean_sequence(gen, 8) for _ in range(2)])
+    _jvp_of(model, ids, torch.ones_like(ids))
+    assert calls == [3, 3, 2] * 2
+
+
+def test_jvp_query_block_keeps_the_scores_under_the_lm_head():
+    """Blocks of ``V // H`` rows (a multiple of 64): the scores of a block (``B x H x rows x T``) are never larger
+    than the logits (``B x T x V``), so a vocabulary of 50k with 16 heads runs T = 2048 in one block."""
+    from algorithms.dwm.hypergradient import jvp_query_block
+    assert jvp_query_block(50304, 16) == 3136 >= 2048
+    assert jvp_query_block(1024, 4) == 256
+    assert jvp_query_block(100, 16) == 64  # at least 64 rows
+    for vocab, heads in ((50304, 16), (32000, 32), (1024, 4), (151936, 14)):
+        assert jvp_query_block(vocab, heads) * heads <= vocab
+
+
+def test_chunked_attention_default_block_follows_the_model(monkeypatch):
+    """Without JVP_QUERY_BLOCK, a Llama with vocab 128 and 4 heads runs the JVP's attention in blocks of 64 rows: a
+    sequence of 80 is 2 blocks (64 + 16) per layer."""
+    model = tiny_llama(hidden=16, layers=1, seed=5, dtype=torch.float64, attn='sdpa')
+    model.config.max_position_embeddings = 128
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', spy)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.stack([clean_sequence(gen, 80) for _ in range(2)])
+    _jvp_of(model, ids, torch.ones_like(ids))
+    assert calls == [64, 16]

@@ -83,3 +83,35 @@ def test_results_md_is_made_from_the_json(quick_run):
     for t in res['targets']:
         assert f'{100 * t["weighting_overhead"]:+.1f}%' in section
         assert f'{t["refit_over_plain"]:.2f}x' in section
+
+
+def test_model_shapes_for_the_gpu():
+    """``--model 124m|370m`` are the GPU benchmark's Llama shapes (built on the meta device here: no memory), and the
+    weighter for a parameter ratio is found without allocating one."""
+    from bench_module import load_bench
+    bench = load_bench('dwm_overhead')
+    import torch
+    from transformers import LlamaForCausalLM
+    for name, low, high in (('124m', 110e6, 135e6), ('370m', 330e6, 420e6)):
+        shape = bench._llm_shape(False, name)
+        with torch.device('meta'):
+            n = sum(p.numel() for p in LlamaForCausalLM(bench._llama_config(shape)).parameters())
+        # untied embeddings here (the overhead bench's Llama): subtract the LM head to compare with the YAML's size
+        assert low < n - shape['vocab'] * shape['hidden'] < high, (name, n)
+    shape = bench._llm_shape(False, '124m')
+    wcfg = bench._weighter_config(shape, 124e6, 0.25, shape['seq_len'])
+    from algorithms.dwm import Weighter
+    with torch.device('meta'):
+        assert 0.2 < Weighter(wcfg).num_parameters() / 124e6 < 0.3
+    flops = bench._flops(shape, wcfg, 8, shape['seq_len'])  # the FFN width is the shape's, not 4 x hidden
+    assert flops['llm_matmul_params'] == 12 * (4 * 768 ** 2 + 3 * 768 * 2048) + 768 * 50304
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    import pytest
+    import torch
+    from bench_module import load_bench
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device is here')
+    with pytest.raises(ValueError, match='--device cuda'):
+        load_bench('dwm_overhead').run_benchmark(quick=True, device='cuda')

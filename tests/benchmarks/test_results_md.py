@@ -7,7 +7,7 @@ import os
 import pytest
 from bench_module import OTHER_SECTION, ROOT, load_bench
 
-BENCHMARKS = ['dwm_overhead', 'loader_throughput', 'convert_throughput', 'quality']
+BENCHMARKS = ['dwm_overhead', 'loader_throughput', 'convert_throughput', 'quality', 'gpu']
 
 RESULTS_MD = os.path.join(ROOT, 'benchmarks', 'RESULTS.md')
 RESULTS = os.path.join(ROOT, 'benchmarks', 'results')
@@ -25,6 +25,8 @@ def _rendered(name: str) -> str:
         return bench.render_section(res, res['command'])
     if name == 'loader_throughput':
         return bench.render_section(_json('loader.json'), 'results/loader.png')
+    if name == 'gpu':
+        return bench.render_section(_json('gpu.json'))
     if name == 'convert_throughput':
         return bench.render_section(_json('convert.json'))
     return bench.render_section(_json('quality.json'), bench._images(RESULTS, RESULTS_MD))

@@ -471,3 +471,12 @@ def test_peeking_a_refit_loader_keeps_its_sequence(local_mds):
     ours = [b['uid'].tolist() for _, b in zip(range(3), peeked)]
     theirs = [b['uid'].tolist() for _, b in zip(range(3), plain)]
     assert ours == theirs and ours[0] == first['uid'].tolist()
+
+
+@pytest.mark.parametrize('name', [n for n in PAPER_YAMLS if '370m' in n])
+def test_370m_yamls_turn_on_the_fast_base_step(name, yaml_env):
+    """The 370M YAMLs run SDPA attention (fused kernels; flash on a GPU) and ``torch.compile`` (issue 19); DWM's
+    refit works under both (tests/algorithms/test_dwm_fast_attention.py)."""
+    cfg = load_config(_path(name), ['model.init_device=meta'])
+    assert cfg['model']['attn_implementation'] == 'sdpa'
+    assert cfg['compile_config'] == {}
