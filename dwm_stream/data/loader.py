@@ -12,6 +12,7 @@ that holds every id; ``num_tokens`` keeps each sample's real length, so padding 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -25,6 +26,7 @@ from dwm_stream.data.arguments import (
     check_stream_arguments,
 )
 from dwm_stream.data.dataset import DWMDataset, DWMStream
+from dwm_stream.data.read_only import CorpusConflictError
 
 __all__ = ['collate_samples', 'widen_batch', 'num_tokens_in_batch', 'build_dataset', 'build_dataloader']
 
@@ -190,7 +192,10 @@ def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = Non
                 raise ValueError(f'{where}.streams.{name}: {e}') from e
     if device_batch_size is not None and cfg.get('batch_size') is None:
         cfg['batch_size'] = device_batch_size
-    return DWMDataset(streams=streams, **cfg)
+    try:
+        return DWMDataset(streams=streams, **cfg)
+    except CorpusConflictError as e:  # name the keys by their YAML path
+        raise CorpusConflictError(re.sub(r'`(remote|local|streams)\b', f'`{where}.\\1', str(e))) from None
 
 
 def build_dataloader(dataset_cfg: Mapping[str, Any],
