@@ -56,7 +56,8 @@ def corpora(tmp_path, converted_mds):
     shutil.copytree(converted_mds, mine)
     shutil.copytree(converted_mds, remote)
     assert complete_corpus(mine) is not None
-    assert any(name.endswith('.zstd') for _, _, names in os.walk(mine) for name in names)  # compressed: streaming would decompress
+    # compressed: streaming would decompress into it
+    assert any(name.endswith('.zstd') for _, _, names in os.walk(mine) for name in names)
     return mine, remote, str(tmp_path / 'cache')
 
 
