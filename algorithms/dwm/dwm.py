@@ -396,10 +396,11 @@ class DWM(Algorithm):
         return torch.optim.Adam(groups, lr=self.refit_lr)
 
     def _fit_start(self, state: State, logger: Logger) -> None:
-        # Composer sets max_duration after INIT: every stage must train a batch within it (before any refit).
+        # Composer sets max_duration after INIT: every stage that refits or replays a weighter must train a batch
+        # within it (checked before any refit).
         message = check_against_duration(self.boundaries, state.max_duration, self.stage_boundaries_spec is not None,
                                          len(self.boundaries) + 1)
-        if message:
+        if message and (self._refits() or self.replay is not None):
             raise ValueError(message)
         # Domain and score names default to the train dataset's (a DWMDataset has both); the train dataloader is
         # on the State from FIT_START on, not yet at INIT.
@@ -541,6 +542,10 @@ class DWM(Algorithm):
             return
         save_dir = Path(self.save_dir)
         if not resumed and (save_dir / SCHEDULE_FILE).is_file():
+            record = read_schedule_run(save_dir)
+            if self.save_overwrite and (record or {}).get('run_name') != ours['run_name']:
+                log.warning('algorithms.dwm.save_dir: replacing the schedule of %s in %s (save_overwrite: true).',
+                            f'run {record["run_name"]!r}' if record else 'another run', save_dir)
             for name in listed_stage_files(save_dir):  # an unreadable old schedule lists nothing to clean up
                 (save_dir / name).unlink(missing_ok=True)
         write_schedule(save_dir, self.exports, run=ours)
