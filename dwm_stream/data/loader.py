@@ -27,6 +27,7 @@ from dwm_stream.data.arguments import (
 )
 from dwm_stream.data.dataset import DWMDataset, DWMStream
 from dwm_stream.data.read_only import CorpusConflictError
+from dwm_stream.format.integrity import MissingCredentialsError
 
 __all__ = ['collate_samples', 'widen_batch', 'num_tokens_in_batch', 'build_dataset', 'build_dataloader']
 
@@ -196,6 +197,18 @@ def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = Non
         return DWMDataset(streams=streams, **cfg)
     except CorpusConflictError as e:  # name the keys by their YAML path
         raise CorpusConflictError(re.sub(r'`(remote|local|streams)\b', f'`{where}.\\1', str(e))) from None
+    except MissingCredentialsError as e:  # one short message, naming the key of the remote
+        raise MissingCredentialsError(f'{_remote_key(cfg, streams_cfg, str(e), where)}: {e}') from None
+
+
+def _remote_key(cfg: Mapping[str, Any], streams_cfg: Any, message: str, where: str) -> str:
+    """The YAML key of the remote that ``message`` names (``where.remote`` or ``where.streams.<name>.remote``)."""
+    items = (streams_cfg.items() if isinstance(streams_cfg, Mapping) else enumerate(streams_cfg or []))
+    for name, scfg in items:
+        remote = (scfg or {}).get('remote')
+        if remote and message.startswith(str(remote).rstrip('/') + '/'):
+            return f'{where}.streams.{name}.remote'
+    return f'{where}.remote'
 
 
 def build_dataloader(dataset_cfg: Mapping[str, Any],

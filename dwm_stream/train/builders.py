@@ -22,8 +22,8 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
-from composer.core import DataSpec, Time
-from composer.loggers import FileLogger, TensorboardLogger
+from composer.core import DataSpec, Event, State, Time
+from composer.loggers import FileLogger, Logger, TensorboardLogger
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import HuggingFaceModel
 from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from algorithms.dwm import DWM, ValidationBatches
 from dwm_stream.convert.tokenizer import load_tokenizer
 from dwm_stream.data.loader import build_dataloader, build_dataset, collate_samples, widen_batch
+from dwm_stream.data.vocabulary import check_token_ids
 from dwm_stream.train import config
 from dwm_stream.train.callbacks import TrainedSamples
 from dwm_stream.train.loggers import MetricsJSONLLogger
@@ -66,6 +67,9 @@ def build_tokenizer(cfg: Mapping[str, Any]):
     """``tokenizer: {name: PATH_OR_HF_NAME, kwargs: {...}}``: ``kwargs`` go to ``AutoTokenizer.from_pretrained``
     (``model_max_length``, ``padding_side``...), as LLM Foundry passes them."""
     settings = config.check(config.TokenizerConfig, cfg, 'tokenizer')
+    # As LLM Foundry's build_tokenizer: DataLoader workers fork after the tokenizer has run (the LAMBADA validation
+    # set), and each would print tokenizers' fork warning. A value the user set is kept.
+    os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
     try:
         tokenizer = load_tokenizer(settings.name, **settings.kwargs)
     except TypeError as e:
@@ -416,3 +420,28 @@ class ConfiguredDWM(DWM):
                                          'one.')
         super().__init__(refit_dataloader=refit, val_dataloader=val, save_overwrite=settings.save_overwrite,
                          **dwm_kwargs)
+        self._run_tokenizer = getattr(tokenizer, 'name_or_path', None)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:  # the train loader is on the State from here on; no batch has run yet
+            self._check_token_ids(state)
+        super().apply(event, state, logger)
+
+    def _check_token_ids(self, state: State) -> None:
+        """Every corpus's largest token id (``dwm.json``) fits the model's and the weighter's vocabulary."""
+        model = getattr(state.model, 'module', state.model)
+        inner = getattr(model, 'model', model)
+        try:
+            model_vocab = int(inner.get_input_embeddings().num_embeddings)
+        except (AttributeError, NotImplementedError, TypeError):
+            model_vocab = getattr(getattr(inner, 'config', None), 'vocab_size', None)
+        vocabularies = {'model.vocab_size': model_vocab,
+                        'algorithms.dwm.weighter.vocab_size': self.weighter_config.vocab_size}
+        tokenizer = self._run_tokenizer or getattr(getattr(model, 'tokenizer', None), 'name_or_path', None)
+        loaders = [('train_loader.dataset', getattr(state.train_dataloader, 'dataset', None))]
+        for name, cycler in (('algorithms.dwm.refit_loader.dataset', self.refit_batches),
+                             ('algorithms.dwm.validation.dataset', self.val_batches)):
+            loader = getattr(getattr(cycler, '_source', None), '_loader', None)
+            loaders.append((name, getattr(loader, 'dataset', None)))
+        for where, dataset in loaders:
+            check_token_ids(dataset, where, vocabularies, tokenizer)
