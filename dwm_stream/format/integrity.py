@@ -32,7 +32,8 @@ from typing import Any, Iterable, Optional
 import xxhash
 from streaming.base.hashing import is_hash
 
-__all__ = ['ShardIntegrityError', 'ObjectDownloadError', 'MissingCredentialsError', 'UnsafeIndexError', 'check_shard_paths',
+__all__ = ['ShardIntegrityError', 'ObjectDownloadError', 'MissingCredentialsError', 'UnsafeIndexError',
+           'check_shard_paths',
            'default_validate_hash', 'verify_raw_shard', 'download_error', 'endpoint_of', 'redact',
            'unsafe_types_error', 'cache_error', 'prepare_failed', 'check_local_shards', 'MissingShardError',
            'PREFERRED_HASHES', 'CACHE_ERRNOS']

@@ -50,7 +50,8 @@ else:
     from algorithms.dwm import WeighterConfig
 
 __all__ = [
-    'ConfigError', 'check', 'check_train_config', 'precheck_train_config', 'check_scheduler', 'check_component', 'component', 'component_names',
+    'ConfigError', 'check', 'check_train_config', 'precheck_train_config', 'check_scheduler', 'check_component',
+    'component', 'component_names',
     'signature_schema', 'FOUNDRY_REFUSED', 'FOUNDRY_IGNORED', 'COMPOSER_COMPONENTS', 'OWN_MODELS',
     'TrainConfig', 'ModelConfig', 'TokenizerConfig', 'LoaderConfig', 'EvalLoaderConfig', 'DatasetConfig',
     'StreamConfig', 'AlgorithmsConfig', 'DWMConfig', 'RefitLoaderConfig', 'ValidationConfig', 'OptimizerConfig',

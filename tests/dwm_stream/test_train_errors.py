@@ -70,8 +70,9 @@ def test_s3_without_credentials_is_one_short_message(tmp_path, loopback_s3, conv
                 'AWS_SECURITY_TOKEN'):
         env.pop(key, None)
     assert env['S3_ENDPOINT_URL'] == loopback_s3.endpoint_url
-    proc = subprocess.run([sys.executable, '-m', 'dwm_stream.cli', 'train', DEMO, f'train_loader.dataset.remote={remote}',
-                           f'train_loader.dataset.local={tmp_path / "cache"}', 'train_loader.num_workers=0'],
+    proc = subprocess.run([sys.executable, '-m', 'dwm_stream.cli', 'train', DEMO,
+                           f'train_loader.dataset.remote={remote}', f'train_loader.dataset.local={tmp_path / "cache"}',
+                           'train_loader.num_workers=0'],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-4000:]
     last = proc.stderr.strip().splitlines()[-1]
