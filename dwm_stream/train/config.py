@@ -424,7 +424,7 @@ class TrainConfig:
     save_folder: Optional[str] = None
     save_interval: Union[str, int] = '1ep'
     save_num_checkpoints_to_keep: int = -1
-    save_overwrite: bool = False  # also algorithms.dwm.save_overwrite's default under dwm-stream train
+    save_overwrite: bool = False  # Composer's checkpoints; DWM's schedule: algorithms.dwm.save_overwrite
     save_filename: Optional[str] = None  # None: Composer's ep{epoch}-ba{batch}-rank{rank}.pt
     save_latest_filename: Optional[str] = None  # None: Composer's latest-rank{rank}.pt
     save_weights_only: bool = False

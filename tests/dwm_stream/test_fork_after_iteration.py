@@ -23,26 +23,28 @@ from torch.utils.data import DataLoader
 from dwm_stream.data.dataset import DWMDataset
 from dwm_stream.data.loader import collate_samples
 
-corpus, mode = sys.argv[1], sys.argv[2]
+corpus, mode, tries = sys.argv[1], sys.argv[2], int(sys.argv[3])
 everything = sorted(np.load(corpus + '/uids.npy').tolist())
 dataset = DWMDataset(local=corpus, shuffle=True, shuffle_seed=3, batch_size=10)
-if mode == 'peek':  # the epoch here is still open (its consumer suspended) when the workers fork
-    here = iter(dataset)
-    next(here)
-else:  # read to the end here: the prepare thread may still be finishing when the workers fork
-    assert sorted(int(s['uid']) for s in dataset) == everything
-loader = DataLoader(dataset, batch_size=10, num_workers=2, collate_fn=collate_samples, multiprocessing_context='fork')
-for _ in range(2):
+# timeout: a worker that hangs fails its try (DataLoader raises after 60 s without a batch)
+loader = DataLoader(dataset, batch_size=10, num_workers=2, collate_fn=collate_samples, multiprocessing_context='fork',
+                    timeout=60)
+for _ in range(tries):  # each try forks new workers
+    if mode == 'peek':  # the epoch here is still open (its consumer suspended) when the workers fork
+        here = iter(dataset)
+        next(here)
+    else:  # read to the end here: the prepare thread may still be finishing when the workers fork
+        assert sorted(int(s['uid']) for s in dataset) == everything
     assert sorted(u for batch in loader for u in batch['uid'].tolist()) == everything
 print('ok')
 '''
 
 
-def _run(corpus: str, mode: str, timeout: float) -> None:
+def _run(corpus: str, mode: str, timeout: float, tries: int = 2) -> None:
     env = dict(os.environ, TOKENIZERS_PARALLELISM='false', OMP_NUM_THREADS='1')
     try:
-        proc = subprocess.run([sys.executable, '-c', SCENARIO, corpus, mode], env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, '-c', SCENARIO, corpus, mode, str(tries)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f'{mode}: forked DataLoader workers hung (no result in {timeout:.0f} s)')
     assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -60,16 +62,17 @@ def test_workers_forked_while_an_epoch_is_open_here(converted_mds):
 
 @pytest.mark.slow
 def test_workers_forked_after_iterating_here_under_load(converted_mds):
-    """The scenario of ``test_dataset.py::test_iterated_here_then_by_forked_workers``, many times, beside CPU
-    burners (one per core), each try bounded."""
+    """The scenario of ``test_dataset.py::test_iterated_here_then_by_forked_workers``, 24 times (new workers forked
+    each time), beside CPU burners (one per core); each try is bounded by the DataLoader's 60 s timeout, and each
+    process of 12 tries by 300 s."""
     context = multiprocessing.get_context('spawn')
     stop = context.Event()
     burners = [context.Process(target=_burn, args=(stop,), daemon=True) for _ in range(os.cpu_count() or 2)]
     for burner in burners:
         burner.start()
     try:
-        for _ in range(8):
-            _run(converted_mds, 'full', timeout=180)
+        for _ in range(2):
+            _run(converted_mds, 'full', timeout=300, tries=12)
     finally:
         stop.set()
         for burner in burners:
