@@ -82,7 +82,7 @@ def complete_corpus(directory: str) -> Optional[dict[str, Any]]:
     return index
 
 
-def _writes_in_place(index: dict[str, Any], keep_zip: Optional[bool], cache_limit: Any) -> bool:
+def _writes_in_place(index: dict[str, Any], cache_limit: Any) -> bool:
     """Whether streaming, reading this corpus in place without a remote, would write or delete there."""
     compressed = any(shard.get('compression') for shard in index.get('shards', []))
     return compressed or bool(cache_limit)
@@ -167,7 +167,7 @@ def protect(stream_args: dict[str, Any], cache_limit: Any = None, where: str = '
                 f'(or none).')
         log.info('%slocal (%s) already holds the corpus of %sremote (%s); reading it, read-only.',
                  where, local, where, remote)
-    if not _writes_in_place(index, stream_args.get('keep_zip'), cache_limit):
+    if not _writes_in_place(index, cache_limit):
         return {**stream_args, 'remote': None}
     cache = cache_dir(local)
     log.info('%slocal (%s) holds a complete corpus and is read-only; shards are decompressed into %s.',
