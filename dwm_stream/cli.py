@@ -45,6 +45,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dwm_stream.train.precheck import check_before_imports
+    check_before_imports([args.config, *args.overrides])  # a schema error in a second, not after the imports
     from dwm_stream.train.entry import main as train_main
     quiet = ['progress_bar=false'] if args.no_progress else []  # Composer's bar: the global flag applies too
     return train_main([args.config, *args.overrides, *quiet])

@@ -41,7 +41,7 @@ from algorithms.dwm.functional import (IGNORE_INDEX, WEIGHT_KEY, ensure_labels, 
                                        log_weight_regression_loss, loss_contributions, normalize_with_prior,
                                        per_sample_loss_sums, refit_objective, spearman, spread_reached, subset_batch,
                                        trust_region_target, uniform_if_nonfinite, weight_statistics, weighted_loss)
-from algorithms.dwm.schedule import boundary_reached
+from algorithms.dwm.schedule import boundary_reached, check_against_duration
 from algorithms.dwm.schedule import stage_boundaries as compute_stage_boundaries  # `stage_boundaries` is an argument
 from algorithms.dwm.weighter import Weighter, WeighterConfig
 
@@ -125,8 +125,9 @@ class DWM(Algorithm):
             (``"100ba"``, ``"0.5dur"``). Default: ``None``.
         refit_steps (int): Adam updates of the weighter at each boundary. Default: ``20``.
         refit_lr (float): Learning rate of the weighter's Adam. Default: ``1e-3``.
-        lookahead_lr (float, optional): ``eta`` of the virtual step. Default: ``None`` (the LLM optimizer's current
-            learning rate; a warning is given if it is 0).
+        lookahead_lr (float, optional): ``eta`` of the virtual step. Default: ``None`` (the LLM optimizer's base,
+            peak, learning rate: the param group's ``initial_lr`` that Composer's schedulers record, else its ``lr``;
+            refused at start-up if it is 0).
         lookahead (str): ``'sgd'`` (``P = 1``) or ``'adam'`` (``P = 1/(sqrt(v_hat)+eps)`` from the LLM optimizer's
             second moments, **[ours]**; SGD before the optimizer has state). Default: ``'sgd'``.
         hypergrad (str): ``'jvp'`` (forward-mode, exact) or ``'fd'`` (central finite difference). Default:
@@ -416,6 +417,12 @@ class DWM(Algorithm):
         return torch.optim.Adam(groups, lr=self.refit_lr)
 
     def _fit_start(self, state: State, logger: Logger) -> None:
+        # Composer sets max_duration after INIT: every stage that refits or replays a weighter must train a batch
+        # within it (checked before any refit).
+        message = check_against_duration(self.boundaries, state.max_duration, self.stage_boundaries_spec is not None,
+                                         len(self.boundaries) + 1)
+        if message and (self._refits() or self.replay is not None):
+            raise ValueError(message)
         # Domain and score names default to the train dataset's (a DWMDataset has both); the train dataloader is
         # on the State from FIT_START on, not yet at INIT.
         dataset = getattr(state.train_dataloader, 'dataset', None)
@@ -447,7 +454,7 @@ class DWM(Algorithm):
                 if message:
                     errors.append(message)
                     first_exception = first_exception or exc
-        for message in (self._check_replay(), self._check_save_dir(state)):
+        for message in (self._check_replay(), self._check_save_dir(state), self._check_schedule(state)):
             if message:
                 errors.append(message)
         owner = self._save_dir_owner
@@ -556,6 +563,10 @@ class DWM(Algorithm):
             return
         save_dir = Path(self.save_dir)
         if not resumed and (save_dir / SCHEDULE_FILE).is_file():
+            record = read_schedule_run(save_dir)
+            if self.save_overwrite and (record or {}).get('run_name') != ours['run_name']:
+                log.warning('algorithms.dwm.save_dir: replacing the schedule of %s in %s (save_overwrite: true).',
+                            f'run {record["run_name"]!r}' if record else 'another run', save_dir)
             for name in listed_stage_files(save_dir):  # an unreadable old schedule lists nothing to clean up
                 (save_dir / name).unlink(missing_ok=True)
         write_schedule(save_dir, self.exports, run=ours)
@@ -743,7 +754,6 @@ class DWM(Algorithm):
             message = (f'DWM: {out} of {len(self._stage_ess)} training batches of stage {self.stage_index} had an '
                        f'ESS share outside {list(self.ess_band)} (min {min(self._stage_ess):.3f})')
             warnings.warn(message)
-            log.warning(message)
         self._stage_ess = []
 
     def _enter_stage(self, stage: int, state: State, logger: Logger) -> None:
@@ -768,16 +778,27 @@ class DWM(Algorithm):
         write_schedule(self.save_dir, self.exports)
 
     # ------------------------------------------------------------------------------------------------------------
+    def _check_schedule(self, state: State) -> Optional[str]:
+        """INIT: a refit's look-ahead step is not 0 (``max_duration`` is checked at FIT_START, where it is set)."""
+        if not self._refits() or not state.optimizers:
+            return None
+        lr = self._lookahead_lr(state)
+        if lr == 0.0:
+            key = ('algorithms.dwm.lookahead_lr' if self.lookahead_lr is not None else
+                   'optimizer.lr (the default lookahead_lr)')
+            return (f'{key} is 0: the look-ahead step and the hypergradient vanish and no refit can move the weighter; '
+                    'set algorithms.dwm.lookahead_lr (DWM(lookahead_lr=...)) to a positive learning rate')
+        return None
+
     def _lookahead_lr(self, state: State) -> float:
+        """``lookahead_lr``, else the LLM optimizer's base (peak) rate: Composer's schedulers keep it as the param
+        group's ``initial_lr`` (the scheduled ``lr`` is 0 in warm-up, where the first refit runs)."""
         if self.lookahead_lr is not None:
             return float(self.lookahead_lr)
         if not state.optimizers:
             raise ValueError('DWM: no optimizer to take lookahead_lr from; pass lookahead_lr=')
-        lr = float(state.optimizers[0].param_groups[0]['lr'])
-        if lr == 0.0:
-            warnings.warn('DWM: the LLM learning rate is 0 at this boundary (warmup?), so the look-ahead step and the '
-                          'hypergradient vanish; pass lookahead_lr= to refit anyway')
-        return lr
+        group = state.optimizers[0].param_groups[0]
+        return float(group.get('initial_lr', group['lr']))
 
     def _batch_to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         batch = ensure_labels(dict(batch))
@@ -938,12 +959,10 @@ class DWM(Algorithm):
                        f'of every refit batch within {self.dead_tol:g} of each other, the refit cannot move them '
                        f'(weighter grad norm {metrics["dwm/refit/grad_norm"]:.3g})')
             warnings.warn(message)
-            log.warning(message)
         elif out_of_band:
             message = (f'DWM: ESS share left {list(self.ess_band)} in {out_of_band} of {len(refit_ess)} refit batches '
                        f'at refit {self.refits_done} (min {min(refit_ess):.3f})')
             warnings.warn(message)
-            log.warning(message)
         metrics['dwm/refit/wall_time'] = time.perf_counter() - started
         metrics['dwm/refit/count'] = self.refits_done
         self.last_refit_metrics = metrics

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,11 @@ def save_weighter(weighter: Weighter, stem: str | os.PathLike, **metadata: Any) 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
-    save_model(weighter, str(weights_path))
     with open(config_path, 'w') as f:
         json.dump({'weighter_config': weighter.config.to_dict(), **metadata}, f, indent=2)
+    save_model(weighter, str(weights_path))
+    # safetensors writes 0600; the weights get the mode the umask gives the .json beside them.
+    os.chmod(weights_path, stat.S_IMODE(os.stat(config_path).st_mode))
     return weights_path, config_path
 
 

@@ -327,7 +327,7 @@ def _convert_part(task: dict[str, Any]) -> dict[str, Any]:
                        exist_ok=True)
     packers = {d: _DomainPacker(seq_len, len(score_names)) for d in plan['domains']}
     bad = _BadLog()
-    stats = {'num_documents': 0, 'num_samples': 0, 'tokens_per_domain': {}}
+    stats = {'num_documents': 0, 'num_samples': 0, 'tokens_per_domain': {}, 'max_token_id': -1}
     uid_base = make_uid(relpath, 0)
 
     def write(domain: str, samples: Iterator[tuple[np.ndarray, int, np.ndarray]]) -> None:
@@ -341,6 +341,8 @@ def _convert_part(task: dict[str, Any]) -> dict[str, Any]:
                 sample[score_column(name)] = float(value)
             writer.write(sample)
             stats['num_samples'] += 1
+            if len(tokens):
+                stats['max_token_id'] = max(stats['max_token_id'], int(tokens.max()))
             stats['tokens_per_domain'][domain] = stats['tokens_per_domain'].get(domain, 0) + n
 
     def flush(batch: list[Document]) -> None:
@@ -582,6 +584,9 @@ def _merge(out_root: str, sources: list[str], records: dict[str, dict[str, Any]]
         raise ValueError(f'{out_root}: duplicate uids in the merged output; re-run with '
                          '--overwrite.')
     tokens_per_domain = dict(sorted(tokens_per_domain.items()))
+    # A part converted before max_token_id was recorded leaves it unknown (None: not checked at start-up).
+    part_max = [records[r].get('max_token_id') for r in sources]
+    max_token_id = None if None in part_max else max([m for m in part_max if m >= 0], default=None)
     meta = CorpusMeta(domains=plan['domains'],
                       seq_len=plan['seq_len'],
                       token_dtype=plan['token_dtype'],
@@ -592,7 +597,8 @@ def _merge(out_root: str, sources: list[str], records: dict[str, dict[str, Any]]
                       num_samples=int(len(all_uids)),
                       num_tokens=int(sum(tokens_per_domain.values())),
                       tokens_per_domain=tokens_per_domain,
-                      sources=sources)
+                      sources=sources,
+                      max_token_id=max_token_id)
     buf = io.BytesIO()
     np.save(buf, all_uids)
     # index.json last: a reader that sees it sees a complete corpus.

@@ -316,6 +316,15 @@ def _drop_inherited_locks() -> None:
             del barrier.lock
         if hasattr(dataset, '_cache_filelock'):
             del dataset._cache_filelock
+        # The parent's epoch: its threads (and its pool's threads) do not exist here. Streaming's
+        # `_Iterator.exit()` waits for `_num_threads_to_exit` threads to call `on_exit`; a child that
+        # inherits an epoch whose consumer or prepare thread had not exited yet (a generator suspended
+        # after a peek, or a prepare thread still finishing on a loaded machine) would wait forever in
+        # `begin_epoch`, and its `_lock` may have been held at the fork. The inherited thread pool counts
+        # the parent's idle threads as its own and may never run a task. Both are made afresh here.
+        for name in ('_iterator', '_executor'):
+            if name in dataset.__dict__:
+                del dataset.__dict__[name]
 
 
 if hasattr(os, 'register_at_fork'):
@@ -330,6 +339,8 @@ def make_fork_safe(dataset: StreamingDataset) -> None:
     A DataLoader worker forked after the dataset was iterated here inherits them, and ``filelock``
     refuses an inherited lock (``RuntimeError: ... was inherited across fork``; older versions
     could hang). In a forked child each registered dataset drops them, and streaming creates its own
-    on first use, on the same lock files.
+    on first use, on the same lock files. It also drops the parent's epoch (``_iterator``) and thread
+    pool (``_executor``): their threads are not in the child, and ``_iterator.exit()`` would wait for
+    them forever.
     """
     _FORK_SAFE.add(dataset)

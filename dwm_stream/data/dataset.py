@@ -35,6 +35,7 @@ import hashlib
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -44,6 +45,7 @@ import torch.distributed as torch_dist
 from streaming import Stream, StreamingDataset
 
 import dwm_stream.data._streaming_compat as compat
+from dwm_stream.data import read_only
 from dwm_stream.data._streaming_compat import SHARD_LOCAL, EpochIterator, World, release_shared_memory
 from dwm_stream.data.arguments import check_dataset_arguments, check_stream_arguments
 from dwm_stream.data.selection import ResolvedSelection, read_selection, resolve_selection
@@ -157,7 +159,10 @@ class DWMStream(compat.DownloadHookStream):
                 raise FileNotFoundError(f'selection file {self.selection} does not exist.')
             return self.selection
         digest = hashlib.blake2s(self.selection.encode(), digest_size=8).hexdigest()
-        filename = os.path.join(self.local, self.split, f'selection-{digest}.parquet')
+        # Without a remote, `local` is the user's corpus (read-only): the copy goes to the temp directory.
+        folder = (os.path.join(self.local, self.split) if not _is_local_only(self)
+                  else os.path.join(tempfile.gettempdir(), 'dwm-stream-cache'))
+        filename = os.path.join(folder, f'selection-{digest}.parquet')
         if world.is_local_leader and not os.path.exists(filename):
             download_file(self.selection, filename, self.download_timeout)
         else:
@@ -303,6 +308,12 @@ class DWMDataset(StreamingDataset):
             if not (remote or local):
                 raise ValueError('DWMDataset needs `streams`, or `remote` and/or `local`.')
             streams = [DWMStream(remote=remote, local=local, split=split, selection=selection)]
+        # A user's complete corpus is read-only (dwm_stream.data.read_only): before streaming sees it.
+        named = len(streams) > 1 or any(s.name for s in streams)
+        streams = [DWMStream(selection=s.selection, name=s.name,
+                             **read_only.protect(compat.stream_arguments(s), kwargs.get('cache_limit'),
+                                                 f'streams.{s.name or i}.' if named else ''))
+                   for i, s in enumerate(streams)]
         for attempt in range(8):
             try:
                 # Fresh copies each attempt: streaming's apply_weights sets proportion/repeat/choose on

@@ -12,6 +12,7 @@ that holds every id; ``num_tokens`` keeps each sample's real length, so padding 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -25,6 +26,8 @@ from dwm_stream.data.arguments import (
     check_stream_arguments,
 )
 from dwm_stream.data.dataset import DWMDataset, DWMStream
+from dwm_stream.data.read_only import CorpusConflictError
+from dwm_stream.format.integrity import MissingCredentialsError
 
 __all__ = ['collate_samples', 'widen_batch', 'num_tokens_in_batch', 'build_dataset', 'build_dataloader']
 
@@ -190,7 +193,22 @@ def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = Non
                 raise ValueError(f'{where}.streams.{name}: {e}') from e
     if device_batch_size is not None and cfg.get('batch_size') is None:
         cfg['batch_size'] = device_batch_size
-    return DWMDataset(streams=streams, **cfg)
+    try:
+        return DWMDataset(streams=streams, **cfg)
+    except CorpusConflictError as e:  # name the keys by their YAML path
+        raise CorpusConflictError(re.sub(r'`(remote|local|streams)\b', f'`{where}.\\1', str(e))) from None
+    except MissingCredentialsError as e:  # one short message, naming the key of the remote
+        raise MissingCredentialsError(f'{_remote_key(cfg, streams_cfg, str(e), where)}: {e}') from None
+
+
+def _remote_key(cfg: Mapping[str, Any], streams_cfg: Any, message: str, where: str) -> str:
+    """The YAML key of the remote that ``message`` names (``where.remote`` or ``where.streams.<name>.remote``)."""
+    items = (streams_cfg.items() if isinstance(streams_cfg, Mapping) else enumerate(streams_cfg or []))
+    for name, scfg in items:
+        remote = (scfg or {}).get('remote')
+        if remote and message.startswith(str(remote).rstrip('/') + '/'):
+            return f'{where}.streams.{name}.remote'
+    return f'{where}.remote'
 
 
 def build_dataloader(dataset_cfg: Mapping[str, Any],

@@ -32,7 +32,8 @@ from typing import Any, Iterable, Optional
 import xxhash
 from streaming.base.hashing import is_hash
 
-__all__ = ['ShardIntegrityError', 'ObjectDownloadError', 'UnsafeIndexError', 'check_shard_paths',
+__all__ = ['ShardIntegrityError', 'ObjectDownloadError', 'MissingCredentialsError', 'UnsafeIndexError',
+           'check_shard_paths',
            'default_validate_hash', 'verify_raw_shard', 'download_error', 'endpoint_of', 'redact',
            'unsafe_types_error', 'cache_error', 'prepare_failed', 'check_local_shards', 'MissingShardError',
            'PREFERRED_HASHES', 'CACHE_ERRNOS']
@@ -230,8 +231,30 @@ def endpoint_of(remote: Optional[str]) -> str:
     return f'{scheme}:// (its default endpoint)'
 
 
+class MissingCredentialsError(ObjectDownloadError, ValueError):
+    """An object store refused for want of credentials: what to set, in one message."""
+
+
+_CREDENTIAL_ERRORS = ('NoCredentialsError', 'PartialCredentialsError', 'ProfileNotFound')
+
+
+def _missing_credentials(error: Optional[BaseException]) -> bool:
+    seen = 0
+    while error is not None and seen < 16:
+        if type(error).__name__ in _CREDENTIAL_ERRORS or 'Unable to locate credentials' in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 def download_error(remote: Optional[str], local: str, attempts: int, error: BaseException) -> ObjectDownloadError:
-    """An error naming the object and the endpoint after ``attempts`` failed attempts."""
+    """An error naming the object and the endpoint after ``attempts`` failed attempts; for missing credentials, a
+    :class:`MissingCredentialsError` that says what to set."""
+    if remote and remote.startswith('s3://') and _missing_credentials(error):
+        return MissingCredentialsError(
+            f'{remote}: no S3 credentials for {endpoint_of(remote)}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY '
+            '(or AWS_PROFILE for a profile in ~/.aws/credentials), and S3_ENDPOINT_URL for an endpoint other than '
+            'AWS S3 (R2, MinIO, a loopback server).')
     cause = redact(f'{type(error).__name__}: {error}')
     return ObjectDownloadError(
         f'could not download {remote} from {endpoint_of(remote)} to {local} after {attempts} '

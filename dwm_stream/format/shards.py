@@ -110,6 +110,9 @@ class CorpusMeta:
         tokens_per_domain (dict[str, int]): Valid tokens by domain name.
         sources (list[str]): Source files converted, relative to the source root.
         version (int): Format version. Default: ``FORMAT_VERSION``.
+        max_token_id (int, optional): The largest id in ``tokens`` (padding included), checked at start-up against
+            the model's and the weighter's vocabulary. Default: ``None`` (a corpus converted before it was
+            recorded: not checked).
     """
     domains: list[str]
     seq_len: int
@@ -123,6 +126,7 @@ class CorpusMeta:
     tokens_per_domain: dict[str, int] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
     version: int = FORMAT_VERSION
+    max_token_id: Optional[int] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -185,4 +189,5 @@ _META_TYPES = [
     ('tokens_per_domain', lambda x: isinstance(x, dict), 'an object of domain name -> tokens'),
     ('sources', _is_str_list, 'a list of source paths'),
     ('version', _is_int, 'an int'),
+    ('max_token_id', lambda x: x is None or (_is_int(x) and x >= 0), 'an int >= 0'),
 ]

@@ -132,7 +132,7 @@ def materialize(corpus: str,
                           pad_token_id=meta.pad_token_id, score_names=score_names,
                           num_samples=int(len(all_uids)), num_tokens=int(sum(tokens_per_domain.values())),
                           tokens_per_domain={k: v for k, v in tokens_per_domain.items() if v},
-                          sources=list(meta.sources))
+                          sources=list(meta.sources), max_token_id=meta.max_token_id)  # the source's: a bound
     with open(os.path.join(out, META_BASENAME), 'w') as f:
         f.write(new_meta.to_json())
     report = MaterializeReport(out=out, num_samples=int(len(all_uids)), num_tokens=new_meta.num_tokens)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
-from composer.core import DataSpec, Time
-from composer.loggers import FileLogger, TensorboardLogger
+from composer.core import DataSpec, Event, State, Time
+from composer.loggers import FileLogger, Logger, TensorboardLogger
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import HuggingFaceModel
 from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
@@ -33,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from algorithms.dwm import DWM, ValidationBatches
 from dwm_stream.convert.tokenizer import load_tokenizer
 from dwm_stream.data.loader import build_dataloader, build_dataset, collate_samples, widen_batch
+from dwm_stream.data.vocabulary import check_token_ids
 from dwm_stream.train import config
 from dwm_stream.train.callbacks import TrainedSamples
 from dwm_stream.train.loggers import MetricsJSONLLogger
@@ -51,6 +53,7 @@ SCHEDULERS = {
 # callbacks.<name> / loggers.<name> -> class; config.CallbacksConfig / LoggersConfig hold their schemas.
 CALLBACKS = {'lr_monitor': LRMonitor, 'speed_monitor': SpeedMonitor, 'memory_monitor': MemoryMonitor,
              'runtime_estimator': RuntimeEstimator, 'trained_samples': TrainedSamples}
+log = logging.getLogger(__name__)
 LOGGERS = {'metrics_jsonl': MetricsJSONLLogger, 'file': FileLogger, 'tensorboard': TensorboardLogger}
 
 
@@ -64,6 +67,9 @@ def build_tokenizer(cfg: Mapping[str, Any]):
     """``tokenizer: {name: PATH_OR_HF_NAME, kwargs: {...}}``: ``kwargs`` go to ``AutoTokenizer.from_pretrained``
     (``model_max_length``, ``padding_side``...), as LLM Foundry passes them."""
     settings = config.check(config.TokenizerConfig, cfg, 'tokenizer')
+    # As LLM Foundry's build_tokenizer: DataLoader workers fork after the tokenizer has run (the LAMBADA validation
+    # set), and each would print tokenizers' fork warning. A value the user set is kept.
+    os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
     try:
         tokenizer = load_tokenizer(settings.name, **settings.kwargs)
     except TypeError as e:
@@ -293,6 +299,48 @@ class WidenedLoader:
 
 
 # ---------------------------------------------------------------------------------------------- DWM
+# A dataset section's location: which corpus it reads and where streaming may write. Never taken from another
+# section: a refit loader that names its own corpus reads that corpus, exactly as the YAML says.
+LOCATION_KEYS = ('remote', 'local', 'split', 'streams')
+_logged_fill_ins: set[tuple[str, ...]] = set()
+
+
+def refit_dataset_config(train_dataset: Optional[Mapping[str, Any]],
+                         refit_dataset: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """``algorithms.dwm.refit_loader.dataset`` with what the user left out filled in from ``train_loader.dataset``.
+
+    A refit section that sets any location key (``remote``, ``local``, ``split``, ``streams``) keeps its own
+    location: none of them is taken from the train loader (its ``remote`` with the refit's ``local`` would make
+    streaming treat that directory as a download cache, and delete from it). A refit section without a location
+    reads the train loader's corpus, through a cache of its own (``<local>.refit``) when that corpus is remote. Other
+    keys (``shuffle``, ``max_seq_len``...) are filled in where the refit section leaves them out; ``shuffle_seed``
+    defaults to the train loader's + 1 (its own order). Each fill-in is logged once per process.
+    """
+    train, refit = dict(train_dataset or {}), dict(refit_dataset or {})
+    own_location = any(refit.get(key) is not None for key in LOCATION_KEYS)
+    filled: dict[str, str] = {}
+    dataset_cfg = dict(refit)
+    for key, value in train.items():
+        if key in refit or key == 'batch_size' or (own_location and key in LOCATION_KEYS):
+            continue
+        dataset_cfg[key] = value
+        filled[key] = 'from train_loader.dataset'
+    if 'shuffle_seed' not in refit and dataset_cfg:
+        dataset_cfg['shuffle_seed'] = int(train.get('shuffle_seed', 9176)) + 1
+        filled['shuffle_seed'] = 'train_loader.dataset.shuffle_seed + 1'
+    if not own_location and dataset_cfg.get('remote') and dataset_cfg.get('local'):
+        dataset_cfg['local'] = str(dataset_cfg['local']).rstrip('/') + '.refit'
+        filled['local'] = "train_loader.dataset.local + '.refit' (a cache of its own)"
+    dataset_cfg.pop('batch_size', None)
+    if filled:
+        message = 'algorithms.dwm.refit_loader.dataset: ' + '; '.join(f'{k} {v}' for k, v in sorted(filled.items()))
+        key = tuple(sorted(filled.items()))
+        if key not in _logged_fill_ins:
+            _logged_fill_ins.add(key)
+            log.info(message)
+    return dataset_cfg
+
+
 class ConfiguredDWM(DWM):
     """:class:`algorithms.dwm.DWM` built from YAML: its loaders are given as configs.
 
@@ -345,16 +393,11 @@ class ConfiguredDWM(DWM):
         refit = None
         if settings.refit:
             refit_dataset = dict(refit_cfg.get('dataset') or {})
-            dataset_cfg = {**(train_dataset or {}), **refit_dataset}
+            dataset_cfg = refit_dataset_config(train_dataset, refit_dataset)
             if not dataset_cfg:
                 raise config.ConfigError('algorithms.dwm.refit_loader.dataset: missing (under llmfoundry train the '
                                          'algorithm sees only its own keys); give the training corpus (remote/local, '
                                          'its own shuffle_seed), or algorithms.dwm.refit: false.')
-            if 'shuffle_seed' not in refit_dataset:
-                dataset_cfg['shuffle_seed'] = int(dataset_cfg.get('shuffle_seed', 9176)) + 1
-            if dataset_cfg.get('remote') and 'local' in dataset_cfg and not refit_dataset.get('local'):
-                dataset_cfg['local'] = str(dataset_cfg['local']).rstrip('/') + '.refit'
-            dataset_cfg.pop('batch_size', None)
             refit = WidenedLoader(dataset_cfg, batch_size, 'algorithms.dwm.refit_loader.dataset')
         val = None
         if val_cfg:
@@ -377,3 +420,28 @@ class ConfiguredDWM(DWM):
                                          'one.')
         super().__init__(refit_dataloader=refit, val_dataloader=val, save_overwrite=settings.save_overwrite,
                          **dwm_kwargs)
+        self._run_tokenizer = getattr(tokenizer, 'name_or_path', None)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:  # the train loader is on the State from here on; no batch has run yet
+            self._check_token_ids(state)
+        super().apply(event, state, logger)
+
+    def _check_token_ids(self, state: State) -> None:
+        """Every corpus's largest token id (``dwm.json``) fits the model's and the weighter's vocabulary."""
+        model = getattr(state.model, 'module', state.model)
+        inner = getattr(model, 'model', model)
+        try:
+            model_vocab = int(inner.get_input_embeddings().num_embeddings)
+        except (AttributeError, NotImplementedError, TypeError):
+            model_vocab = getattr(getattr(inner, 'config', None), 'vocab_size', None)
+        vocabularies = {'model.vocab_size': model_vocab,
+                        'algorithms.dwm.weighter.vocab_size': self.weighter_config.vocab_size}
+        tokenizer = self._run_tokenizer or getattr(getattr(model, 'tokenizer', None), 'name_or_path', None)
+        loaders = [('train_loader.dataset', getattr(state.train_dataloader, 'dataset', None))]
+        for name, cycler in (('algorithms.dwm.refit_loader.dataset', self.refit_batches),
+                             ('algorithms.dwm.validation.dataset', self.val_batches)):
+            loader = getattr(getattr(cycler, '_source', None), '_loader', None)
+            loaders.append((name, getattr(loader, 'dataset', None)))
+        for where, dataset in loaders:
+            check_token_ids(dataset, where, vocabularies, tokenizer)

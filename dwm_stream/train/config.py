@@ -23,9 +23,11 @@ Their settings are checked against the class's signature (:func:`signature_schem
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import inspect
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,10 +36,22 @@ from typing import Any, Callable, Mapping, Optional, TypeVar, Union
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from algorithms.dwm import WeighterConfig
+from dwm_stream.train import _light
+
+# ``algorithms.dwm.weighter`` (the schema of ``algorithms.dwm.weighter``) imports torch. A light check
+# (:func:`precheck_train_config`, before the heavy imports) binds a stand-in and leaves that section to the full check.
+if _light.ACTIVE and 'algorithms.dwm.weighter' not in sys.modules:
+    @dataclass
+    class WeighterConfig:  # type: ignore[no-redef]
+        """Stand-in while checking without torch: the weighter section is checked by the full check."""
+
+        stand_in = True
+else:
+    from algorithms.dwm import WeighterConfig
 
 __all__ = [
-    'ConfigError', 'check', 'check_train_config', 'check_scheduler', 'check_component', 'component', 'component_names',
+    'ConfigError', 'check', 'check_train_config', 'precheck_train_config', 'check_scheduler', 'check_component',
+    'component', 'component_names',
     'signature_schema', 'FOUNDRY_REFUSED', 'FOUNDRY_IGNORED', 'COMPOSER_COMPONENTS', 'OWN_MODELS',
     'TrainConfig', 'ModelConfig', 'TokenizerConfig', 'LoaderConfig', 'EvalLoaderConfig', 'DatasetConfig',
     'StreamConfig', 'AlgorithmsConfig', 'DWMConfig', 'RefitLoaderConfig', 'ValidationConfig', 'OptimizerConfig',
@@ -412,7 +426,7 @@ class TrainConfig:
     save_folder: Optional[str] = None
     save_interval: Union[str, int] = '1ep'
     save_num_checkpoints_to_keep: int = -1
-    save_overwrite: bool = False  # also algorithms.dwm.save_overwrite's default under dwm-stream train
+    save_overwrite: bool = False  # Composer's checkpoints; DWM's schedule: algorithms.dwm.save_overwrite
     save_filename: Optional[str] = None  # None: Composer's ep{epoch}-ba{batch}-rank{rank}.pt
     save_latest_filename: Optional[str] = None  # None: Composer's latest-rank{rank}.pt
     save_weights_only: bool = False
@@ -534,6 +548,8 @@ def component(kind: str, name: str) -> Optional[Callable[..., Any]]:
     The Composer classes of :data:`COMPOSER_COMPONENTS` are found without LLM Foundry; any other name is looked up in
     Foundry's registry (with its entry points: ``dwm`` itself is there) when LLM Foundry is installed.
     """
+    if _light.ACTIVE:  # a light check: a name that is not dwm-stream's own is left to the full check
+        return _deferred
     path = COMPOSER_COMPONENTS.get(kind, {}).get(name)
     if path is not None:
         module, attr = path.split(':')
@@ -602,6 +618,7 @@ def check(schema: type[T], cfg: Optional[Mapping[str, Any]], where: str = '') ->
         ConfigError: An unknown key (the valid keys listed), a value of the wrong type, a mapping expected, or a
             required key missing; the message names the full key path.
     """
+    _full_schema()
     node = OmegaConf.structured(schema)
     _fill(schema, node, cfg or {}, where)
     missing = sorted(OmegaConf.missing_keys(node))
@@ -702,6 +719,8 @@ def check_component(kind: str, name: str, settings: Any, where: str, leave_out: 
         class keeps its own defaults. Keys a ``**kwargs`` parameter takes pass through unchecked.
     """
     fn = component(kind, name)
+    if fn is _deferred:
+        return dict(settings or {})
     if fn is None:
         raise ConfigError(f'{where}: {name!r} is not a name LLM Foundry registers among its {kind}'
                           f'{_foundry_hint(kind)}.')
@@ -727,6 +746,41 @@ def _foundry_hint(kind: str, lead: str = ';') -> str:
     if foundry_registry(kind) is not None:
         return ''
     return f'{lead} LLM Foundry installed (pip install "dwm-stream[foundry]"), or run `llmfoundry train`'
+
+
+def _full_schema() -> None:
+    """After a light check: the real ``WeighterConfig`` for ``algorithms.dwm.weighter`` (torch is imported by now)."""
+    global WeighterConfig
+    if not _light.ACTIVE and getattr(WeighterConfig, 'stand_in', False):
+        from algorithms.dwm import WeighterConfig as real
+        WeighterConfig = real  # DWMConfig's annotation resolves to it from here on
+
+
+def _deferred(*args: Any, **kwargs: Any) -> None:
+    """What :func:`component` returns in a light check: a name whose settings the full check looks at."""
+
+
+def precheck_train_config(cfg: Any) -> None:
+    """The checks of :func:`check_train_config` that need neither torch, Composer, transformers nor LLM Foundry.
+
+    Run before those imports (``dwm-stream train``, ``python -m dwm_stream.train``), so that a typo in the YAML is
+    reported in about a second instead of after 15-30 s of imports. Left to the full check: ``algorithms.dwm.weighter``
+    and the settings of components that are not dwm-stream's own (Composer's and LLM Foundry's registry names).
+    Call it only in a process where :mod:`dwm_stream.train.config` was first imported with
+    :data:`dwm_stream.train._light.ACTIVE` set (:mod:`dwm_stream.train.precheck` does).
+
+    Raises:
+        ConfigError: As :func:`check_train_config`.
+    """
+    if not _light.ACTIVE:
+        check_train_config(cfg)
+        return
+    if isinstance(cfg, Mapping) and isinstance(cfg.get('algorithms'), Mapping) and \
+            isinstance(cfg['algorithms'].get('dwm'), Mapping) and 'weighter' in cfg['algorithms']['dwm']:
+        cfg = copy.deepcopy(dict(cfg))
+        cfg['algorithms'] = dict(cfg['algorithms'])
+        cfg['algorithms']['dwm'] = {k: v for k, v in cfg['algorithms']['dwm'].items() if k != 'weighter'}
+    check_train_config(cfg)
 
 
 def check_train_config(cfg: Mapping[str, Any]) -> TrainConfig:

@@ -28,13 +28,11 @@ from composer.devices import DeviceCPU, DeviceGPU
 from composer.loggers import ConsoleLogger
 from composer.loggers.logger import format_log_data_value
 from composer.utils import dist, reproducibility
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from dwm_stream.progress import is_terminal
 from dwm_stream.train import builders, config
 from dwm_stream.train.checkpoint_safety import install as load_checkpoints_weights_only
 from dwm_stream.train.config import ConfigError, TrainConfig, check_train_config
+from dwm_stream.train.precheck import load_yaml
 
 __all__ = ['load_config', 'build_trainer', 'fit', 'main', 'ConsoleLineLogger']
 
@@ -50,20 +48,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
             :class:`~dwm_stream.train.config.TrainConfig` (a :class:`~dwm_stream.train.config.ConfigError` naming
             the key).
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'config {path} does not exist.')
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError carries the line in its message
-        raise ValueError(f'{path}: not valid YAML: {e}') from e
-    bad = [o for o in overrides if '=' not in o]
-    if bad:
-        raise ValueError(f'override {bad[0]!r} is not key=value (e.g. max_duration=10ba).')
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        raise ValueError(f'{path}: {e}') from e
+    resolved = load_yaml(path, overrides)
     _check(resolved, path)
     return resolved
 
@@ -199,7 +184,8 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
         kwargs = dict(kwargs or {})
         if kwargs.get('save_dir') is None and run_dir:
             kwargs['save_dir'] = os.path.join(run_dir, 'dwm_schedule')
-        kwargs.setdefault('save_overwrite', train.save_overwrite)
+        # The top-level save_overwrite is Composer's (checkpoints); DWM's schedule has algorithms.dwm.save_overwrite,
+        # as under llmfoundry train, where the algorithm sees only its own keys.
         algorithms.append(builders.ConfiguredDWM(train_dataset=cfg['train_loader'].get('dataset'),
                                                  tokenizer=tokenizer, device_batch_size=device_batch, **kwargs))
 

@@ -24,8 +24,12 @@ def _batch(n=12, length=10, vocab=64, seed=0):
     return ids, mask
 
 
+# A 1-batch run has one stage (a boundary past max_duration is refused at FIT_START).
+ONE_STAGE = {'stage_boundaries': None, 'num_stages': 1}
+
+
 def _dwm(**kwargs):
-    defaults = dict(stage_boundaries=['2ba', '4ba'], refit_steps=4, refit_lr=0.05, lookahead_lr=0.5,
+    defaults = dict(stage_boundaries=['2ba', '3ba'], refit_steps=4, refit_lr=0.05, lookahead_lr=0.5,
                     refit_dataloader=DataLoader(ToyCorpus(64, seed=1), batch_size=8, shuffle=False),
                     val_dataloader=val_batches(), domain_names=['clean', 'noisy'],
                     weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1})
@@ -147,7 +151,7 @@ def test_ess_band_warning():
 
 
 def test_backbone_lr_scale_zero_freezes_the_backbone():
-    dwm = _dwm(refit_backbone_lr_scale=0.0, refit_lr=0.3)
+    dwm = _dwm(refit_backbone_lr_scale=0.0, refit_lr=0.3, **ONE_STAGE)
     _fit(dwm, max_duration='1ba')  # one refit, at FIT_START
     assert dwm.refits_done == 1 and len(dwm.weighter_optimizer.param_groups) == 2
     fresh = dict(Weighter(dwm.weighter_config).named_parameters())  # the same seed: the initial weighter
@@ -176,7 +180,7 @@ def test_val_batches_per_step_is_the_token_mean_over_all_batches():
     _, one = dwm._make_functions(lm, refit, vals[0])
     _, one_list = dwm._make_functions(lm, refit, [vals[0]])
     assert torch.equal(one(params), one_list(params))
-    dwm = _dwm(val_batches_per_step=2)
+    dwm = _dwm(val_batches_per_step=2, **ONE_STAGE)
     _fit(dwm, max_duration='1ba')
     assert dwm.refits_done == 1 and dwm.val_batches.drawn == 2 * dwm.refit_steps
 
@@ -184,7 +188,7 @@ def test_val_batches_per_step_is_the_token_mean_over_all_batches():
 def test_lookahead_steps_use_k_refit_batches_per_step_and_move_the_weighter():
     """K = 2: each refit step draws two refit batches (one per virtual step) and one validation batch; the weighter
     moves off uniform and the two-step look-ahead gain is logged."""
-    dwm = _dwm(lookahead_steps=2, refit_lr=0.3, refit_kl=1.0)
+    dwm = _dwm(lookahead_steps=2, refit_lr=0.3, refit_kl=1.0, **ONE_STAGE)
     logger = _fit(dwm, max_duration='1ba')
     assert dwm.refits_done == 1
     assert dwm.refit_batches.drawn == 2 * dwm.refit_steps and dwm.val_batches.drawn == dwm.refit_steps

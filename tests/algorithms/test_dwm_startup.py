@@ -154,13 +154,17 @@ def test_save_dir_of_a_longer_run_of_the_same_name_is_refused_before_the_first_b
     trainer.close()
 
 
-def test_save_overwrite_replaces_the_schedule_and_its_stage_files(tmp_path):
+def test_save_overwrite_replaces_the_schedule_and_its_stage_files(tmp_path, caplog):
     save_dir = _write_run(tmp_path, 'sched', num_stages=3, max_duration='3ba')
     assert len(_schedule(save_dir)['stages']) == 3
     dwm = _dwm(num_stages=1, save_dir=save_dir)
     dwm.save_overwrite = True  # ConfiguredDWM's save_overwrite (algorithms.dwm.save_overwrite)
     trainer = _trainer(dwm, max_duration='1ba', run_name='run-b')
-    trainer.fit()
+    with caplog.at_level('WARNING', logger='algorithms.dwm.dwm'):
+        trainer.fit()
+    replaced = [r.getMessage() for r in caplog.records if 'replacing the schedule' in r.getMessage()]
+    assert replaced == [f"algorithms.dwm.save_dir: replacing the schedule of run 'run-a' in {save_dir} "
+                        '(save_overwrite: true).'], replaced  # logged, once
     doc = _schedule(save_dir)
     assert doc['run'] == {'run_name': 'run-b', 'max_duration': '1ba'} and len(doc['stages']) == 1
     assert sorted(os.listdir(save_dir)) == ['schedule.json', 'stage_0.json', 'stage_0.safetensors']

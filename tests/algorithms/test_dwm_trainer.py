@@ -124,7 +124,7 @@ def test_training_refits_and_resumes_identically(tmp_path):
 
 
 def test_refit_leaves_llm_and_optimizer_untouched():
-    dwm = _dwm(lookahead='adam', refit_steps=2)
+    dwm = _dwm(lookahead='adam', refit_steps=2, stage_boundaries=None, num_stages=1)  # a 1-batch run: one stage
     model = composer_llama()
     trainer, _ = _trainer(model, [dwm], max_duration='1ba', optimizer=torch.optim.Adam(model.parameters(), lr=1e-3))
     trainer.fit()
@@ -265,10 +265,10 @@ def test_refit_checkpoint_weighter_gives_the_same_refit():
     """Checkpointing the weighter's backbone in the refit changes memory, not the result."""
     weighters = []
     for checkpointed in (False, True):
-        dwm = DWM(num_stages=2, refit_steps=2, lookahead_lr=0.1, weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1},
+        dwm = DWM(num_stages=1, refit_steps=2, lookahead_lr=0.1, weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1},
                   refit_dataloader=_refit_loader(), val_dataloader=val_batches(),
                   refit_checkpoint_weighter=checkpointed)
-        trainer, _ = _trainer(composer_llama(), [dwm], max_duration='1ba')
+        trainer, _ = _trainer(composer_llama(), [dwm], max_duration='1ba')  # one stage: its refit at batch 0
         trainer.fit()
         assert dwm.refits_done >= 1
         weighters.append(dwm.weighter.state_dict())

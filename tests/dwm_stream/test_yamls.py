@@ -450,7 +450,8 @@ def test_validation_data_that_yields_nothing_fails_at_init(yaml_env, local_mds, 
 
 def test_save_dir_of_another_run_fails_when_the_run_is_built(yaml_env, local_mds):
     """Finding 4 under dwm-stream train: the default save_dir (<save_folder>/dwm_schedule) holds another run's
-    schedule; refused at INIT, and save_overwrite=true (the top-level key) lets the run replace it."""
+    schedule; refused at INIT, also with the top-level save_overwrite: true (Composer's checkpoints, as under
+    llmfoundry train); algorithms.dwm.save_overwrite=true lets the run replace it."""
     schedule_dir = str(yaml_env / 'run' / 'dwm_schedule')
     write_schedule(schedule_dir, [], run={'run_name': 'an-earlier-run', 'max_duration': '400ba'})
     cfg = _demo_cfg(yaml_env, local_mds)
@@ -458,7 +459,10 @@ def test_save_dir_of_another_run_fails_when_the_run_is_built(yaml_env, local_mds
                                          r"belongs to run 'an-earlier-run', not to this run 'demo-dwm'; set a new "
                                          r'save_dir, or algorithms\.dwm\.save_overwrite: true'):
         build_trainer(cfg, config_path=_path('demo-cpu.yaml'))
-    build_trainer(_demo_cfg(yaml_env, local_mds, 'save_overwrite=true'), config_path=_path('demo-cpu.yaml')).close()
+    with pytest.raises(ValueError, match=r"^algorithms\.dwm\.save_dir .* belongs to run 'an-earlier-run'"):
+        build_trainer(_demo_cfg(yaml_env, local_mds, 'save_overwrite=true'), config_path=_path('demo-cpu.yaml'))
+    build_trainer(_demo_cfg(yaml_env, local_mds, 'algorithms.dwm.save_overwrite=true'),
+                  config_path=_path('demo-cpu.yaml')).close()
 
 
 def test_peeking_a_refit_loader_keeps_its_sequence(local_mds):

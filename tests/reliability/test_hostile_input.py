@@ -72,12 +72,13 @@ def test_flipped_byte_in_a_remote_shard_is_named_never_decoded(converted_mds, re
 
 
 def test_flipped_byte_in_the_local_cache_is_named_never_decoded(converted_mds, read_mds, tmp_path):
-    local = str(tmp_path / 'local')
-    shutil.copytree(converted_mds, local)
-    list(DWMDataset(local=local, batch_size=4, shuffle=False))  # decompress every shard into the cache
+    remote, local = str(tmp_path / 'remote'), str(tmp_path / 'local')
+    shutil.copytree(converted_mds, remote)
+    # download and decompress every shard into the cache (a corpus given as `local` alone is read-only: issue 16)
+    list(DWMDataset(remote=remote, local=local, batch_size=4, shuffle=False))
     raw = _index(local)['shards'][1]['raw_data']['basename']
     _flip_byte(os.path.join(local, raw), 0.7)  # inside the token records
-    got, error = _iterate_until_error(DWMDataset(local=local, batch_size=4, shuffle=False))
+    got, error = _iterate_until_error(DWMDataset(remote=remote, local=local, batch_size=4, shuffle=False))
     assert isinstance(error, ShardIntegrityError), repr(error)
     assert raw in str(error) and 'xxh64' in str(error) and local in str(error), str(error)
     reference = _reference_tokens(read_mds, converted_mds)
