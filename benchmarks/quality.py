@@ -7,6 +7,15 @@ loss terms). Methods (``--methods``; ``NAME`` or ``NAME:key=value,...``, where t
 override :class:`Budget` fields for that method and the whole string is its label):
 
 * ``uniform``: plain training.
+* ``oracle``: knows the answer: weight 0 on every degraded domain, the rest renormalised to mean 1 per batch.
+  **Headroom** (checked first, printed first): the oracle must beat uniform by at least 3x the RMS change of its
+  own null on at least 4 of 5 seeds, or the bench says it cannot rank weighting methods and ranks none.
+* ``oracle_select``: the loader yields ``select_factor`` x the batch; each trained batch is filled with clean
+  samples drawn at random from that pool (the oracle of ``dwm_select``).
+* ``random_select``: the same pool, a random subset: the null of every selection method.
+* ``NAME/null`` (``oracle/null``, ``dwm/null``, ``loss_reweighting/null``, ...): the method with its weights
+  permuted within each batch: the same spread of weights, none of their knowledge. Each method is reported against
+  its own null.
 * ``noise_floor``: tiny random weights, ``1 + noise_sigma * N(0, 1)`` (``algorithms.baselines.NoiseFloorWeighting``):
   how much a method that knows nothing moves the loss. The *noise floor* is the RMS over seeds of its change.
 * ``dwm``: DWM with 5 stages and the refit trust region ``refit_kl`` (``algorithms.dwm``).
@@ -14,6 +23,8 @@ override :class:`Budget` fields for that method and the whole string is its labe
 * ``dwm_select``: DWM ``mode='select'``: the loader yields ``select_factor`` x the batch, DWM trains on the top
   ``1 / select_factor`` by the weighter's scores (the same number of trained samples per step).
 * ``loss_reweighting``: Sow et al. 2025 (LinUpper, r = 1, 5% uniform warm-up).
+* ``rho``: a RHO-LOSS rule (Mindermann et al. 2022): the same LinUpper mapping on the *reducible* loss, the training
+  loss minus the loss under a model trained on the held-out target samples only (its own short run, seed 1000).
 * ``static_domain``: fixed per-domain weights from a short uniform proxy run: each domain's first-order effect on
   DWM's validation target, ``<grad L_fit, grad L_domain>``, clipped at 0, mean 1 over the training mix, mixed with
   uniform (λ = 0.1).
@@ -38,6 +49,8 @@ regenerates the section between the quality markers of ``benchmarks/RESULTS.md``
 
 import argparse
 import gc
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -59,13 +72,16 @@ from matplotlib.figure import Figure
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from algorithms.baselines import (
+    DomainSelection,
     LossReweighting,
     NoiseFloorWeighting,
+    ReducibleLossWeighting,
+    PermutedWeights,
     StaticDomainWeighting,
     domain_weights_from_alignment,
 )
 from algorithms.dwm import DWM, ValidationBatches
-from algorithms.dwm.functional import WEIGHT_KEY, per_sample_loss_sums
+from algorithms.dwm.functional import WEIGHT_KEY, per_sample_loss, per_sample_loss_sums
 from benchmarks.common import (
     describe_machine,
     library_versions,
@@ -93,14 +109,18 @@ END_MARK = '<!-- quality:end -->'
 SCHEMA = 2
 # Base methods and the Budget fields each one sets before the method string's own overrides.
 BASES: dict[str, dict[str, Any]] = {
-    'uniform': {}, 'noise_floor': {}, 'dwm': {}, 'dwm_paper': {'refit_kl': 0.0}, 'dwm_select': {},
-    'loss_reweighting': {}, 'static_domain': {},
+    'uniform': {}, 'oracle': {}, 'oracle_select': {}, 'random_select': {}, 'noise_floor': {}, 'dwm': {},
+    'dwm_paper': {'refit_kl': 0.0}, 'dwm_select': {}, 'loss_reweighting': {}, 'rho': {}, 'static_domain': {},
 }
 DWM_BASES = ('dwm', 'dwm_paper', 'dwm_select')
+SELECT_BASES = ('dwm_select', 'oracle_select', 'random_select')  # train on 1/select_factor of a larger pool
+NULL_SUFFIX = '/null'
+# The null of a selection method (a permuted 0/1 mask of a fixed size is a uniformly random subset of the pool).
+SELECT_NULL = 'random_select'
 # The options of issue 12 are measured beside the default (`dwm`), never adopted from this run (it is the reported
 # corpus): K = 2 look-ahead and the held-out-mixture validation target.
-DEFAULT_METHODS = ('uniform', 'noise_floor', 'dwm', 'dwm_paper', 'dwm_select', 'loss_reweighting', 'static_domain',
-                   'dwm:lookahead_steps=2', 'dwm:dwm_validation=heldout')
+DEFAULT_METHODS = ('uniform', 'oracle', 'oracle/null', 'oracle_select', 'random_select',
+                   'dwm_select:refit_fit=regression,dwm_validation=heldout')
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 PROXY_SEED = 1000  # the static baseline's proxy run: its own seed, shared by every main seed
 REPORT_SEED = 12345  # draws the balanced report set (and so the held-out DWM target) from the validation split
@@ -143,6 +163,8 @@ class Budget:
     refit_backbone_lr_scale: float = 1.0
     val_batches_per_step: int = 1
     lookahead_steps: int = 1
+    refit_fit: str = 'gradient'
+    refit_fit_steps: int = 100
     dwm_validation: str = 'lambada'  # lambada | heldout | both ('lambada' means 'heldout' without a LAMBADA file)
     select_factor: int = 4
     # noise floor
@@ -150,6 +172,12 @@ class Budget:
     # Sow et al.'s defaults
     sow_r: float = 1.0
     sow_warmup_frac: float = 0.05
+    # the run's own null: its weights permuted within each batch (set by the method suffix `/null`)
+    null: int = 0
+    # schedule: cosine from lr to lr * lr_final_frac; the reported figure: the mean of the last `final_evals`
+    # evaluations (of `evals` + step 0)
+    lr_final_frac: float = 0.1
+    final_evals: int = 1
 
     @property
     def seq_len(self) -> int:
@@ -169,10 +197,14 @@ class Budget:
                    **{k: v for k, v in record.items() if k not in data_keys})
 
 
-FULL = Budget(data=DataBudget(corpus_size='4MB', vocab_size=2048, seq_len=128, validation_size='600KB'),
-              batch_size=16, steps=600, evals=15, hidden_size=96, num_layers=2, intermediate_size=256, num_heads=4,
-              lr=0.003, warmup_frac=0.05, num_stages=5, refit_steps=12, weighter_d_model=64, proxy_frac=0.2,
-              proxy_batches_per_domain=4, report_per_domain=64)
+# Issue 18's bench: half the corpus degraded (a word cipher of real documents among them), a wider batch trained to
+# lr 0, the figure averaged over the last 3 evaluations. A smaller model than issue 12's, so that 5 seeds of every
+# method fit the budget.
+FULL = Budget(data=DataBudget(corpus_size='4MB', vocab_size=1024, seq_len=64, validation_size='600KB',
+                              degraded_share=0.5),
+              batch_size=128, steps=120, evals=10, hidden_size=64, num_layers=2, intermediate_size=172, num_heads=4,
+              lr=0.005, warmup_frac=0.05, num_stages=3, refit_steps=8, weighter_d_model=64, proxy_frac=0.2,
+              proxy_batches_per_domain=4, report_per_domain=64, lr_final_frac=0.0, final_evals=3)
 QUICK = Budget(data=DataBudget(corpus_size='1MB', vocab_size=1024, seq_len=64, validation_size='200KB'),
                batch_size=8, steps=30, evals=3, hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2,
                lr=0.003, warmup_frac=0.1, num_stages=5, refit_steps=1, weighter_d_model=16, proxy_frac=0.34,
@@ -186,12 +218,21 @@ def _say(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------------- methods
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """``'dwm:refit_kl=10,embed_norm=batch'`` -> ``('dwm', {'refit_kl': 10.0, 'embed_norm': 'batch'})``; values take
-    the type of the :class:`Budget` field they override. Raises ``ValueError`` naming the method if it is not valid."""
-    name, _, rest = text.partition(':')
+    the type of the :class:`Budget` field they override. A trailing ``/null`` is the method's null: the same method
+    with its weights permuted within each batch (``null=1``). Raises ``ValueError`` naming the method if it is not
+    valid."""
+    overrides: dict[str, Any] = {}
+    body = text
+    if text.endswith(NULL_SUFFIX):
+        body = text[:-len(NULL_SUFFIX)]
+        overrides['null'] = 1
+    name, _, rest = body.partition(':')
+    if overrides and name in ('uniform',) + SELECT_BASES:
+        raise ValueError(f'method {text!r}: {name} has no weights to permute'
+                         + (f' (the null of a selection method is {SELECT_NULL})' if name in SELECT_BASES else ''))
     if name not in BASES:
         raise ValueError(f'method {text!r}: unknown method {name!r}; one of {", ".join(BASES)}')
     types = {f.name: f.type for f in fields(Budget) if f.name != 'data'}
-    overrides: dict[str, Any] = {}
     for item in filter(None, rest.split(',')):
         key, eq, value = item.partition('=')
         key = key.strip()
@@ -203,6 +244,14 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
         except ValueError:
             raise ValueError(f'method {text!r}: {key}={value!r} is not a {types[key].__name__}') from None
     return name, overrides
+
+
+def null_of(text: str) -> str | None:
+    """The label of a method's null (``None`` for uniform and for a null itself)."""
+    base, overrides = parse_method(text)
+    if base == 'uniform' or overrides.get('null') or base == SELECT_NULL:
+        return None
+    return SELECT_NULL if base in SELECT_BASES else text + NULL_SUFFIX
 
 
 def method_budget(budget: Budget, text: str) -> Budget:
@@ -323,9 +372,10 @@ def prepare(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
         paths = prepare_data(args.data_dir, budget.data, corpus_dir=args.corpus, lambada=args.lambada,
                              say=lambda step, msg: _say(msg))
     else:
-        paths = prepare_data(args.data_dir, budget.data, seed=args.corpus_seed, say=lambda step, msg: _say(msg))
+        paths = prepare_data(args.data_dir, budget.data, seed=args.corpus_seed, corruptions=args.corruptions,
+                             say=lambda step, msg: _say(msg))
     names = _domain_names(paths['train'])
-    named = args.degraded.split(',') if args.corpus else degraded_domains('standard')
+    named = args.degraded.split(',') if args.corpus else degraded_domains(args.corruptions)
     unknown = sorted(set(named) - set(names)) if args.corpus else []
     if unknown:
         raise SystemExit(f'--degraded: {", ".join(unknown)} not among the corpus\'s domains ({", ".join(names)})')
@@ -350,7 +400,7 @@ def prepare(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             report_tokens.setdefault(uid_domain[s['uid']], []).append(s['tokens'])
     references = ngram_references([s['tokens'] for s in train], report_tokens, vocab, real)
     return {
-        'paths': paths, 'domains': names, 'real': real, 'degraded': degraded, 'vocab': vocab,
+        'paths': paths, 'domains': names, 'real': real, 'degraded': degraded, 'vocab': vocab, 'device': args.device,
         'report': split['report'], 'heldout_path': heldout_path, 'references': references,
         'data': {'domains': names, 'real_domains': real, 'degraded_domains': degraded,
                  'train_samples': len(train), 'train_tokens': int(sum(len(s['tokens']) for s in train)),
@@ -502,7 +552,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         'num_key_value_heads': budget.num_heads, 'max_position_embeddings': budget.seq_len,
         'tie_word_embeddings': True}}, tokenizer)
     train_dataset = {'local': paths['train'], 'shuffle': True, 'shuffle_seed': 17 + seed}
-    loader_batch = budget.batch_size * (budget.select_factor if base == 'dwm_select' else 1)
+    if spec.get('il_proxy'):  # the RHO rule's irreducible-loss model: trained on the held-out target samples only
+        train_dataset = {'local': paths['validation'], 'selection': spec['heldout_path'], 'shuffle': True,
+                         'shuffle_seed': 17 + seed}
+    loader_batch = budget.batch_size * (budget.select_factor if base in SELECT_BASES else 1)
     train_spec = builders.build_train_dataloader({'name': 'dwm', 'dataset': train_dataset}, loader_batch)
     evaluating = spec.get('evaluate', True)
     eval_batches = []
@@ -521,15 +574,28 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             weighter={'d_model': budget.weighter_d_model, 'n_layers': 1, 'n_heads': 4, 'max_seq_len': budget.seq_len,
                       'batch_layers': 1, 'embed_norm': budget.embed_norm},
             refit_dataloader=WidenedLoader({**train_dataset, 'shuffle_seed': 18 + seed}, budget.batch_size, 'refit'),
-            lookahead_steps=budget.lookahead_steps,
+            lookahead_steps=budget.lookahead_steps, refit_fit=budget.refit_fit,
+            refit_fit_steps=budget.refit_fit_steps,
             val_dataloader=_validation(budget.dwm_validation, spec, tokenizer, budget)))
     elif base == 'static_domain':
         algorithms.append(StaticDomainWeighting(spec['static_weights'], domain_names=domain_names))
+    elif base == 'oracle':  # knows which domains are degraded: weight 0 on them, the rest renormalised to mean 1
+        algorithms.append(StaticDomainWeighting({d: 0.0 for d in spec['degraded']}, domain_names=domain_names))
+    elif base in ('oracle_select', 'random_select'):
+        algorithms.append(DomainSelection(real if base == 'oracle_select' else None, budget.select_factor,
+                                          domain_names=domain_names, seed=seed))
     elif base == 'loss_reweighting':
         algorithms.append(LossReweighting(r=budget.sow_r, warmup=f'{budget.sow_warmup_frac}dur',
-                                          domain_names=domain_names))
+                                          domain_names=domain_names, permute_seed=seed if budget.null else None))
+    elif base == 'rho':
+        algorithms.append(ReducibleLossWeighting({int(k): v for k, v in spec['irreducible_loss'].items()},
+                                                 r=budget.sow_r, warmup=f'{budget.sow_warmup_frac}dur',
+                                                 domain_names=domain_names,
+                                                 permute_seed=seed if budget.null else None))
     elif base == 'noise_floor':
         algorithms.append(NoiseFloorWeighting(sigma=budget.noise_sigma, seed=seed))
+    if budget.null and base not in ('loss_reweighting', 'rho'):
+        algorithms = [PermutedWeights(a, seed=seed) for a in algorithms]
     memory = InMemoryLogger()
     trainer = Trainer(
         model=model, train_dataloader=train_spec, max_duration=f'{steps}ba',
@@ -537,9 +603,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                                              'eps': 1e-8, 'weight_decay': 0.0}, model),
         schedulers=builders.build_scheduler({'name': 'cosine_with_warmup',
                                              't_warmup': f'{max(1, round(budget.warmup_frac * steps))}ba',
-                                             'alpha_f': 0.1}),
+                                             'alpha_f': budget.lr_final_frac}),
         algorithms=algorithms, callbacks=[probe] if evaluating else [], loggers=[memory],
-        device='cpu', precision='fp32', seed=seed, device_train_microbatch_size=budget.batch_size,
+        device=spec.get('device', 'cpu'), precision='fp32', seed=seed, device_train_microbatch_size=budget.batch_size,
         progress_bar=False, log_to_console=False, python_log_level=None)
     started = time.perf_counter()
     trainer.fit()
@@ -552,16 +618,36 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         if paths['lambada_report']:
             lambada = lambada_metrics(lm, ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32,
                                                             max_length=budget.seq_len))
-        result.update({'curve': probe.curve, 'final': probe.curve[-1], 'lambada': lambada,
-                       'stage_weights': probe.stage_weights(spec['train_shares'] if base == 'dwm_select' else None),
+        last = probe.curve[-max(1, budget.final_evals):]
+        final = {k: sum(p[k] for p in last) / len(last) for k in last[-1] if k != 'step'}
+        result.update({'curve': probe.curve, 'final': final, 'final_steps': [p['step'] for p in last],
+                       'lambada': lambada,
+                       'stage_weights': probe.stage_weights(spec['train_shares'] if base in SELECT_BASES else None),
                        'stage_weight_std': probe.stage_weight_std(), 'eval_seconds': probe.eval_seconds})
     if base in DWM_BASES:
         result['refit'] = {key[len('dwm/'):]: [float(v) for _, v in memory.data[key]]
                            for key in sorted(memory.data) if key.startswith(('dwm/refit/', 'dwm/stage/'))}
     if spec.get('proxy'):
         result['proxy'] = static_weights_from_proxy(lm, tokenizer, spec, budget)
+    if spec.get('il_proxy'):
+        result['irreducible_loss'] = irreducible_losses(lm, spec['paths']['train'], budget.eval_batch_size)
     trainer.close()
     return result
+
+
+def irreducible_losses(lm, train_dir: str, batch_size: int) -> dict[str, float]:
+    """Each training sample's token-mean loss under ``lm`` (the RHO rule's irreducible loss), keyed by uid."""
+    out: dict[str, float] = {}
+    lm.eval()
+    with torch.no_grad():
+        for batch in WidenedLoader({'local': train_dir, 'shuffle': False}, batch_size, train_dir):
+            ids = batch['input_ids']
+            labels = ids.clone()
+            for row, n in enumerate(batch['num_tokens'].tolist()):
+                labels[row, int(n):] = -100
+            losses = per_sample_loss(lm(input_ids=ids).logits, labels)
+            out.update({str(int(u)): float(v) for u, v in zip(batch['uid'], losses)})
+    return out
 
 
 def static_weights_from_proxy(lm, tokenizer, spec: dict[str, Any], budget: Budget) -> dict[str, Any]:
@@ -628,26 +714,62 @@ def _run_subprocess(spec: dict[str, Any], work: str, name: str) -> dict[str, Any
         return json.load(f)
 
 
+def _code_digest() -> str:
+    """A digest of the code a run's result depends on (the algorithms and this module's training code), so that the
+    run cache never serves a result of other code."""
+    digest = hashlib.sha256()
+    root = os.path.join(REPO, 'algorithms')
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name.endswith('.py'):
+                with open(os.path.join(folder, name), 'rb') as f:
+                    digest.update(f.read())
+    for obj in (run_one, irreducible_losses, static_weights_from_proxy, evaluate, QualityProbe, _validation):
+        digest.update(inspect.getsource(obj).encode())
+    return digest.hexdigest()
+
+
+def _file_name(name: str) -> str:
+    """A run's name as a file name (method labels hold ``/``, ``:``, ``=`` and ``,``)."""
+    return ''.join(c if c.isalnum() or c in '-_.' else '~' for c in name)
+
+
 def run_all(ctx: dict[str, Any], budget: Budget, methods: list[str], seeds: list[int], jobs: int, work: str,
-            rerun_check: bool) -> dict[str, Any]:
-    """The proxy run (if ``static_domain`` is measured), then every (method, seed), then the re-run; ``jobs`` > 1
-    runs them in that many subprocesses (one torch thread each)."""
+            rerun_check: bool, cache_dir: str | None = None) -> dict[str, Any]:
+    """The proxy runs (if ``static_domain`` or ``rho`` is measured), then every (method, seed), then the re-run;
+    ``jobs`` > 1 runs them in that many subprocesses (one torch thread each). With ``cache_dir``, each run's result is
+    kept there under a digest of its whole spec, and a run whose result is there is not run again (an interrupted
+    bench resumes; a changed budget, corpus or method runs afresh). The re-run is never taken from the cache."""
     base = {'paths': ctx['paths'], 'threads': 1, 'domains': ctx['domains'], 'real': ctx['real'],
+            'degraded': ctx['degraded'], 'device': ctx.get('device', 'cpu'),
             'report': ctx['report'], 'heldout_path': ctx['heldout_path'], 'train_shares': ctx['data']['train_shares']}
 
     def spec(method: str, seed: int, **extra) -> dict[str, Any]:
         return {**base, 'method': method, 'seed': seed, 'budget': method_budget(budget, method).record(), **extra}
 
+    code = _code_digest() if cache_dir is not None else ''
+
     def execute(s: dict[str, Any], name: str) -> dict[str, Any]:
         started = time.perf_counter()
+        cached = None
+        if cache_dir is not None and not name.endswith('-rerun'):
+            digest = hashlib.sha256((json.dumps(s, sort_keys=True) + code).encode()).hexdigest()[:16]
+            cached = os.path.join(cache_dir, f'{_file_name(name)}-{digest}.json')
+            if os.path.exists(cached):
+                with open(cached) as f:
+                    _say(f'{name}: cached ({cached})')
+                    return json.load(f)
         if jobs <= 1:
             result = run_one(s)
             # The run's Trainer holds its loaders in reference cycles: collect them now, so that their
             # datasets' shared memory is given back before the next run rather than at some later GC.
             gc.collect()
         else:
-            result = _run_subprocess(s, work, name)
+            result = _run_subprocess(s, work, _file_name(name))
         _say(f'{name}: {time.perf_counter() - started:.0f}s')
+        if cached is not None:
+            os.makedirs(cache_dir, exist_ok=True)
+            write_json(cached, result)
         return result
 
     def execute_all(specs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -657,14 +779,23 @@ def run_all(ctx: dict[str, Any], budget: Budget, methods: list[str], seeds: list
             return list(pool.map(lambda item: execute(item[1], item[0]), specs))
 
     static = [m for m in methods if parse_method(m)[0] == 'static_domain']
-    first = [(f'{m}-seed{s}', spec(m, s)) for s in seeds for m in methods if m not in static]
+    rho = [m for m in methods if parse_method(m)[0] == 'rho']
+    first = [(f'{m}-seed{s}', spec(m, s)) for s in seeds for m in methods if m not in static + rho]
     if rerun_check:
         first.append((f'{_target_dwm(methods)}-seed{seeds[0]}-rerun', spec(_target_dwm(methods), seeds[0])))
     if static:
         first.insert(0, ('proxy', spec('uniform', PROXY_SEED, proxy=True, evaluate=False,
                                        steps=max(2, round(budget.proxy_frac * budget.steps)))))
+    if rho:
+        first.insert(0, ('il_proxy', spec('uniform', PROXY_SEED, il_proxy=True, evaluate=False,
+                                          steps=max(2, round(budget.proxy_frac * budget.steps)))))
     results = dict(zip([name for name, _ in first], execute_all(first)))
     proxy = results.pop('proxy', None)
+    il_proxy = results.pop('il_proxy', None)
+    if il_proxy is not None:
+        results.update(zip([f'{m}-seed{s}' for s in seeds for m in rho], execute_all(
+            [(f'{m}-seed{s}', spec(m, s, irreducible_loss=il_proxy['irreducible_loss'])) for s in seeds
+             for m in rho])))
     rerun = results.pop(f'{_target_dwm(methods)}-seed{seeds[0]}-rerun', None)
     if proxy is not None:
         results.update(zip([f'{m}-seed{s}' for s in seeds for m in static], execute_all(
@@ -707,34 +838,74 @@ def paired_t(delta: dict[str, Any] | None) -> float | None:
     return delta['mean'] / (delta['sd'] / math.sqrt(delta['n']))
 
 
-def targets(deltas: dict[str, dict[str, Any]], dwm: str, floor: float | None, refit: dict[str, Any] | None,
+HEADROOM_FACTOR = 3.0   # the oracle's gain must be at least this many times the RMS of its null's change
+HEADROOM_SEED_SHARE = 0.8  # ... on at least this share of the seeds (4 of 5)
+MIN_SEEDS = 5
+
+
+def headroom(deltas: dict[str, dict[str, Any]], oracle: str = 'oracle') -> dict[str, Any] | None:
+    """Can this bench tell good weighting from bad? The oracle (weight 0 on every degraded domain) must beat uniform
+    by at least ``HEADROOM_FACTOR`` x the RMS over seeds of its own null's change (the oracle's weights permuted
+    within each batch: the same spread, no knowledge), on at least ``HEADROOM_SEED_SHARE`` of ``MIN_SEEDS`` or more
+    seeds. ``None`` if the oracle or its null was not run."""
+    null = null_of(oracle)
+    if oracle not in deltas or null not in deltas:
+        return None
+    gains = [-d for d in deltas[oracle]['per_seed']]
+    null_rms = noise_floor(deltas[null]['per_seed'])
+    bound = HEADROOM_FACTOR * null_rms
+    n = len(gains)
+    met = sum(g >= bound and g > 0 for g in gains)
+    need = math.ceil(HEADROOM_SEED_SHARE * n)
+    return {'oracle': oracle, 'null': null, 'gain_per_seed': gains, 'gain_mean': sum(gains) / n,
+            'null_per_seed': deltas[null]['per_seed'], 'null_rms': null_rms, 'bound': bound, 'seeds_met': met,
+            'seeds_needed': need, 'n': n, 'holds': n >= MIN_SEEDS and met >= need}
+
+
+def beats_null(deltas: dict[str, dict[str, Any]], method: str) -> dict[str, Any] | None:
+    """Per seed, whether ``method`` is below uniform *and* below its own null (same seed); ``None`` without a null."""
+    null = null_of(method)
+    if method not in deltas or null not in deltas:
+        return None
+    per_seed = [d < 0 and d < z for d, z in zip(deltas[method]['per_seed'], deltas[null]['per_seed'])]
+    return {'null': null, 'per_seed': per_seed, 'seeds': sum(per_seed), 'n': len(per_seed),
+            'vs_null_per_seed': [d - z for d, z in zip(deltas[method]['per_seed'], deltas[null]['per_seed'])],
+            'null_rms': noise_floor(deltas[null]['per_seed'])}
+
+
+def targets(deltas: dict[str, dict[str, Any]], dwm: str, room: dict[str, Any] | None, refit: dict[str, Any] | None,
             rerun_diff: float | None) -> list[dict[str, Any]]:
-    """Issue 12's targets for the method ``dwm``: each with ``name``, ``measured``, ``bound`` and ``met``."""
+    """Issue 18's targets for the method ``dwm``, each with ``name``, ``measured``, ``bound`` and ``met``. Without
+    headroom, no ranking target is met (the bench cannot tell)."""
     d = deltas.get(dwm)
     gain = -d['mean'] if d else None
-    lr = deltas.get('loss_reweighting')
+    ranked = bool(room and room['holds'])
+    vs_null = beats_null(deltas, dwm)
+    oracle_gain = room['gain_mean'] if room else None
+    oracle = room['oracle'] if room else 'oracle'
     rows = [
-        {'name': f'{dwm} held-out macro loss below uniform in every seed (≥ 5 seeds)',
-         'measured': f'{d["better"]}/{d["n"]}' if d else None, 'bound': 'all, n ≥ 5',
-         'met': bool(d) and d['better'] == d['n'] >= 5},
-        {'name': f'{dwm} mean gain vs uniform ≥ 2 × noise floor',
-         'measured': gain, 'bound': None if floor is None else 2 * floor, 'format': '+.4f',
-         'met': gain is not None and floor is not None and gain >= 2 * floor},
-        {'name': f'{dwm} mean gain ≥ loss-based baseline\'s mean gain',
-         'measured': gain, 'bound': None if lr is None else -lr['mean'], 'format': '+.4f',
-         'met': gain is not None and lr is not None and gain >= -lr['mean']},
+        {'name': (f'headroom: {oracle} gain ≥ {HEADROOM_FACTOR:g} × its null\'s RMS change, on ≥ '
+                  f'{HEADROOM_SEED_SHARE:.0%} of ≥ {MIN_SEEDS} seeds'),
+         'measured': f'{room["seeds_met"]}/{room["n"]}' if room else None,
+         'bound': f'{room["seeds_needed"]}/{max(room["n"], MIN_SEEDS)}' if room else None, 'met': ranked},
+        {'name': f'{dwm} takes ≥ 50% of {oracle}\'s mean gain',
+         'measured': gain, 'bound': None if oracle_gain is None else 0.5 * oracle_gain, 'format': '+.4f',
+         'met': ranked and gain is not None and oracle_gain is not None and gain >= 0.5 * oracle_gain},
+        {'name': f'{dwm} below uniform and below its own null on every seed (≥ {MIN_SEEDS})',
+         'measured': f'{vs_null["seeds"]}/{vs_null["n"]}' if vs_null else None, 'bound': f'all, n ≥ {MIN_SEEDS}',
+         'met': ranked and bool(vs_null) and vs_null['seeds'] == vs_null['n'] >= MIN_SEEDS},
+    ]
+    for rule in ('loss_reweighting', 'rho'):
+        other = deltas.get(rule)
+        rows.append({'name': f'{dwm} mean gain ≥ {rule}\'s',
+                     'measured': gain, 'bound': None if other is None else -other['mean'], 'format': '+.4f',
+                     'met': ranked and gain is not None and other is not None and gain >= -other['mean']})
+    rows += [
         {'name': f'{dwm} refit ESS share, every refit batch of every stage and seed',
          'measured': None if refit is None else refit['ess_min'], 'bound': ESS_BOUND, 'format': '.3f',
          'met': refit is not None and refit['ess_min'] is not None and refit['ess_min'] >= ESS_BOUND},
-        {'name': f'{dwm} refits with a dead weighter (all seeds)',
-         'measured': None if refit is None else refit['dead'], 'bound': 0, 'format': 'd',
-         'met': refit is not None and refit['dead'] == 0},
         {'name': f're-run of {dwm}, first seed: max abs difference of every reported figure',
          'measured': rerun_diff, 'bound': 0.0, 'format': '.3g', 'met': rerun_diff == 0.0},
-        {'name': f'{dwm} no worse than uniform in any seed (worst Δ; the target for a corpus with other corruption '
-                 'types)',
-         'measured': max(d['per_seed']) if d else None, 'bound': 0.0, 'format': '+.4f',
-         'met': bool(d) and max(d['per_seed']) <= 0.0},
     ]
     return rows
 
@@ -819,14 +990,29 @@ def analyse(raw: dict[str, Any], methods: list[str], seeds: list[int], data: dic
             out[m]['delta_by_domain'] = {d: sum(by[m][s]['final'][d] - by['uniform'][s]['final'][d] for s in seeds)
                                          / len(seeds) for d in out[m]['final_by_domain']}
     floor = noise_floor(deltas['noise_floor']['per_seed']) if 'noise_floor' in deltas else None
+    room = headroom(deltas)
+    select_room = headroom(deltas, 'oracle_select')
+    for m in methods:
+        if m in deltas:
+            out[m]['vs_null'] = beats_null(deltas, m)
     rerun_diff = None
     if raw.get('rerun'):
         first = next(r for r in runs if r['method'] == raw['rerun']['method'] and r['seed'] == raw['rerun']['seed'])
         rerun_diff = rerun_difference(first, raw['rerun'])
     dwm = _target_dwm(methods)
     return {'methods': out, 'seeds': seeds, 'noise_floor': floor, 'rerun_max_abs_diff': rerun_diff,
-            'target_method': dwm,
-            'targets': targets(deltas, dwm, floor, out[dwm]['refit'] if dwm in out else None, rerun_diff)}
+            'headroom': room, 'select_headroom': select_room, 'target_method': dwm,
+            'target_headroom': family_headroom(dwm, room, select_room),
+            'targets': targets(deltas, dwm, family_headroom(dwm, room, select_room),
+                               out[dwm]['refit'] if dwm in out else None, rerun_diff)}
+
+
+def family_headroom(method: str, room: dict[str, Any] | None, select_room: dict[str, Any] | None
+                    ) -> dict[str, Any] | None:
+    """The headroom that decides whether ``method`` can be ranked: the selection oracle's for a method that trains
+    on a subset of a larger pool (it keeps the trained batch whole), the weighting oracle's for one that reweights
+    the batch (it pays for its spread in effective batch size)."""
+    return select_room if parse_method(method)[0] in SELECT_BASES else room
 
 
 # ------------------------------------------------------------------------------------------------------- report
@@ -895,22 +1081,28 @@ def render_section(results: dict[str, Any], images: list[str] | None = None) -> 
                      f'domain, `<∇L_fit, ∇L_domain>` vs the {p["fit_examples"]} {p["target"]} fit examples, clipped at '
                      f'0, mean 1 over the training mix, mixed with uniform: ' + ', '.join(
                          f'{d} {p["weights"][d]:.2f}' for d in data['domains'] if d in p['weights']) + '.')
+    lines += headroom_lines(a)
     lines += ['', '### Results', '',
-              'Δ = the method\'s final macro loss minus uniform\'s, same seed (negative = better). Noise floor = RMS '
-              'over seeds of the noise-floor method\'s Δ' + (f': **{a["noise_floor"]:.4f}**.' if a['noise_floor']
-                                                            is not None else ' (not measured).'), '',
+              'Δ = the method\'s final macro loss minus uniform\'s, same seed (negative = better). Each weighting '
+              'method is compared with **its own null** (`/null`: its weights permuted within each batch; for a '
+              f'selection method, `{SELECT_NULL}`): "beats null" counts the seeds where it is below uniform *and* '
+              'below its null.' + (f' Noise floor (RMS of `noise_floor`\'s Δ): {a["noise_floor"]:.4f}.'
+                                   if a.get('noise_floor') is not None else ''), '',
               't = Δ mean / (Δ sd / √n), the paired t statistic (|t| < 2.8 is not significant at 5% with 5 seeds).',
               '',
-              '| method | macro loss | Δ mean | Δ sd | t | better | per-seed Δ | degraded | LAMBADA loss | train s |',
-              '|---|---:|---:|---:|---:|---:|---|---:|---:|---:|']
+              '| method | macro loss | Δ mean | Δ sd | t | better | beats null | per-seed Δ | degraded | LAMBADA loss '
+              '| train s |',
+              '|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|']
     for key in methods:
         s = a['methods'][key]
         d = s.get('delta_vs_uniform')
         better = f'{d["better"]}/{d["n"]}' if d else '-'
+        vn = s.get('vs_null')
         per_seed = ', '.join(f'{x:+.4f}' for x in d['per_seed']) if d else '-'
+        beats = f'{vn["seeds"]}/{vn["n"]}' if vn else '-'
         lines.append(
             f'| {key} | {s["final_macro"]["mean"]:.4f} | {_f(d and d["mean"], "+.4f")} | {_f(d and d["sd"], ".4f")} | '
-            f'{_f(paired_t(d), "+.2f")} | {better} | {per_seed} | '
+            f'{_f(paired_t(d), "+.2f")} | {better} | {beats} | {per_seed} | '
             f'{_f(s["final_degraded"] and s["final_degraded"]["mean"], ".4f")} | '
             f'{_f(s["lambada_loss"] and s["lambada_loss"]["mean"], ".4f")} | {s["train_seconds"]["median"]:.0f} |')
     real = data['real_domains']
@@ -924,7 +1116,7 @@ def render_section(results: dict[str, Any], images: list[str] | None = None) -> 
             lines.append(f'| {key} (Δ) | ' + ' | '.join(_f(s['delta_by_domain'].get(d), '+.4f') for d in real) + ' |')
     for ref in ('unigram', 'bigram'):
         lines.append(f'| {ref} | ' + ' | '.join(_f(refs[ref]['by_domain'].get(d), '.4f') for d in real) + ' |')
-    lines += ['', f'### Targets (issue 12; for `{a["target_method"]}`)', '', '| target | measured | bound | met |',
+    lines += ['', f'### Targets (issue 18; for `{a["target_method"]}`)', '', '| target | measured | bound | met |',
               '|---|---:|---:|:---:|']
     for t in a['targets']:
         lines.append(f'| {t["name"]} | {_measured(t["measured"], t.get("format"))} | '
@@ -956,6 +1148,37 @@ def render_section(results: dict[str, Any], images: list[str] | None = None) -> 
         lines.append(f'![quality]({image})')
     lines += ['', END_MARK]
     return '\n'.join(lines)
+
+
+def headroom_lines(a: dict[str, Any]) -> list[str]:
+    """The headroom checks, the first thing a reader sees: can this bench rank weighting (or selection) methods?"""
+    out = ['', '### Headroom (read this first)', '',
+           f'A family of methods is ranked only if its oracle beats uniform by at least {HEADROOM_FACTOR:g} x the RMS '
+           f'change of the oracle\'s own null, on at least {HEADROOM_SEED_SHARE:.0%} of {MIN_SEEDS} or more seeds. '
+           'Weighting methods: `oracle` (weight 0 on every degraded domain) against `oracle/null` (the same weights '
+           f'permuted within each batch). Selection methods: `oracle_select` (the trained batch filled with clean '
+           f'samples of a larger pool) against `{SELECT_NULL}` (a random subset of the same pool).']
+    families = (('weighting', a.get('headroom'), 'oracle/null'), ('selection', a.get('select_headroom'), SELECT_NULL))
+    if all(room is None for _, room, _ in families):
+        return out + ['', 'Not measured: no oracle and its null were both run, so this run cannot say whether the bench '
+                      'can tell good weighting from bad. **No method is ranked.**']
+    for family, room, null in families:
+        if room is None:
+            out += ['', f'**{family.capitalize()}:** not measured (run the oracle and `{null}`); no {family} method is '
+                    'ranked.']
+            continue
+        verdict = ('headroom holds: the bench can rank ' + family + ' methods.' if room['holds'] else
+                   f'NO headroom: this bench cannot rank {family} methods, and this run ranks none.')
+        out += ['', f'**{family.capitalize()}: {verdict}**', '',
+                '| | ' + ' | '.join(f'seed {s}' for s in a['seeds']) + ' | mean |', '|---|' + '---:|' * (room['n'] + 1),
+                f'| {room["oracle"]} gain (uniform − {room["oracle"]}) | '
+                + ' | '.join(f'{g:+.4f}' for g in room['gain_per_seed']) + f' | {room["gain_mean"]:+.4f} |',
+                f'| null Δ (`{room["null"]}` − uniform) | ' + ' | '.join(f'{z:+.4f}' for z in room['null_per_seed'])
+                + f' | RMS {room["null_rms"]:.4f} |',
+                f'| bound ({HEADROOM_FACTOR:g} × RMS) | '
+                + ' | '.join(f'{room["bound"]:.4f}' for _ in room['gain_per_seed'])
+                + f' | met on {room["seeds_met"]}/{room["n"]} (need {room["seeds_needed"]}, n ≥ {MIN_SEEDS}) |']
+    return out
 
 
 def notes(results: dict[str, Any]) -> list[str]:
@@ -1072,11 +1295,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--write-corpus', default=None, metavar='DIR',
                         help='only write the embedded corpus (this budget\'s size) to DIR and exit')
     parser.add_argument('--corruptions', choices=CORRUPTIONS, default='standard',
-                        help='with --write-corpus: the degraded domains (default: standard)')
+                        help='the embedded corpus\'s degraded domains (default: standard; alt: other corruption '
+                             'types, for checking that a result transfers)')
+    parser.add_argument('--set', dest='overrides', nargs='+', default=[], metavar='KEY=VALUE',
+                        help='change the budget of every method: a Budget field (steps=400, batch_size=64, ...) or '
+                             'a data field (corpus_size=8MB, degraded_share=0.45, ...)')
+    parser.add_argument('--device', default='cpu', help='torch device of every run, e.g. cuda (default: cpu)')
     parser.add_argument('--data-dir', default=os.path.join(REPO, '.cache', 'bench-quality'),
                         help='cache of the corpus, tokenizer and shards (default: .cache/bench-quality)')
     parser.add_argument('--render-only', action='store_true',
-                        help='only regenerate the plots and the RESULTS.md section from OUT/quality.json')
+                        help='only regenerate the analysis, the plots and the RESULTS.md section from the runs in '
+                             'OUT/quality.json')
     parser.add_argument('--_worker', nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for m in args.methods:
@@ -1090,7 +1319,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error('--corpus needs --degraded NAME,... (the domains that are not in the metric)')
     if (args.degraded or args.lambada) and not args.corpus:
         parser.error('--degraded and --lambada go with --corpus')
+    try:
+        apply_overrides(FULL, args.overrides)
+    except ValueError as e:
+        parser.error(str(e))
     return args
+
+
+def apply_overrides(budget: Budget, items: list[str]) -> Budget:
+    """``budget`` with ``KEY=VALUE`` items applied (a :class:`Budget` field or a :class:`DataBudget` field); values
+    take the field's type. Raises ``ValueError`` naming the item."""
+    data_types = {f.name: f.type for f in fields(DataBudget)}
+    types = {f.name: f.type for f in fields(Budget) if f.name != 'data'}
+    data, rest = {}, {}
+    for item in items:
+        key, eq, value = item.partition('=')
+        if not eq or (key not in types and key not in data_types):
+            raise ValueError(f'--set {item!r}: not KEY=VALUE with KEY a budget field '
+                             f'({", ".join(sorted(set(types) | set(data_types)))})')
+        kind = types.get(key) or data_types[key]
+        kind = {'Optional[str]': str, 'Optional[float]': float}.get(kind, kind) if isinstance(kind, str) else kind
+        kind = {'int': int, 'float': float, 'str': str}.get(kind, kind) if isinstance(kind, str) else kind
+        try:
+            (data if key in data_types else rest)[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f'--set {item!r}: {value!r} is not a {getattr(kind, "__name__", kind)}') from None
+    return replace(budget, data=replace(budget.data, **data), **rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1102,17 +1356,23 @@ def main(argv: list[str] | None = None) -> int:
         with open(result_path, 'w') as f:
             json.dump(result, f)
         return 0
-    budget = QUICK if args.quick else FULL
+    budget = apply_overrides(QUICK if args.quick else FULL, args.overrides)
     if args.write_corpus:
         info = build_corpus(args.write_corpus, size=budget.data.corpus_size, seed=args.corpus_seed,
-                            corruptions=args.corruptions, validation_size=budget.data.validation_size)
+                            corruptions=args.corruptions, validation_size=budget.data.validation_size,
+                            degraded_share=budget.data.degraded_share)
         _say(str(info))
         _say(f'run the bench on it: python -m benchmarks.quality --corpus {args.write_corpus} --degraded '
              f'{",".join(degraded_domains(args.corruptions))} --lambada {info.lambada_path}')
         return 0
     if args.render_only:
         with open(os.path.join(args.out, 'quality.json')) as f:
-            write_report(json.load(f), args)
+            results = json.load(f)
+        if 'uniform' in results['methods']:  # the analysis follows the code that renders it, from the raw runs
+            seeds = sorted({r['seed'] for r in results['runs']})
+            results['analysis'] = analyse(results, results['methods'], seeds, results['data'],
+                                          results['budget']['num_stages'])
+        write_report(results, args)
         return 0
     started = time.perf_counter()
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(DEFAULT_SEEDS))
@@ -1125,7 +1385,8 @@ def main(argv: list[str] | None = None) -> int:
         _say('uniform is not among the methods: no changes against uniform, no targets')
     _say(f'{len(seeds)} seed(s) x {len(methods)} methods, {budget.steps} steps each, {jobs} at a time')
     with tempfile.TemporaryDirectory(prefix='dwm-bench-quality-') as work:
-        raw = run_all(ctx, budget, methods, seeds, jobs, work, args.rerun_check)
+        raw = run_all(ctx, budget, methods, seeds, jobs, work, args.rerun_check,
+                      cache_dir=None if args.quick else os.path.join(args.data_dir, 'runs'))
     params = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(
         hidden_size=budget.hidden_size, intermediate_size=budget.intermediate_size,
         num_hidden_layers=budget.num_layers, num_attention_heads=budget.num_heads,
@@ -1141,7 +1402,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in methods},
         'corpus': ({'kind': 'external', 'path': os.path.abspath(args.corpus), 'lambada': args.lambada}
                    if args.corpus else {'kind': 'embedded', 'corpus_seed': args.corpus_seed,
-                                        'corruptions': 'standard'}),
+                                        'corruptions': args.corruptions}),
         'data': ctx['data'], 'references': ctx['references'],
         'proxy': raw['proxy'], 'runs': raw['runs'], 'rerun': raw['rerun'],
     }
@@ -1168,6 +1429,13 @@ def write_report(results: dict[str, Any], args: argparse.Namespace) -> None:
     replace_section(results_md, render_section(results, _images(args.out, results_md)))
     _say(f'wrote {json_path}, {curves_png}, {weights_png} and the quality section of {results_md} '
          f'({results["seconds"] / 60:.1f} min)')
+    room = results['analysis'].get('headroom')
+    if room is None:
+        _say('headroom: not measured (run oracle and oracle/null): no method is ranked')
+    else:
+        _say(f'headroom {"holds" if room["holds"] else "DOES NOT HOLD: this bench cannot rank weighting methods"}: '
+             f'oracle gain {room["gain_mean"]:+.4f} (per seed ' + ', '.join(f'{g:+.4f}' for g in room['gain_per_seed'])
+             + f') vs {HEADROOM_FACTOR:g} x null RMS {room["bound"]:.4f}, met on {room["seeds_met"]}/{room["n"]}')
     for t in results['analysis']['targets']:
         _say(f'target {"met   " if t["met"] else "MISSED"} {t["name"]}: {_measured(t["measured"], t.get("format"))}')
 

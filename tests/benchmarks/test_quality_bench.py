@@ -50,7 +50,7 @@ def test_json_schema(quick_run):
     refs = results['references']
     for d in data['real_domains']:
         assert 0 < refs['bigram']['by_domain'][d] < refs['unigram']['by_domain'][d] < math.log(budget['vocab_size'])
-    assert results['proxy']['target'] == 'lambada'
+    assert results['proxy'] is None  # no static_domain among the default methods
     runs = results['runs']
     assert sorted((r['method'], r['seed']) for r in runs) == sorted((m, 0) for m in bench.DEFAULT_METHODS)
     for r in runs:
@@ -66,12 +66,25 @@ def test_json_schema(quick_run):
             assert all(w == 1.0 for stage in r['stage_weights'] for w in stage.values())
         if r['base'] in bench.DWM_BASES:
             assert len(r['refit']['refit/ess_min']) == budget['num_stages']
+        if r['base'] == 'oracle' and r['method'] == 'oracle':  # weight 0 on every degraded domain, in every stage
+            assert all(stage[d] == 0.0 for stage in r['stage_weights'] for d in data['degraded_domains'] if d in stage)
+        if r['base'] == 'oracle_select':  # trains on clean samples only
+            assert all(stage.get(d, 0.0) == 0.0 for stage in r['stage_weights'] for d in data['degraded_domains'])
     a = results['analysis']
     assert a['methods']['uniform']['delta_vs_uniform']['per_seed'] == [0.0]
-    assert a['noise_floor'] == pytest.approx(abs(a['methods']['noise_floor']['delta_vs_uniform']['mean']))
+    # Each method against its own null; the headroom check needs 5 seeds, so one seed never ranks anything.
+    room = a['headroom']
+    assert room['null'] == 'oracle/null' and room['holds'] is False and room['n'] == 1
+    assert room['null_rms'] == pytest.approx(abs(a['methods']['oracle/null']['delta_vs_uniform']['mean']))
+    assert a['select_headroom']['null'] == 'random_select'
+    dwm = a['target_method']
+    assert dwm == 'dwm_select:refit_fit=regression,dwm_validation=heldout'
+    assert a['methods'][dwm]['vs_null']['null'] == 'random_select'
     assert a['rerun_max_abs_diff'] == 0.0  # same seed, same machine: identical figures
-    assert results['rerun']['method'] == 'dwm' and results['rerun']['seed'] == 0
-    assert [t['met'] for t in a['targets']][5] is True
+    assert results['rerun']['method'] == dwm and results['rerun']['seed'] == 0
+    targets = {t['name']: t for t in a['targets']}
+    assert next(t for n, t in targets.items() if n.startswith('re-run'))['met'] is True
+    assert not any(t['met'] for n, t in targets.items() if n.startswith(('headroom', dwm)) and 'ESS' not in n)
     for png in ('quality_curves.png', 'quality_weights.png'):
         assert (out / png).stat().st_size > 1000
 
@@ -176,30 +189,68 @@ def test_noise_floor_weights():
     assert torch.equal(noise_floor_weights(4, 0.0, g), torch.ones(4))
 
 
-def test_paired_statistics_and_targets():
+def test_paired_statistics_headroom_and_targets():
     bench = _load_bench()
     seeds = [0, 1, 2, 3, 4]
     uniform = {s: 5.0 + 0.1 * s for s in seeds}
+
+    def around(deltas):
+        return {s: uniform[s] + d for s, d in zip(seeds, deltas)}
+
     values = {
         'uniform': uniform,
-        'noise_floor': {s: uniform[s] + d for s, d in zip(seeds, [0.003, -0.004, 0.0, 0.004, -0.003])},
-        'dwm': {s: uniform[s] + d for s, d in zip(seeds, [-0.02, -0.01, -0.03, -0.02, -0.02])},
-        'loss_reweighting': {s: uniform[s] + d for s, d in zip(seeds, [-0.01, 0.01, -0.01, -0.01, -0.03])},
+        'oracle': around([-0.10, -0.12, -0.09, -0.11, 0.01]),       # 4 of 5 seeds beyond 3 x the null's RMS
+        'oracle/null': around([0.02, 0.03, 0.02, 0.03, 0.025]),     # its spread costs effective batch size
+        'dwm': around([-0.06, -0.05, -0.07, -0.06, -0.06]),
+        'dwm/null': around([0.01, 0.0, 0.02, 0.01, 0.01]),
+        'loss_reweighting': around([-0.01, 0.01, -0.01, -0.01, -0.03]),
     }
     deltas = bench.paired_deltas(values, seeds)
-    assert deltas['dwm']['per_seed'] == pytest.approx([-0.02, -0.01, -0.03, -0.02, -0.02])
-    assert deltas['dwm']['mean'] == pytest.approx(-0.02) and deltas['dwm']['better'] == 5
-    assert deltas['dwm']['sd'] == pytest.approx(math.sqrt(0.0002 / 4))
+    assert deltas['dwm']['per_seed'] == pytest.approx([-0.06, -0.05, -0.07, -0.06, -0.06])
+    assert deltas['dwm']['mean'] == pytest.approx(-0.06) and deltas['dwm']['better'] == 5
     assert deltas['loss_reweighting']['better'] == 4 and deltas['uniform']['mean'] == 0.0
-    floor = bench.noise_floor(deltas['noise_floor']['per_seed'])
-    assert floor == pytest.approx(math.sqrt((9 + 16 + 0 + 16 + 9) * 1e-6 / 5))
-    refit = {'ess_min': 0.93, 'dead': 0}
-    rows = bench.targets(deltas, 'dwm', floor, refit, 0.0)
-    assert [r['met'] for r in rows] == [True, True, True, True, True, True, True]
-    assert rows[1]['measured'] == pytest.approx(0.02) and rows[1]['bound'] == pytest.approx(2 * floor)
-    assert rows[2]['bound'] == pytest.approx(0.01)
-    rows = bench.targets(deltas, 'dwm', 0.015, {'ess_min': 0.4, 'dead': 2}, 1e-7)
-    assert [r['met'] for r in rows] == [True, False, True, False, False, False, True]
-    assert bench.targets(deltas, 'loss_reweighting', floor, None, None)[0]['met'] is False
-    assert bench.paired_t(deltas['dwm']) == pytest.approx(-0.02 / (math.sqrt(0.0002 / 4) / math.sqrt(5)))
+    room = bench.headroom(deltas)
+    null_rms = math.sqrt(sum(d * d for d in [0.02, 0.03, 0.02, 0.03, 0.025]) / 5)
+    assert room['null_rms'] == pytest.approx(null_rms) and room['bound'] == pytest.approx(3 * null_rms)
+    assert room['seeds_met'] == 4 and room['seeds_needed'] == 4 and room['holds'] is True
+    assert room['gain_mean'] == pytest.approx(0.082)
+    vs_null = bench.beats_null(deltas, 'dwm')
+    assert vs_null['seeds'] == 5 and vs_null['null'] == 'dwm/null'
+    assert bench.beats_null(deltas, 'loss_reweighting') is None  # no null measured: no claim
+    rows = bench.targets(deltas, 'dwm', room, {'ess_min': 0.93, 'dead': 0}, 0.0)
+    met = {r['name'].split(':')[0].split(' ')[0] + str(i): r['met'] for i, r in enumerate(rows)}
+    assert [r['met'] for r in rows] == [True, True, True, True, False, True, True]  # no rho run: not met
+    assert rows[1]['bound'] == pytest.approx(0.5 * 0.082) and rows[3]['bound'] == pytest.approx(0.01)
+    assert rows[4]['measured'] == pytest.approx(0.06) and rows[4]['bound'] is None and met
+    # Without headroom nothing is ranked, however good the numbers look.
+    values['oracle'] = around([-0.05, -0.12, -0.09, -0.11, 0.01])
+    deltas = bench.paired_deltas(values, seeds)
+    room = bench.headroom(deltas)
+    assert room['seeds_met'] == 3 and room['holds'] is False
+    rows = bench.targets(deltas, 'dwm', room, {'ess_min': 0.93, 'dead': 0}, 0.0)
+    assert [r['met'] for r in rows][:5] == [False] * 5
+    # Fewer than 5 seeds never hold, and a run without the oracle has no headroom to show.
+    two = bench.paired_deltas({m: {s: v[s] for s in (0, 1)} for m, v in values.items()}, [0, 1])
+    assert bench.headroom(two)['holds'] is False and bench.headroom({'uniform': deltas['uniform']}) is None
+    assert bench.paired_t(deltas['dwm']) == pytest.approx(-0.06 / (deltas['dwm']['sd'] / math.sqrt(5)))
     assert bench.paired_t(deltas['uniform']) is None and bench.paired_t(None) is None
+
+
+def test_null_and_family_of_each_method():
+    bench = _load_bench()
+    assert bench.parse_method('oracle/null') == ('oracle', {'null': 1})
+    assert bench.parse_method('dwm:refit_kl=1/null') == ('dwm', {'null': 1, 'refit_kl': 1.0})
+    assert bench.null_of('dwm') == 'dwm/null' and bench.null_of('dwm:refit_kl=1') == 'dwm:refit_kl=1/null'
+    assert bench.null_of('dwm_select') == bench.null_of('oracle_select') == 'random_select'
+    assert bench.null_of('uniform') is None and bench.null_of('oracle/null') is None
+    for bad in ('uniform/null', 'dwm_select/null', 'random_select/null'):
+        with pytest.raises(ValueError, match='no weights to permute'):
+            bench.parse_method(bad)
+    assert bench.family_headroom('dwm_select', 'w', 's') == 's' and bench.family_headroom('dwm', 'w', 's') == 'w'
+    assert bench._file_name('dwm:refit_kl=1/null-seed0') == 'dwm~refit_kl~1~null-seed0'
+    budget = bench.apply_overrides(bench.QUICK, ['steps=7', 'degraded_share=0.4', 'lr=0.01'])
+    assert (budget.steps, budget.data.degraded_share, budget.lr) == (7, 0.4, 0.01)
+    with pytest.raises(ValueError, match='nosuch'):
+        bench.apply_overrides(bench.QUICK, ['nosuch=1'])
+    with pytest.raises(ValueError, match="'x' is not a int"):
+        bench.apply_overrides(bench.QUICK, ['steps=x'])

@@ -37,10 +37,12 @@ def test_demo_quick_prints_its_table_and_writes_its_plot(tmp_path):
     assert png.exists() and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-def _analysis(deltas, met):
-    return {'analysis': {'target_method': 'dwm', 'noise_floor': 0.02,
+def _analysis(deltas, met, room=True):
+    headroom = {'holds': room, 'gain_mean': 0.2, 'seeds_met': 5 if room else 1, 'n': 5, 'null_rms': 0.01}
+    return {'analysis': {'target_method': 'dwm', 'headroom': headroom,
                          'methods': {'dwm': {'delta_vs_uniform': {'mean': sum(deltas) / len(deltas), 'n': len(deltas),
-                                                                  'better': sum(d < 0 for d in deltas)}}},
+                                                                  'better': sum(d < 0 for d in deltas)},
+                                             'vs_null': {'seeds': 3, 'n': 5}}},
                          'targets': [{'name': f't{i}', 'met': m} for i, m in enumerate(met)]}}
 
 
@@ -50,9 +52,13 @@ def test_bench_verdict_follows_the_quality_json(tmp_path):
     path.write_text(json.dumps(_analysis([-0.01, 0.02, -0.03, 0.0, 0.01], [True, False, True])))
     (line,) = [x for x in bench_verdict(str(path)) if x]
     assert 'does not reliably beat uniform' in line and '-0.0020' in line and 'lower in 2 of 5 seeds' in line
-    assert 'noise floor 0.0200' in line and 'targets met: 2 of 3' in line
+    assert 'the bench has headroom (oracle gain +0.2000, 5 of 5 seeds' in line, line and 'targets met: 2 of 3' in line
+    assert 'below its own null in 3 of 5' in line
     path.write_text(json.dumps(_analysis([-0.05] * 5, [True, True])))
     assert 'DWM (dwm) beats uniform' in bench_verdict(str(path))[1]
+    path.write_text(json.dumps(_analysis([-0.05] * 5, [True, True], room=False)))
+    line = bench_verdict(str(path))[1]
+    assert 'has NO headroom' in line and 'cannot be ranked against uniform' in line
     assert 'no quality-bench record' in bench_verdict(str(tmp_path / 'missing.json'))[1]
     # The committed record is what the demo quotes.
     assert 'no quality-bench record' not in bench_verdict(QUALITY_JSON)[1]
