@@ -423,6 +423,12 @@ def _count_lines(path: str | None) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------------- one run
+def _on(lm, batch: dict) -> dict:
+    """``batch`` with its tensors on ``lm``'s device (``--device cuda``); a no-op on the CPU."""
+    device = next(lm.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def evaluate(lm, batches: list[dict], domain_names: list[str], real: list[str]) -> dict[str, float]:
     """Token-mean loss per domain; ``macro``: their mean over the real domains (the benchmark's metric);
     ``degraded``: over the degraded domains."""
@@ -432,6 +438,7 @@ def evaluate(lm, batches: list[dict], domain_names: list[str], real: list[str]) 
     lm.eval()
     with torch.no_grad():
         for batch in batches:
+            batch = _on(lm, batch)
             loss_sum, count = per_sample_loss_sums(lm(input_ids=batch['input_ids']).logits, batch['labels'])
             name = domain_names[int(batch['domain'][0])]
             sums[name] = sums.get(name, 0.0) + float(loss_sum.sum())
@@ -616,8 +623,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if evaluating:
         lambada = None
         if paths['lambada_report']:
-            lambada = lambada_metrics(lm, ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32,
-                                                            max_length=budget.seq_len))
+            lambada = lambada_metrics(lm, (_on(lm, b) for b in ValidationBatches(
+                paths['lambada_report'], tokenizer, batch_size=32, max_length=budget.seq_len)))
         last = probe.curve[-max(1, budget.final_evals):]
         final = {k: sum(p[k] for p in last) / len(last) for k in last[-1] if k != 'step'}
         result.update({'curve': probe.curve, 'final': final, 'final_steps': [p['step'] for p in last],
@@ -645,7 +652,8 @@ def irreducible_losses(lm, train_dir: str, batch_size: int) -> dict[str, float]:
             labels = ids.clone()
             for row, n in enumerate(batch['num_tokens'].tolist()):
                 labels[row, int(n):] = -100
-            losses = per_sample_loss(lm(input_ids=ids).logits, labels)
+            losses = per_sample_loss(lm(input_ids=ids.to(next(lm.parameters()).device)).logits,
+                                     labels.to(next(lm.parameters()).device))
             out.update({str(int(u)): float(v) for u, v in zip(batch['uid'], losses)})
     return out
 
@@ -660,6 +668,7 @@ def static_weights_from_proxy(lm, tokenizer, spec: dict[str, Any], budget: Budge
         lm.zero_grad(set_to_none=True)
         total = sum(int((b['labels'][:, 1:] != -100).sum()) for b in batches)
         for b in batches:
+            b = _on(lm, b)
             loss_sum, _ = per_sample_loss_sums(lm(input_ids=b['input_ids'],
                                                   attention_mask=b.get('attention_mask')).logits, b['labels'])
             (loss_sum.sum() / max(total, 1)).backward()
@@ -1003,8 +1012,9 @@ def analyse(raw: dict[str, Any], methods: list[str], seeds: list[int], data: dic
     return {'methods': out, 'seeds': seeds, 'noise_floor': floor, 'rerun_max_abs_diff': rerun_diff,
             'headroom': room, 'select_headroom': select_room, 'target_method': dwm,
             'target_headroom': family_headroom(dwm, room, select_room),
-            'targets': targets(deltas, dwm, family_headroom(dwm, room, select_room),
-                               out[dwm]['refit'] if dwm in out else None, rerun_diff)}
+            'targets': (targets(deltas, dwm, family_headroom(dwm, room, select_room),
+                                out[dwm]['refit'] if dwm in out else None, rerun_diff)
+                        if parse_method(dwm)[0] in DWM_BASES else [])}  # no DWM run: nothing to hold it to
 
 
 def family_headroom(method: str, room: dict[str, Any] | None, select_room: dict[str, Any] | None
@@ -1116,8 +1126,9 @@ def render_section(results: dict[str, Any], images: list[str] | None = None) -> 
             lines.append(f'| {key} (Δ) | ' + ' | '.join(_f(s['delta_by_domain'].get(d), '+.4f') for d in real) + ' |')
     for ref in ('unigram', 'bigram'):
         lines.append(f'| {ref} | ' + ' | '.join(_f(refs[ref]['by_domain'].get(d), '.4f') for d in real) + ' |')
-    lines += ['', f'### Targets (issue 18; for `{a["target_method"]}`)', '', '| target | measured | bound | met |',
-              '|---|---:|---:|:---:|']
+    if a['targets']:
+        lines += ['', f'### Targets (issue 18; for `{a["target_method"]}`)', '', '| target | measured | bound | met |',
+                  '|---|---:|---:|:---:|']
     for t in a['targets']:
         lines.append(f'| {t["name"]} | {_measured(t["measured"], t.get("format"))} | '
                      f'{_measured(t["bound"], t.get("format"))} | '
