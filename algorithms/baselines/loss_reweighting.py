@@ -19,7 +19,7 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 
 from algorithms.baselines.null import _batch_seed, permute_within_batch
-from algorithms.baselines.static_domain import apply_weighted_loss
+from algorithms.baselines.static_domain import apply_weighted_loss, dataset_domain_names
 from algorithms.baselines.weights import linupper_weights
 from algorithms.dwm.functional import WEIGHT_KEY, logits_of, per_sample_loss
 
@@ -76,9 +76,8 @@ class LossReweighting(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
-            dataset = getattr(getattr(state, 'train_dataloader', None), 'dataset', None)
-            if self.domain_names is None and getattr(dataset, 'domain_names', None):
-                self.domain_names = list(dataset.domain_names)
+            if self.domain_names is None:
+                self.domain_names = dataset_domain_names(state)
             return
         if event == Event.AFTER_DATALOADER:
             self._batch_weights: list[torch.Tensor] = []

@@ -21,6 +21,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
+from algorithms.baselines.static_domain import dataset_domain_names
 from algorithms.dwm.functional import WEIGHT_KEY, ensure_labels, gumbel_top_k, subset_batch
 
 __all__ = ['permute_within_batch', 'PermutedWeights', 'DomainSelection']
@@ -110,9 +111,8 @@ class DomainSelection(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
-            dataset = getattr(getattr(state, 'train_dataloader', None), 'dataset', None)
-            if self.domain_names is None and getattr(dataset, 'domain_names', None):
-                self.domain_names = list(dataset.domain_names)
+            if self.domain_names is None:
+                self.domain_names = dataset_domain_names(state)
             return
         batch = ensure_labels(dict(state.batch))
         n = batch['input_ids'].shape[0]

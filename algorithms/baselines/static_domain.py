@@ -19,7 +19,15 @@ from composer.loggers import Logger
 from algorithms.baselines.weights import batch_domain_weights
 from algorithms.dwm.functional import WEIGHT_KEY, ensure_labels, logits_of, weighted_loss
 
-__all__ = ['StaticDomainWeighting', 'apply_weighted_loss']
+__all__ = ['StaticDomainWeighting', 'apply_weighted_loss', 'dataset_domain_names']
+
+
+def dataset_domain_names(state: State) -> Optional[list[str]]:
+    """The train dataset's ``domain_names`` (a ``DWMDataset`` has them), or ``None``: how the baselines name the ids
+    in ``batch['domain']`` when they were not given names."""
+    dataset = getattr(getattr(state, 'train_dataloader', None), 'dataset', None)
+    names = getattr(dataset, 'domain_names', None)
+    return list(names) if names else None
 
 
 def apply_weighted_loss(state: State, weights: torch.Tensor, normalization: str = 'token') -> torch.Tensor:
@@ -83,9 +91,8 @@ class StaticDomainWeighting(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
-            dataset = getattr(getattr(state, 'train_dataloader', None), 'dataset', None)
-            if self.domain_names is None and getattr(dataset, 'domain_names', None):
-                self.domain_names = list(dataset.domain_names)
+            if self.domain_names is None:
+                self.domain_names = dataset_domain_names(state)
             self.table()
         elif event == Event.AFTER_DATALOADER:
             batch = ensure_labels(dict(state.batch))
