@@ -723,18 +723,24 @@ def _run_subprocess(spec: dict[str, Any], work: str, name: str) -> dict[str, Any
         return json.load(f)
 
 
-def _code_digest() -> str:
-    """A digest of the code a run's result depends on (the algorithms and this module's training code), so that the
-    run cache never serves a result of other code."""
+def _code_digest(paths: dict[str, Any] | None = None) -> str:
+    """A digest of what a run's result depends on beyond its spec: the code (``algorithms/``, ``dwm_stream/`` and this
+    module's training code) and the data's shard indexes (their sizes and hashes), so that the run cache never serves
+    a result of other code or of a rebuilt corpus."""
     digest = hashlib.sha256()
-    root = os.path.join(REPO, 'algorithms')
-    for folder, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            if name.endswith('.py'):
-                with open(os.path.join(folder, name), 'rb') as f:
-                    digest.update(f.read())
+    for package in ('algorithms', 'dwm_stream'):
+        for folder, _, files in sorted(os.walk(os.path.join(REPO, package))):
+            for name in sorted(files):
+                if name.endswith('.py'):
+                    with open(os.path.join(folder, name), 'rb') as f:
+                        digest.update(f.read())
     for obj in (run_one, irreducible_losses, static_weights_from_proxy, evaluate, QualityProbe, _validation):
         digest.update(inspect.getsource(obj).encode())
+    for split in ('train', 'validation'):
+        index = os.path.join((paths or {}).get(split) or '', 'index.json')
+        if os.path.isfile(index):
+            with open(index, 'rb') as f:
+                digest.update(f.read())
     return digest.hexdigest()
 
 
@@ -756,7 +762,7 @@ def run_all(ctx: dict[str, Any], budget: Budget, methods: list[str], seeds: list
     def spec(method: str, seed: int, **extra) -> dict[str, Any]:
         return {**base, 'method': method, 'seed': seed, 'budget': method_budget(budget, method).record(), **extra}
 
-    code = _code_digest() if cache_dir is not None else ''
+    code = _code_digest(ctx['paths']) if cache_dir is not None else ''
 
     def execute(s: dict[str, Any], name: str) -> dict[str, Any]:
         started = time.perf_counter()

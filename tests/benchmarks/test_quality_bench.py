@@ -254,3 +254,16 @@ def test_null_and_family_of_each_method():
         bench.apply_overrides(bench.QUICK, ['nosuch=1'])
     with pytest.raises(ValueError, match="'x' is not a int"):
         bench.apply_overrides(bench.QUICK, ['steps=x'])
+
+
+def test_run_cache_key_follows_the_data(tmp_path):
+    """The run cache's digest changes when the corpus's shards change (a rebuilt corpus is never served stale runs)."""
+    bench = _load_bench()
+    (tmp_path / 'train').mkdir()
+    (tmp_path / 'validation').mkdir()
+    paths = {'train': str(tmp_path / 'train'), 'validation': str(tmp_path / 'validation')}
+    (tmp_path / 'train' / 'index.json').write_text('{"shards": [1]}')
+    first = bench._code_digest(paths)
+    assert bench._code_digest(paths) == first
+    (tmp_path / 'train' / 'index.json').write_text('{"shards": [2]}')
+    assert bench._code_digest(paths) != first
