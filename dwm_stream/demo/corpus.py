@@ -26,8 +26,8 @@ machine is left out and its share goes to the others):
                             ``LICENSE.txt``, ``/usr/share/doc/*/copyright``
 ``DegradedShuffledWords``   training prose with its words shuffled within each document
 ``DegradedRandomTokens``    training documents of every real domain with each prose word replaced
-                            by another, through one fixed random permutation of the prose
-                            vocabulary: the real token types with conflicting statistics
+                            by another word of similar frequency (one fixed cipher): real-looking
+                            word counts, conflicting word order statistics
 ``DegradedBoilerplate``     web boilerplate lines (cookie banners, menus, footers) repeated with
                             small variations
 =========================== =================================================================
@@ -115,8 +115,9 @@ _STDLIB = sysconfig.get_paths()['stdlib']
 EOS_TEXT = '<|endoftext|>'  # documents containing it are skipped, so EOS splits documents exactly
 _BUILD_VERSION = 1  # seeds every random choice: changing it changes every domain
 # What the degraded domains are made of; recorded in dwm_corpus.json so that a cached corpus of an older recipe is
-# rebuilt (2: DegradedRandomTokens became a word cipher of real documents).
-RECIPE_VERSION = 2
+# rebuilt (2: DegradedRandomTokens became a word cipher of real documents; 3: the cipher swaps words of similar
+# frequency only).
+RECIPE_VERSION = 3
 
 
 def domain_shares(domains: Iterator[str] | list[str], degraded_share: Optional[float] = None) -> dict[str, float]:
@@ -389,17 +390,25 @@ def _shuffled_words(prose: Iterator[str], rng: random.Random) -> Iterator[str]:
         yield '\n'.join(lines)
 
 
-def _word_cipher(real: Iterator[str], vocab: list[str], rng: random.Random) -> Iterator[str]:
-    """Real documents with every word of ``vocab`` replaced by its image under one fixed random permutation of
-    ``vocab`` (drawn once from ``rng``); other words, whitespace and punctuation stay, so code keeps its layout.
+def _word_cipher(real: Iterator[str], vocab: list[str], rng: random.Random, band: int = 4) -> Iterator[str]:
+    """Real documents with every word of ``vocab`` replaced by another word of similar frequency: ``vocab`` is
+    ranked by frequency, cut into bands of ``band`` consecutive ranks, and each band is mapped onto itself by one
+    fixed random cyclic permutation (drawn once from ``rng``; no word maps to itself). Other words, whitespace and
+    punctuation stay, so code keeps its layout.
 
-    The words are the real domains' own, and so are their overall frequencies, but each word stands where another
-    one would: the same token types with consistently wrong unigram and bigram statistics. A model trained on both
-    learns conflicting statistics for the same tokens; a weighting method that drops these documents helps.
+    The unigram frequencies stay close to the real ones, so the text looks real to a model that counts words, but
+    each word stands where another one would ("the" where "of" belongs): the same token types, in the same kinds of
+    contexts, with consistently wrong bigram statistics. A model trained on both learns conflicting statistics for
+    the same contexts; a method that drops these documents helps. (Recipe 2 permuted the whole vocabulary, so
+    frequent words became rare ones: text a model could tell apart from real text by its word counts alone.)
     """
-    image = list(vocab)
-    rng.shuffle(image)
-    table = dict(zip(vocab, image))
+    table: dict[str, str] = {}
+    for start in range(0, len(vocab), band):
+        words = vocab[start:start + band]
+        if len(words) < 2:
+            continue
+        rng.shuffle(words)
+        table.update(zip(words, words[1:] + words[:1]))
 
     def swap(match: re.Match) -> str:
         return table.get(match.group(0), match.group(0))
@@ -464,15 +473,17 @@ def _flattened(code: Iterator[str]) -> Iterator[str]:
 
 
 def _prose_vocab(book: list[_Item], wiki: list[_Item], limit_chars: int = 200_000) -> list[str]:
-    words: set[str] = set()
+    """The words of the first ``limit_chars`` of prose, most frequent first (ties alphabetical)."""
+    counts: dict[str, int] = {}
     chars = 0
     for item in book + wiki:
         text = item.load()
         chars += len(text)
-        words.update(w for w in re.findall(r'[A-Za-z]{2,}', text))
+        for w in re.findall(r'[A-Za-z]{2,}', text):
+            counts[w] = counts.get(w, 0) + 1
         if chars >= limit_chars:
             break
-    return sorted(words)
+    return sorted(counts, key=lambda w: (-counts[w], w))
 
 
 def _norm(paragraph: str) -> str:
