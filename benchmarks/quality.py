@@ -544,6 +544,11 @@ def _validation(kind: str, spec: dict[str, Any], tokenizer, budget: Budget):
     raise ValueError(f'unknown dwm_validation {kind!r}; lambada, heldout or both')
 
 
+def _composer_device(device: str) -> str:
+    """Composer's name for a torch device: ``cuda``/``cuda:N`` is Composer's ``gpu`` (it takes the local rank's)."""
+    return 'gpu' if device.split(':')[0] in ('cuda', 'gpu') else device
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one (method, seed) and evaluate it; returns plain JSON-able numbers (and, for the proxy, weights)."""
     torch.set_num_threads(int(spec.get('threads', 1)))
@@ -613,7 +618,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                                              't_warmup': f'{max(1, round(budget.warmup_frac * steps))}ba',
                                              'alpha_f': budget.lr_final_frac}),
         algorithms=algorithms, callbacks=[probe] if evaluating else [], loggers=[memory],
-        device=spec.get('device', 'cpu'), precision='fp32', seed=seed, device_train_microbatch_size=budget.batch_size,
+        device=_composer_device(spec.get('device', 'cpu')), precision='fp32', seed=seed,
+        device_train_microbatch_size=budget.batch_size,
         progress_bar=False, log_to_console=False, python_log_level=None)
     started = time.perf_counter()
     trainer.fit()
