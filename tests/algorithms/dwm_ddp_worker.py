@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from algorithms.dwm import DWM, Weighter, WeighterConfig  # noqa: E402
 from algorithms.dwm.distributed import all_gather_cat  # noqa: E402
+from algorithms.dwm.refit import global_weights  # noqa: E402
 
 GLOBAL_BATCH = 8
 
@@ -54,11 +55,9 @@ def fixed_batch_weights():
     gen = torch.Generator().manual_seed(11)
     ids = torch.randint(0, 128, (12, 10), generator=gen)
     rank, world = dist.get_global_rank(), dist.get_world_size()
-    dwm = DWM(refit=False)
-    dwm.weighter = weighter
     local = {'input_ids': ids[rank::world], 'prior_weight': torch.linspace(0.5, 1.5, 12)[rank::world]}
     with torch.no_grad():
-        weights, offset, _ = dwm._global_weights(local)
+        weights, offset, _ = global_weights(weighter, local)
     order = torch.cat([torch.arange(12)[r::world] for r in range(world)])
     out = torch.empty(12)
     out[order] = weights

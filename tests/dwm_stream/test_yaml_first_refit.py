@@ -109,9 +109,9 @@ def test_a_schedule_that_fits_is_accepted(schedule, yaml_env, local_mds):  # noq
     trainer = build_trainer(cfg, config_path='demo-cpu.yaml')
     try:
         dwm = next(a for a in trainer.state.algorithms if isinstance(a, builders.ConfiguredDWM))
-        from algorithms.dwm.schedule import check_against_duration
-        assert check_against_duration(dwm.boundaries, trainer.state.max_duration, 'boundaries' in schedule,
-                                      len(dwm.boundaries) + 1) is None
+        from algorithms.dwm.stages import check_against_duration
+        assert check_against_duration(dwm.stage_plan, trainer.state.max_duration, 'boundaries' in schedule,
+                                      len(dwm.stage_plan) + 1) is None
     finally:
         trainer.close()
 
