@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from algorithms.dwm import DWM, ValidationBatches
+from algorithms.dwm.config import DWMConfig, missing_loader_message
 from dwm_stream.convert.tokenizer import load_tokenizer
 from dwm_stream.data.loader import build_dataloader, build_dataset, collate_samples, widen_batch
 from dwm_stream.data.vocabulary import check_token_ids
@@ -326,7 +327,7 @@ def refit_dataset_config(train_dataset: Optional[Mapping[str, Any]],
         dataset_cfg[key] = value
         filled[key] = 'from train_loader.dataset'
     if 'shuffle_seed' not in refit and dataset_cfg:
-        dataset_cfg['shuffle_seed'] = int(train.get('shuffle_seed', 9176)) + 1
+        dataset_cfg['shuffle_seed'] = int(train.get('shuffle_seed', config.DatasetConfig.shuffle_seed)) + 1
         filled['shuffle_seed'] = 'train_loader.dataset.shuffle_seed + 1'
     if not own_location and dataset_cfg.get('remote') and dataset_cfg.get('local'):
         dataset_cfg['local'] = str(dataset_cfg['local']).rstrip('/') + '.refit'
@@ -344,8 +345,8 @@ def refit_dataset_config(train_dataset: Optional[Mapping[str, Any]],
 class ConfiguredDWM(DWM):
     """:class:`algorithms.dwm.DWM` built from YAML: its loaders are given as configs.
 
-    Takes every ``DWM`` argument (checked against :class:`dwm_stream.train.config.DWMConfig`), except that the two
-    loaders are configs:
+    Takes every option of DWM (:class:`algorithms.dwm.config.DWMConfig`), checked with the two loaders against
+    :class:`dwm_stream.train.config.DWMSection`, except that the two loaders are configs:
 
     Args:
         refit_loader (dict, optional): ``{dataset: {...}, batch_size}``: batches from the training
@@ -359,9 +360,7 @@ class ConfiguredDWM(DWM):
             ``dwm-stream train``; under LLM Foundry give ``refit_loader.dataset`` in full).
         tokenizer (Any, optional): The LLM's tokenizer (filled in by ``dwm-stream train``).
         device_batch_size (int, optional): Default batch size of the refit/validation loaders.
-        save_overwrite (bool): ``save_dir`` may hold another run's schedule, which this run then replaces (its stage
-            files removed). Default: ``False`` (refused at start-up, naming ``algorithms.dwm.save_dir``).
-        **kwargs: Any other ``DWM`` argument.
+        **kwargs: Any option of DWM (``num_stages``, ``save_dir``, ``save_overwrite``...).
 
     Raises:
         ConfigError: At construction (config load, under ``dwm-stream train`` and ``llmfoundry train`` alike), for a
@@ -376,20 +375,14 @@ class ConfiguredDWM(DWM):
                  train_dataset: Optional[Mapping[str, Any]] = None,
                  tokenizer: Any = None,
                  device_batch_size: Optional[int] = None,
-                 save_overwrite: bool = False,
                  **kwargs: Any) -> None:
-        settings = config.check(config.DWMConfig, {**kwargs, 'refit_loader': refit_loader, 'validation': validation,
-                                                   'save_overwrite': save_overwrite}, 'algorithms.dwm')
-        dwm_kwargs = {key: getattr(settings, key) for key in kwargs}  # as typed by the schema; DWM's defaults
-        refit_cfg = dict(refit_loader or {})
+        settings = config.check(config.DWMSection, {**kwargs, 'refit_loader': refit_loader, 'validation': validation},
+                                'algorithms.dwm')
+        refit_cfg = dict(refit_loader or {})  # as the YAML gives them: what it leaves out is filled in below
         val_cfg = dict(validation or {})
         batch_size = refit_cfg.get('batch_size') or device_batch_size or 8
-        stages = len(settings.stage_boundaries) + 1 if settings.stage_boundaries is not None else settings.num_stages
-        refits = settings.refit and (not settings.warmup_uniform or stages > 1)
-        if refits and not val_cfg:
-            raise config.ConfigError('algorithms.dwm.validation: missing, and the weighter is refit against it; set '
-                                     '`lambada: PATH` (a LAMBADA-format file) or `dataset: {...}` (held-out MDS), or '
-                                     'algorithms.dwm.refit: false.')
+        if settings.refits() and not val_cfg:
+            raise config.ConfigError(missing_loader_message('validation', 'algorithms.dwm.validation') + '.')
         refit = None
         if settings.refit:
             refit_dataset = dict(refit_cfg.get('dataset') or {})
@@ -418,8 +411,7 @@ class ConfiguredDWM(DWM):
             else:
                 raise config.ConfigError('algorithms.dwm.validation: needs `lambada: PATH` or `dataset: {...}`; set '
                                          'one.')
-        super().__init__(refit_dataloader=refit, val_dataloader=val, save_overwrite=settings.save_overwrite,
-                         **dwm_kwargs)
+        super().__init__(DWMConfig.from_any(settings), refit_dataloader=refit, val_dataloader=val)
         self._run_tokenizer = getattr(tokenizer, 'name_or_path', None)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -441,7 +433,7 @@ class ConfiguredDWM(DWM):
         loaders = [('train_loader.dataset', getattr(state.train_dataloader, 'dataset', None))]
         for name, cycler in (('algorithms.dwm.refit_loader.dataset', self.refit_batches),
                              ('algorithms.dwm.validation.dataset', self.val_batches)):
-            loader = getattr(getattr(cycler, '_source', None), '_loader', None)
+            loader = getattr(cycler.source, '_loader', None)
             loaders.append((name, getattr(loader, 'dataset', None)))
         for where, dataset in loaders:
             check_token_ids(dataset, where, vocabularies, tokenizer)

@@ -3,10 +3,11 @@
 
 One dataclass per section: :class:`TrainConfig` at the top level, :class:`LoaderConfig` for ``train_loader`` and
 ``eval_loader``, :class:`DatasetConfig` for their ``dataset`` (every ``StreamingDataset`` argument plus
-``selection`` and ``streams: {name: StreamConfig}``), :class:`DWMConfig` for ``algorithms.dwm`` (every ``DWM``
-argument; ``weighter`` is :class:`algorithms.dwm.WeighterConfig` itself), and the optimizer, scheduler, callbacks and
-loggers. ``tests/dwm_stream/test_config.py`` checks that the dataset, stream, DWM, loader, scheduler, callback and
-logger schemas match the signatures of what they configure, so the two cannot drift apart.
+``selection`` and ``streams: {name: StreamConfig}``), :class:`DWMSection` for ``algorithms.dwm`` (DWM's own
+:class:`algorithms.dwm.config.DWMConfig`, which is written once beside DWM, plus the two loaders the run builds), and
+the optimizer, scheduler, callbacks and loggers. ``tests/dwm_stream/test_config.py`` checks that the dataset, stream,
+loader, scheduler, callback and logger schemas match the signatures of what they configure, so the two cannot drift
+apart.
 
 :func:`check` merges a mapping into its schema key by key: OmegaConf checks the types (and fills the defaults),
 and every error is a :class:`ConfigError` that names the full key path (``algorithms.dwm.weighter.d_model``) and,
@@ -23,11 +24,9 @@ Their settings are checked against the class's signature (:func:`signature_schem
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import inspect
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,25 +35,15 @@ from typing import Any, Callable, Mapping, Optional, TypeVar, Union
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from algorithms.dwm.config import DWMConfig  # torch-free: the light check reads it too
 from dwm_stream.train import _light
-
-# ``algorithms.dwm.weighter`` (the schema of ``algorithms.dwm.weighter``) imports torch. A light check
-# (:func:`precheck_train_config`, before the heavy imports) binds a stand-in and leaves that section to the full check.
-if _light.ACTIVE and 'algorithms.dwm.weighter' not in sys.modules:
-    @dataclass
-    class WeighterConfig:  # type: ignore[no-redef]
-        """Stand-in while checking without torch: the weighter section is checked by the full check."""
-
-        stand_in = True
-else:
-    from algorithms.dwm import WeighterConfig
 
 __all__ = [
     'ConfigError', 'check', 'check_train_config', 'precheck_train_config', 'check_scheduler', 'check_component',
     'component', 'component_names',
     'signature_schema', 'FOUNDRY_REFUSED', 'FOUNDRY_IGNORED', 'COMPOSER_COMPONENTS', 'OWN_MODELS',
     'TrainConfig', 'ModelConfig', 'TokenizerConfig', 'LoaderConfig', 'EvalLoaderConfig', 'DatasetConfig',
-    'StreamConfig', 'AlgorithmsConfig', 'DWMConfig', 'RefitLoaderConfig', 'ValidationConfig', 'OptimizerConfig',
+    'StreamConfig', 'AlgorithmsConfig', 'DWMSection', 'RefitLoaderConfig', 'ValidationConfig', 'OptimizerConfig',
     'SCHEDULER_CONFIGS', 'CallbacksConfig', 'LoggersConfig',
 ]
 
@@ -168,54 +157,19 @@ class ValidationConfig:
 
 
 @dataclass
-class DWMConfig:
-    """``algorithms.dwm``: every ``algorithms.dwm.DWM`` argument with its default, the two loaders as configs, and
-    ``save_overwrite`` (``save_dir`` may hold another run's schedule, which is then replaced; default: refused)."""
+class DWMSection(DWMConfig):
+    """``algorithms.dwm``: :class:`algorithms.dwm.config.DWMConfig` (every option of DWM, with its default, written
+    there once), plus the two loaders a run builds from the YAML (DWM itself takes them as loaders)."""
 
-    num_stages: int = 5
-    stage_boundaries: Optional[list[str]] = None
-    refit_steps: int = 20
-    refit_lr: float = 1e-3
-    lookahead_lr: Optional[float] = None
-    lookahead: str = 'sgd'
-    hypergrad: str = 'jvp'
-    fd_eps: float = 1e-3
-    warmup_uniform: bool = False
-    weighter: Optional[WeighterConfig] = None
-    tau: Optional[float] = None
-    mix_uniform: Optional[float] = None
     refit_loader: Optional[RefitLoaderConfig] = None  # DWM's refit_dataloader, as a config
     validation: Optional[ValidationConfig] = None  # DWM's val_dataloader, as a config
-    use_prior_weight: bool = True
-    score_names: Optional[list[str]] = None
-    domain_names: Optional[list[str]] = None
-    save_dir: Optional[str] = None
-    schedule: Optional[str] = None
-    refit: bool = True
-    mode: str = 'weight'
-    select_factor: int = 4
-    loss_normalization: str = 'token'
-    normalize_hypergradient: bool = True
-    seed: int = 0
-    log_every: int = 1
-    single_loss_pass: bool = True
-    refit_checkpoint_weighter: bool = False
-    refit_kl: float = 3.0
-    refit_backbone_lr_scale: float = 1.0
-    val_batches_per_step: int = 1
-    lookahead_steps: int = 1
-    ess_band: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    dead_tol: float = 1e-6
-    refit_fit: str = 'gradient'
-    refit_fit_steps: int = 100
-    save_overwrite: bool = False  # ConfiguredDWM's: replace another run's schedule in save_dir
 
 
 @dataclass
 class AlgorithmsConfig:
     """``algorithms``: dwm-stream's own algorithm, typed here; any other name is a registry one (:func:`component`)."""
 
-    dwm: Optional[DWMConfig] = None
+    dwm: Optional[DWMSection] = None
 
 
 # ------------------------------------------------------------------------------------------------ model, optim
@@ -405,8 +359,8 @@ class TrainConfig:
     tokenizer: TokenizerConfig = MISSING
     train_loader: dict[str, Any] = MISSING  # LoaderConfig for name: dwm, else an LLM Foundry loader's keys
     eval_loader: Optional[dict[str, Any]] = None  # EvalLoaderConfig for name: dwm, else an LLM Foundry loader's
-    algorithms: Optional[dict[str, Any]] = None  # dwm: DWMConfig; any other name: a registry algorithm's arguments
-    optimizer: Optional[dict[str, Any]] = None  # None: decoupled_adamw with lr 1e-3
+    algorithms: Optional[dict[str, Any]] = None  # dwm: DWMSection; any other name: a registry algorithm's arguments
+    optimizer: Optional[dict[str, Any]] = None  # None: decoupled_adamw with its own defaults
     scheduler: Optional[dict[str, Any]] = None  # name + the keys of SCHEDULER_CONFIGS[name] (or a registry one's)
     callbacks: Optional[dict[str, Any]] = None  # name -> settings (CallbacksConfig, or a registry callback's)
     loggers: Optional[dict[str, Any]] = None  # name -> settings (LoggersConfig, or a registry logger's)
@@ -618,7 +572,6 @@ def check(schema: type[T], cfg: Optional[Mapping[str, Any]], where: str = '') ->
         ConfigError: An unknown key (the valid keys listed), a value of the wrong type, a mapping expected, or a
             required key missing; the message names the full key path.
     """
-    _full_schema()
     node = OmegaConf.structured(schema)
     _fill(schema, node, cfg or {}, where)
     missing = sorted(OmegaConf.missing_keys(node))
@@ -748,14 +701,6 @@ def _foundry_hint(kind: str, lead: str = ';') -> str:
     return f'{lead} LLM Foundry installed (pip install "dwm-stream[foundry]"), or run `llmfoundry train`'
 
 
-def _full_schema() -> None:
-    """After a light check: the real ``WeighterConfig`` for ``algorithms.dwm.weighter`` (torch is imported by now)."""
-    global WeighterConfig
-    if not _light.ACTIVE and getattr(WeighterConfig, 'stand_in', False):
-        from algorithms.dwm import WeighterConfig as real
-        WeighterConfig = real  # DWMConfig's annotation resolves to it from here on
-
-
 def _deferred(*args: Any, **kwargs: Any) -> None:
     """What :func:`component` returns in a light check: a name whose settings the full check looks at."""
 
@@ -764,22 +709,14 @@ def precheck_train_config(cfg: Any) -> None:
     """The checks of :func:`check_train_config` that need neither torch, Composer, transformers nor LLM Foundry.
 
     Run before those imports (``dwm-stream train``, ``python -m dwm_stream.train``), so that a typo in the YAML is
-    reported in about a second instead of after 15-30 s of imports. Left to the full check: ``algorithms.dwm.weighter``
-    and the settings of components that are not dwm-stream's own (Composer's and LLM Foundry's registry names).
+    reported in about a second instead of after 15-30 s of imports. Left to the full check: the settings of
+    components that are not dwm-stream's own (Composer's and LLM Foundry's registry names).
     Call it only in a process where :mod:`dwm_stream.train.config` was first imported with
     :data:`dwm_stream.train._light.ACTIVE` set (:mod:`dwm_stream.train.precheck` does).
 
     Raises:
         ConfigError: As :func:`check_train_config`.
     """
-    if not _light.ACTIVE:
-        check_train_config(cfg)
-        return
-    if isinstance(cfg, Mapping) and isinstance(cfg.get('algorithms'), Mapping) and \
-            isinstance(cfg['algorithms'].get('dwm'), Mapping) and 'weighter' in cfg['algorithms']['dwm']:
-        cfg = copy.deepcopy(dict(cfg))
-        cfg['algorithms'] = dict(cfg['algorithms'])
-        cfg['algorithms']['dwm'] = {k: v for k, v in cfg['algorithms']['dwm'].items() if k != 'weighter'}
     check_train_config(cfg)
 
 

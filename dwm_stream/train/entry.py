@@ -189,7 +189,7 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
         algorithms.append(builders.ConfiguredDWM(train_dataset=cfg['train_loader'].get('dataset'),
                                                  tokenizer=tokenizer, device_batch_size=device_batch, **kwargs))
 
-    optimizer = builders.build_optimizer(cfg.get('optimizer') or {'name': 'decoupled_adamw', 'lr': 1e-3}, model)
+    optimizer = builders.build_optimizer(cfg.get('optimizer'), model)  # none: decoupled_adamw, its own defaults
     loggers = builders.build_loggers(cfg.get('loggers'), run_dir)
     progress_bar, log_to_console, console_loggers = _console_output(train)
     optional = {key: getattr(train, key) for key in ('save_filename', 'save_latest_filename', 'compile_config')
