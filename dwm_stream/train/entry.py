@@ -258,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('config', help='the YAML config (see yamls/ and the README\'s YAML reference)')
     parser.add_argument('overrides', nargs='*', help='key.sub=value overrides, e.g. max_duration=20ba')
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_yaml(args.config, args.overrides)  # checked once, by build_trainer (and lightly before the imports)
     trainer = build_trainer(cfg, config_path=args.config)
     fit(trainer, cfg)
     trainer.close()

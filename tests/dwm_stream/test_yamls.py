@@ -290,9 +290,9 @@ def test_demo_yaml_builds_a_trainer(yaml_env, local_mds):
     trainer = build_trainer(cfg, config_path=_path(name))
     try:
         dwm = [a for a in trainer.state.algorithms if isinstance(a, builders.ConfiguredDWM)]
-        assert len(dwm) == 1 and dwm[0].num_stages == raw['algorithms']['dwm']['num_stages']
+        assert len(dwm) == 1 and dwm[0].config.num_stages == raw['algorithms']['dwm']['num_stages']
         assert dwm[0].weighter is not None  # built at Event.INIT
-        assert dwm[0].save_dir == str(yaml_env / 'run' / 'dwm_schedule')
+        assert dwm[0].config.save_dir == str(yaml_env / 'run' / 'dwm_schedule')
         assert trainer.state.max_duration == Time.from_timestring(raw['max_duration'])
         assert trainer.state.device_train_microbatch_size == raw['device_train_microbatch_size']
         # Off a terminal (pytest captures stderr), no progress bar: one console line per interval instead.
