@@ -63,7 +63,7 @@ from algorithms.dwm import DWM, Weighter, WeighterConfig
 from algorithms.dwm.hypergradient import adam_preconditioner, eager_attention, iter_named_trainable, jvp_attention
 from algorithms.dwm.refit import BatchCycle, refit
 from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max, output_options,
-                               read_section as _read_section, replace_section as _replace_section, results_md_path,
+                               section_io, results_md_path,
                                utc_now, write_json)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -584,14 +584,7 @@ def render_section(res: dict[str, Any], command: str) -> str:
     return '\n'.join(lines)
 
 
-def replace_section(path: str, section: str) -> None:
-    """Replace the text between the DWM overhead markers of ``path`` (appending it if absent)."""
-    _replace_section(path, section, BEGIN_MARK, END_MARK)
-
-
-def read_section(path: str) -> str:
-    """The DWM overhead section of ``path``, markers included."""
-    return _read_section(path, BEGIN_MARK, END_MARK)
+replace_section, read_section = section_io('DWM overhead', BEGIN_MARK, END_MARK)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

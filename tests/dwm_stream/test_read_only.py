@@ -29,7 +29,7 @@ from dwm_stream.train import builders
 from dwm_stream.train.entry import build_trainer, fit, load_config
 
 LLMFOUNDRY = os.path.join(os.path.dirname(sys.executable), 'llmfoundry')
-ENV = {'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '2',
+ENV = {'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1',
        'CUDA_VISIBLE_DEVICES': ''}
 
 
