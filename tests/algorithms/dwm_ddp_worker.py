@@ -64,8 +64,15 @@ def fixed_batch_weights():
     return out
 
 
-def main(out_dir, lookahead_steps=1):
+def main(out_dir, lookahead_steps=(1,)):
+    """One run per ``lookahead_steps`` value, one after another in this process (one launch, one import of torch
+    and Composer for all of them); each writes ``rank{r}-K{k}.pt``."""
     dist.initialize_dist('cpu')
+    for k in lookahead_steps:
+        run(out_dir, k)
+
+
+def run(out_dir, lookahead_steps):
     world = dist.get_world_size()
     refit_global = list(DataLoader(ToyCorpus(48, seed=1), batch_size=GLOBAL_BATCH, shuffle=False))
     val_global = val_batches(n_batches=3, batch_size=4)
@@ -88,8 +95,8 @@ def main(out_dir, lookahead_steps=1):
         'fixed_batch_weights': fixed_batch_weights(),
         'world_size': world,
         'refits': dwm.refits_done,
-    }, os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))
+    }, os.path.join(out_dir, f'rank{dist.get_global_rank()}-K{lookahead_steps}.pt'))
 
 
 if __name__ == '__main__':
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    main(sys.argv[1], [int(k) for k in sys.argv[2].split(',')] if len(sys.argv) > 2 else (1,))

@@ -119,7 +119,7 @@ def test_refit_corpus_is_byte_identical_after_dwm_stream_train(tmp_path, monkeyp
         fit(trainer, cfg)
         dwm = trainer.state.algorithms[0]
         assert dwm.refits_done == 2  # the refit loader was read
-        refit_dataset = dwm.refit_batches._source._loader.dataset
+        refit_dataset = dwm.refit_batches.source._loader.dataset
         assert refit_dataset.streams[0].remote == corpora[0]  # the corpus, not the train loader's remote
     finally:
         trainer.close()
