@@ -14,9 +14,9 @@ import os
 import platform
 import statistics
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-__all__ = ['RESULTS_DIR', 'output_options', 'results_md_path', 'write_json', 'utc_now', 'machine_info',
+__all__ = ['section_io', 'RESULTS_DIR', 'output_options', 'results_md_path', 'write_json', 'utc_now', 'machine_info',
            'describe_machine', 'library_versions', 'min_median_max', 'replace_section', 'read_section']
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
@@ -128,3 +128,16 @@ def read_section(path: str, begin_mark: str, end_mark: str) -> str:
         text = f.read()
     begin = text.index(begin_mark)
     return text[begin:text.index(end_mark, begin) + len(end_mark)]
+
+
+def section_io(name: str, begin_mark: str, end_mark: str) -> tuple[Callable[[str, str], None], Callable[[str], str]]:
+    """A benchmark's ``(replace_section(path, section), read_section(path))``, bound to its markers."""
+    def replace(path: str, section: str) -> None:
+        replace_section(path, section, begin_mark, end_mark)
+
+    def read(path: str) -> str:
+        return read_section(path, begin_mark, end_mark)
+
+    replace.__doc__ = f'Replace the text between the {name} markers of ``path`` (appending it if absent).'
+    read.__doc__ = f'The {name} section of ``path``, markers included.'
+    return replace, read

@@ -39,7 +39,7 @@ import zstandard  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max,  # noqa: E402
-                               output_options, read_section as _read_section, replace_section as _replace_section,
+                               output_options, section_io,
                                results_md_path, utc_now, write_json)
 from dwm_stream.convert.pipeline import convert  # noqa: E402
 from dwm_stream.convert.tokenizer import train_tokenizer  # noqa: E402
@@ -271,14 +271,7 @@ def render_section(results: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def replace_section(path: str, section: str) -> None:
-    """Replace the text between the convert markers of ``path`` (appending it if absent)."""
-    _replace_section(path, section, BEGIN_MARK, END_MARK)
-
-
-def read_section(path: str) -> str:
-    """The convert section of ``path``, markers included."""
-    return _read_section(path, BEGIN_MARK, END_MARK)
+replace_section, read_section = section_io('convert', BEGIN_MARK, END_MARK)
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -42,8 +42,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
+import dataclasses
 import functools
 import json
 import os
@@ -59,11 +59,11 @@ from composer.models import HuggingFaceModel
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import algorithms.dwm.dwm as dwm_module  # the refit ablations swap the attention context DWM uses (jvp_attention)
 from algorithms.dwm import DWM, Weighter, WeighterConfig
-from algorithms.dwm.hypergradient import eager_attention
+from algorithms.dwm.hypergradient import adam_preconditioner, eager_attention, iter_named_trainable, jvp_attention
+from algorithms.dwm.refit import BatchCycle, refit
 from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max, output_options,
-                               read_section as _read_section, replace_section as _replace_section, results_md_path,
+                               section_io, results_md_path,
                                utc_now, write_json)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,9 +193,10 @@ class _Setup:
 
         refit_data = DataLoader(_RandomTokens(512, seq_len, shape['vocab'], seed=1), batch_size=batch, shuffle=False)
         val_data = DataLoader(_RandomTokens(256, seq_len, shape['vocab'], seed=2), batch_size=batch, shuffle=False)
+        self.refit_batches, self.val_batches = BatchCycle(refit_data, 'refit'), BatchCycle(val_data, 'validation')
         self.dwm = DWM(refit=False, weighter=self.wcfg, domain_names=['low', 'high'], refit_steps=refit_steps,
-                       lookahead='adam', refit_dataloader=refit_data, val_dataloader=val_data,
-                       single_loss_pass=single_loss_pass, refit_checkpoint_weighter=checkpoint_weighter)
+                       lookahead='adam', single_loss_pass=single_loss_pass,
+                       refit_checkpoint_weighter=checkpoint_weighter)
         self.plain = make_trainer([])
         self.dwm_trainer = make_trainer([self.dwm])
         self.two_ce_trainer = None
@@ -216,54 +217,38 @@ class _Setup:
         wall = (time.perf_counter() - wall) / steps
         return wall, (wall if _DEVICE.type == 'cuda' else (time.process_time() - cpu) / steps)
 
-    def refit(self, hypergrad: str = 'jvp', eager: bool = False) -> tuple[float, float]:
-        """One ``_refit`` call; returns (wall, process CPU) seconds per weighter update.
+    def refit(self, hypergrad: str = 'jvp', eager: bool = False, evaluate_after: bool = False) -> tuple[float, float]:
+        """One refit (:func:`algorithms.dwm.refit.refit`, as DWM calls it at a stage boundary) of the DWM trainer's
+        weighter at its LLM; returns (wall, process CPU) seconds per weighter update.
 
-        Wall is DWM's own ``dwm/refit/step_time``; CPU is the call's CPU time minus the closing ``val_loss_after``
-        evaluation (a metric, once per refit), divided by the updates.
+        Wall is the refit's own ``dwm/refit/step_time``; CPU is the call's CPU time divided by the updates, both
+        without the closing ``val_loss_after`` evaluation (a metric, once per refit), unless ``evaluate_after`` (the
+        memory measurement includes it).
         """
-        self.dwm.hypergrad = hypergrad
-        patch = _patched(dwm_module, 'jvp_attention', eager_attention) if eager else \
-            contextlib.nullcontext()
-        after_cpu = [0.0]
-        original_after = self.dwm._lookahead_val_loss
+        state = self.dwm_trainer.state
+        lm = state.model.model
+        config = dataclasses.replace(self.dwm.config, hypergrad=hypergrad)
+        optimizer = state.optimizers[0]
+        precond = adam_preconditioner(optimizer, dict(iter_named_trainable(lm)))  # lookahead='adam'
+        lr = optimizer.param_groups[0].get('initial_lr', optimizer.param_groups[0]['lr'])  # DWM's default eta
 
-        def timed_after(*args, **kwargs):
-            started = time.process_time()
-            try:
-                return original_after(*args, **kwargs)
-            finally:
-                after_cpu[0] += time.process_time() - started
+        def draw(batches: BatchCycle) -> dict:
+            return {k: v.to(_DEVICE) for k, v in batches.next().items()}
 
-        self.dwm.refit = True  # only while called by hand: the timed DWM steps never reach a stage boundary refit
-        self.dwm._lookahead_val_loss = timed_after
-        try:
-            with patch:
-                cpu = time.process_time()
-                self.dwm._refit(self.dwm_trainer.state, self.dwm_trainer.logger)
-                cpu = time.process_time() - cpu
-        finally:
-            self.dwm.hypergrad, self.dwm.refit = 'jvp', False
-            del self.dwm._lookahead_val_loss
-        wall = float(self.dwm.last_refit_metrics['dwm/refit/step_time'])
+        cpu = time.process_time()
+        result = refit(self.dwm.weighter, self.dwm.weighter_optimizer, lm, lambda: draw(self.refit_batches),
+                       lambda: draw(self.val_batches), config, float(lr), precond,
+                       attention=eager_attention if eager else jvp_attention, evaluate_after=evaluate_after)
+        cpu = time.process_time() - cpu
+        wall = float(result.diagnostics.metrics()['dwm/refit/step_time'])
         if _DEVICE.type == 'cuda':  # the refit reads its losses back (.item()): its step times are synchronised
             return wall, wall
-        return wall, (cpu - after_cpu[0]) / self.dwm.refit_steps
+        return wall, cpu / config.refit_steps
 
 
 def _sync() -> None:
     if _DEVICE.type == 'cuda':
         torch.cuda.synchronize(_DEVICE)
-
-
-@contextlib.contextmanager
-def _patched(module, name: str, value):
-    previous = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, previous)
 
 
 def _ratios(num: list[tuple[float, float]], den: list[tuple[float, float]], minus: float = 0.0) -> dict[str, Any]:
@@ -379,7 +364,7 @@ def _memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         plain, refit = [], []
         for _ in range(spec['reps']):  # alternated
             plain.append(_peak_of(functools.partial(setup.plain.fit, duration='1ba'), libc))
-            refit.append(_peak_of(setup.refit, libc))
+            refit.append(_peak_of(functools.partial(setup.refit, evaluate_after=True), libc))
         out.append({'name': case['name'], 'ratio_target': case['ratio'], 'batch': case['batch'],
                     'seq_len': setup.seq_len, 'llm_params': setup.llm_params,
                     'weighter_params': setup.weighter_params, 'param_mib': setup.llm_params * 4 / 2**20,
@@ -599,14 +584,7 @@ def render_section(res: dict[str, Any], command: str) -> str:
     return '\n'.join(lines)
 
 
-def replace_section(path: str, section: str) -> None:
-    """Replace the text between the DWM overhead markers of ``path`` (appending it if absent)."""
-    _replace_section(path, section, BEGIN_MARK, END_MARK)
-
-
-def read_section(path: str) -> str:
-    """The DWM overhead section of ``path``, markers included."""
-    return _read_section(path, BEGIN_MARK, END_MARK)
+replace_section, read_section = section_io('DWM overhead', BEGIN_MARK, END_MARK)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

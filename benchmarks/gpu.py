@@ -76,7 +76,7 @@ from algorithms.dwm.functional import loss_contributions, per_sample_loss_sums, 
 from algorithms.dwm.hypergradient import (adam_preconditioner, directional_derivative_jvp, hypergradient,
                                           jvp_attention, jvp_query_block)
 from benchmarks.common import (RESULTS_DIR, library_versions, machine_info, min_median_max, output_options,
-                               read_section as _read_section, replace_section as _replace_section, utc_now,
+                               section_io, utc_now,
                                write_json)
 from benchmarks.dwm_overhead import MODELS as OVERHEAD_MODELS, _flops, _peak_of, _status_kb
 
@@ -837,14 +837,7 @@ def render_section(res: dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def replace_section(path: str, section: str) -> None:
-    """Replace the text between the GPU markers of ``path`` (appending it if absent)."""
-    _replace_section(path, section, BEGIN_MARK, END_MARK)
-
-
-def read_section(path: str) -> str:
-    """The GPU section of ``path``, markers included."""
-    return _read_section(path, BEGIN_MARK, END_MARK)
+replace_section, read_section = section_io('GPU', BEGIN_MARK, END_MARK)
 
 
 # ---------------------------------------------------------------------------------------------------- entry point

@@ -58,7 +58,7 @@ from streaming.base.format import reader_from_json
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from benchmarks.common import (describe_machine, library_versions, machine_info, min_median_max, output_options,
-                               read_section as _read_section, replace_section as _replace_section, results_md_path,
+                               section_io, results_md_path,
                                utc_now, write_json)
 from dwm_stream.data.dataset import DWMDataset, release_shared_memory
 from dwm_stream.data.loader import collate_samples
@@ -470,14 +470,7 @@ def render_section(results: dict[str, Any], image: Optional[str] = None) -> str:
     return '\n'.join(lines)
 
 
-def replace_section(path: str, section: str) -> None:
-    """Replace the text between the loader markers of ``path`` (appending it if absent)."""
-    _replace_section(path, section, BEGIN_MARK, END_MARK)
-
-
-def read_section(path: str) -> str:
-    """The loader section of ``path``, markers included."""
-    return _read_section(path, BEGIN_MARK, END_MARK)
+replace_section, read_section = section_io('loader', BEGIN_MARK, END_MARK)
 
 
 def plot(results: dict[str, Any], path: str) -> None:

@@ -54,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dwm_stream.demo.run import run_demo
-    run_demo(out_dir=args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    run_demo(out_dir=args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress, tiny=args.tiny)
     return 0
 
 
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser('demo', help='the embedded end-to-end demo: corpus -> shards -> loopback S3 -> '
                                     'uniform vs DWM training -> table and plot')
     d.add_argument('--quick', action='store_true', help='a ~2-minute version')
+    d.add_argument('--tiny', action='store_true',
+                   help='the smallest run that still goes through every step (what the tests run; its numbers say '
+                        'nothing about DWM)')
     d.add_argument('--out', default='runs/demo', help='output directory (default: runs/demo)')
     d.add_argument('--seed', type=int, default=0, help='seed of both runs (default: 0)')
     d.set_defaults(func=_cmd_demo)

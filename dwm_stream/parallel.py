@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 import sys
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from dwm_stream.progress import Progress
 
-__all__ = ['worker_pool', 'map_tasks', 'parallel_map']
+__all__ = ['worker_pool', 'map_tasks', 'parallel_map', 'stop_process']
 
 
 def _worker_init(environ: dict[str, str], cwd: str, path: list[str]) -> None:
@@ -159,3 +160,13 @@ def parallel_map(fn: Callable[[Any], Any],
     finally:
         if progress is not None:
             progress.close()
+
+
+def stop_process(proc: 'subprocess.Popen') -> None:
+    """Stop a child process (a server the caller started): terminate it, give it 10 s, then kill it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

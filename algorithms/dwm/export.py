@@ -1,4 +1,5 @@
-"""Saving and loading weighters and stage schedules with safetensors + JSON only (no pickle).
+"""The saved weighters of a run: writing and reading them with safetensors + JSON only (no pickle), and who owns the
+``save_dir`` they go to.
 
 Layout of a ``save_dir``::
 
@@ -11,31 +12,37 @@ Layout of a ``save_dir``::
                              "stages": [{"stage": 0, "start": "0ba", "weights": "stage_0.safetensors",
                                          "config": "stage_0.json"}, ...]}
 
-``start`` is the Composer time at which the stage began in the run that wrote it. A replay (``DWM(schedule=...,
-refit=False)``) switches to stage ``k``'s weighter at its own ``k``-th boundary, so a schedule transfers to a run
-of another length.
+``schedule.json`` lists the saved weighters, one per stage; the file keeps that name (and its ``format``) so that the
+runs users already saved load as they are. ``start`` is the Composer time at which the stage began in the run that
+wrote it. A replay (``DWM(schedule=..., refit=False)``) switches to stage ``k``'s weighter at its own ``k``-th
+boundary, so saved weighters transfer to a run of another length.
 
 ``run`` names the run that owns the directory. ``DWM`` writes it when training starts and refuses, at start-up, a
-``save_dir`` whose ``schedule.json`` belongs to another run (see :func:`read_schedule_run`).
+``save_dir`` whose ``schedule.json`` belongs to another run (:func:`save_dir_problem`, :func:`claim_save_dir`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from algorithms.dwm.weighter import Weighter, WeighterConfig
+from algorithms.dwm.config import WeighterConfig
+from algorithms.dwm.weighter import Weighter
 
-__all__ = ['SCHEDULE_FILE', 'save_weighter', 'load_weighter', 'write_schedule', 'load_schedule', 'read_schedule_run', 'listed_stage_files',
-           'schedule_file']
+__all__ = ['SAVED_WEIGHTERS_FILE', 'save_weighter', 'load_weighter', 'write_saved_weighters', 'load_saved_weighters',
+           'load_schedule', 'read_owner', 'listed_stage_files', 'saved_weighters_file', 'run_record', 'save_dir_problem',
+           'claim_save_dir', 'export_stage']
 
-SCHEDULE_FILE = 'schedule.json'
+log = logging.getLogger(__name__)
+
+SAVED_WEIGHTERS_FILE = 'schedule.json'  # the name every saved run has on disk
 
 
 def save_weighter(weighter: Weighter, stem: str | os.PathLike, **metadata: Any) -> tuple[Path, Path]:
@@ -97,15 +104,15 @@ def _read_json(path: Path, what: str) -> Any:
                          f'are JSON + safetensors only, never pickle.') from e
 
 
-def schedule_file(path: str | os.PathLike) -> Path:
+def saved_weighters_file(path: str | os.PathLike) -> Path:
     """``schedule.json`` itself, for a path that is the file or its directory."""
     path = Path(path)
-    return path if path.suffix == '.json' else path / SCHEDULE_FILE
+    return path if path.suffix == '.json' else path / SAVED_WEIGHTERS_FILE
 
 
-def write_schedule(save_dir: str | os.PathLike, stages: list[dict[str, Any]],
+def write_saved_weighters(save_dir: str | os.PathLike, stages: list[dict[str, Any]],
                    run: dict[str, Any] | None = None) -> Path:
-    """Write ``schedule.json`` listing the saved stages (each ``{"stage", "start", "weights", "config"}``).
+    """Write ``schedule.json``, the list of saved weighters (each ``{"stage", "start", "weights", "config"}``).
 
     Args:
         save_dir (str | os.PathLike): The directory.
@@ -113,9 +120,9 @@ def write_schedule(save_dir: str | os.PathLike, stages: list[dict[str, Any]],
         run (dict, optional): The run that owns the directory (``{"run_name", "max_duration"}``). Default: ``None``
             (keep the record already in the file, if any).
     """
-    path = Path(save_dir) / SCHEDULE_FILE
+    path = Path(save_dir) / SAVED_WEIGHTERS_FILE
     if run is None:
-        run = read_schedule_run(save_dir)
+        run = read_owner(save_dir)
     doc: dict[str, Any] = {'format': 'dwm-schedule', 'version': 1}
     if run is not None:
         doc['run'] = run
@@ -128,9 +135,9 @@ def write_schedule(save_dir: str | os.PathLike, stages: list[dict[str, Any]],
     return path
 
 
-def _read_schedule_doc(save_dir: str | os.PathLike) -> dict[str, Any] | None:
+def _read_saved_weighters_doc(save_dir: str | os.PathLike) -> dict[str, Any] | None:
     """``save_dir/schedule.json`` as a dict; ``None`` if missing or unreadable."""
-    path = Path(save_dir) / SCHEDULE_FILE
+    path = Path(save_dir) / SAVED_WEIGHTERS_FILE
     if not path.is_file():
         return None
     try:
@@ -141,10 +148,10 @@ def _read_schedule_doc(save_dir: str | os.PathLike) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def read_schedule_run(save_dir: str | os.PathLike) -> dict[str, Any] | None:
+def read_owner(save_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``run`` record of ``save_dir/schedule.json``: ``None`` if there is no file or it has no record (written by
     another tool or an older version); an unreadable file counts as a record-less one."""
-    run = (_read_schedule_doc(save_dir) or {}).get('run')
+    run = (_read_saved_weighters_doc(save_dir) or {}).get('run')
     return dict(run) if isinstance(run, dict) else None
 
 
@@ -152,7 +159,7 @@ def listed_stage_files(save_dir: str | os.PathLike) -> list[str]:
     """The stage files (weights and configs) that ``save_dir/schedule.json`` lists, as plain file names (never a
     path outside ``save_dir``); empty if there is no readable schedule."""
     names = []
-    for entry in (_read_schedule_doc(save_dir) or {}).get('stages') or []:
+    for entry in (_read_saved_weighters_doc(save_dir) or {}).get('stages') or []:
         for field in ('weights', 'config'):
             name = entry.get(field) if isinstance(entry, dict) else None
             if isinstance(name, str) and Path(name).name == name:
@@ -160,8 +167,8 @@ def listed_stage_files(save_dir: str | os.PathLike) -> list[str]:
     return names
 
 
-def load_schedule(path: str | os.PathLike) -> list[tuple[dict[str, Any], Weighter]]:
-    """Load a schedule written by :func:`write_schedule`.
+def load_saved_weighters(path: str | os.PathLike) -> list[tuple[dict[str, Any], Weighter]]:
+    """Load the saved weighters written by :func:`write_saved_weighters`.
 
     Args:
         path (str | os.PathLike): ``schedule.json`` or the directory holding it.
@@ -171,7 +178,7 @@ def load_schedule(path: str | os.PathLike) -> list[tuple[dict[str, Any], Weighte
     """
     path = Path(path)
     if path.is_dir():
-        path = path / SCHEDULE_FILE
+        path = path / SAVED_WEIGHTERS_FILE
     if not path.is_file():
         raise FileNotFoundError(f'DWM schedule {path} not found')
     doc = _read_json(path, 'DWM schedule')
@@ -184,3 +191,79 @@ def load_schedule(path: str | os.PathLike) -> list[tuple[dict[str, Any], Weighte
     for entry in sorted(doc['stages'], key=lambda e: e['stage']):
         out.append((entry, load_weighter(path.parent / entry['weights'], path.parent / entry['config'])))
     return out
+
+
+load_schedule = load_saved_weighters  # the name scripts written before the saved weighters were named so still use
+
+
+# ------------------------------------------------------------------------------------------------ save_dir ownership
+_KEY = 'algorithms.dwm.save_dir (DWM(save_dir=...))'
+
+
+def run_record(run_name: Any, max_duration: Any) -> dict[str, Any]:
+    """Who owns a ``save_dir``: the run's name and length (a Composer ``Time`` or ``None``), as ``schedule.json``
+    records them."""
+    if max_duration is not None:
+        value = max_duration.value
+        value = int(value) if float(value).is_integer() else value
+        max_duration = f'{value}{max_duration.unit.value}'
+    return {'run_name': str(run_name), 'max_duration': max_duration}
+
+
+def save_dir_problem(save_dir: Optional[str], overwrite: bool, replayed: Optional[str],
+                     run: dict[str, Any]) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """At start-up (INIT): ``(message, owner)``. ``save_dir`` must not hold another run's ``schedule.json`` (it would
+    be overwritten, its stage files left unreferenced), nor the saved weighters this run replays. The same run (same
+    ``run_name`` and ``max_duration``: an autoresume, or a restart after a kill before the first checkpoint) continues
+    in it. A run of that name but another length may only continue it by resuming a checkpoint: that is known after
+    the checkpoint loads (and Composer sets ``max_duration`` after INIT), so :func:`claim_save_dir` decides it at
+    FIT_START from the ``owner`` record returned here."""
+    if save_dir is None or overwrite:
+        return None, None
+    fix = 'set a new save_dir, or algorithms.dwm.save_overwrite: true to replace it'
+    path = saved_weighters_file(save_dir)
+    if replayed is not None and saved_weighters_file(replayed).resolve() == path.resolve():
+        return (f'{_KEY}: {save_dir} holds the schedule this run replays (algorithms.dwm.schedule); set another '
+                'save_dir'), None
+    if not path.is_file():
+        return None, None
+    record = read_owner(save_dir)
+    if record is None or record.get('run_name') != run['run_name']:
+        owner = f'run {record.get("run_name")!r}' if record else 'another run (no run recorded)'
+        return f'{_KEY}: {path} belongs to {owner}, not to this run {run["run_name"]!r}; {fix}', None
+    return None, record
+
+
+def claim_save_dir(save_dir: Optional[str], owner: Optional[dict[str, Any]], run: dict[str, Any], resumed: bool,
+                   overwrite: bool, exports: list[dict[str, Any]], writer: bool) -> None:
+    """At FIT_START: decide the case :func:`save_dir_problem` left open, and record ``run`` as ``save_dir``'s owner
+    (on the ``writer`` rank). A fresh start removes the stage files that the ``schedule.json`` it replaces listed."""
+    theirs = (owner or {}).get('max_duration')
+    if not resumed and None not in (theirs, run['max_duration']) and theirs != run['max_duration']:
+        raise ValueError(f'algorithms.dwm.save_dir (DWM(save_dir=...)): {saved_weighters_file(save_dir)} '
+                         f'belongs to a run {run["run_name"]!r} of max_duration {theirs} (this one: '
+                         f'{run["max_duration"]}) that this run does not resume; set a new save_dir, or '
+                         'algorithms.dwm.save_overwrite: true to replace it, or autoresume from its checkpoint')
+    if save_dir is None or not writer:
+        return
+    if not resumed and (Path(save_dir) / SAVED_WEIGHTERS_FILE).is_file():
+        record = read_owner(save_dir)
+        if overwrite and (record or {}).get('run_name') != run['run_name']:
+            log.warning('algorithms.dwm.save_dir: replacing the schedule of %s in %s (save_overwrite: true).',
+                        f'run {record["run_name"]!r}' if record else 'another run', save_dir)
+        for name in listed_stage_files(save_dir):  # an unreadable old schedule.json lists nothing to clean up
+            (Path(save_dir) / name).unlink(missing_ok=True)
+    write_saved_weighters(save_dir, exports, run=run)
+
+
+def export_stage(save_dir: str, weighter: Weighter, stage: int, start: str,
+                 exports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Save stage ``stage``'s weighter (it began at ``start``) and list it in ``schedule.json``; returns the new list
+    of exports (a stage exported again replaces its entry)."""
+    stem = Path(save_dir) / f'stage_{stage}'
+    save_weighter(weighter, stem, stage=stage, start=start)
+    exports = [e for e in exports if e['stage'] != stage]
+    exports.append({'stage': stage, 'start': start, 'weights': stem.name + '.safetensors',
+                    'config': stem.name + '.json'})
+    write_saved_weighters(save_dir, exports)
+    return exports

@@ -17,87 +17,16 @@ all-gather the per-sample embeddings so the softmax spans the global batch.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from algorithms.dwm.config import EMBED_NORMS, WeighterConfig
+
 __all__ = ['WeighterConfig', 'Weighter', 'mean_pool', 'normalize_embeddings', 'EMBED_NORMS']
-
-EMBED_NORMS = ('none', 'layernorm', 'batch')
-
-
-@dataclass
-class WeighterConfig:
-    """Configuration of a :class:`Weighter`.
-
-    Args:
-        vocab_size (int, optional): Token vocabulary, the LLM tokenizer's. ``None`` lets ``DWM`` fill it from the
-            model config. Default: ``None``.
-        backbone (str): ``'transformer'`` (own small transformer) or a local HuggingFace model directory loaded
-            with ``AutoModel.from_pretrained(..., local_files_only=True)``. Default: ``'transformer'``.
-        d_model (int): Width of the embeddings and of the batch-attention layers. Default: ``128``.
-        n_layers (int): Layers of the own transformer backbone. Default: ``2``.
-        n_heads (int): Attention heads, backbone and batch layers. Default: ``4``.
-        d_ff (int, optional): MLP width. Default: ``None`` (``4 * d_model``).
-        max_seq_len (int): Longest sample the own backbone embeds (longer ones are truncated). Default: ``2048``.
-        batch_layers (int): Self-attention layers across the batch (1-2 in the method). Default: ``1``.
-        tau (float): Softmax temperature of the weights. Default: ``1.0``.
-        mix_uniform (float): ``lambda``, the uniform mix that prevents collapse; weights stay ``>= lambda``.
-            Default: ``0.1``.
-        pad_token_id (int, optional): Used to build an attention mask when none is given. Default: ``None``.
-        seed (int): Initialisation seed, so that every rank builds the same weighter. Default: ``0``.
-        embed_norm (str): **[ours]** Normalisation of the per-sample embeddings before the batch layers, against
-            representation collapse (the backbone's sample embeddings shrinking toward one vector, after which all
-            scores tie and the refit gradient is zero for good). ``'none'`` (no normalisation); ``'layernorm'``
-            (each sample's embedding standardised over its features, no affine parameters: fixes the scale of
-            each embedding, not the spread between samples); ``'batch'`` (each feature standardised over the
-            samples of the (global) batch: the spread between samples is 1 by construction, so it cannot be
-            shrunk; a batch of identical samples stays identical). An untrained weighter is uniform in every
-            mode (the score head starts at zero). Default: ``'none'``.
-    """
-
-    vocab_size: Optional[int] = None
-    backbone: str = 'transformer'
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    d_ff: Optional[int] = None
-    max_seq_len: int = 2048
-    batch_layers: int = 1
-    tau: float = 1.0
-    mix_uniform: float = 0.1
-    pad_token_id: Optional[int] = None
-    seed: int = 0
-    embed_norm: str = 'none'
-
-    def __post_init__(self) -> None:
-        if self.embed_norm not in EMBED_NORMS:
-            raise ValueError(f'WeighterConfig.embed_norm must be one of {EMBED_NORMS}, got {self.embed_norm!r}')
-
-    @classmethod
-    def from_any(cls, cfg: 'WeighterConfig | dict[str, Any] | None', **overrides: Any) -> 'WeighterConfig':
-        """Build from a config, a dict (e.g. a YAML section) or ``None``; ``overrides`` that are not ``None`` win."""
-        if cfg is None:
-            cfg = cls()
-        elif isinstance(cfg, dict):
-            unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
-            if unknown:
-                raise ValueError(f'Unknown weighter config key(s) {sorted(unknown)}; valid keys: '
-                                 f'{[f.name for f in dataclasses.fields(cls)]}')
-            cfg = cls(**cfg)
-        elif not isinstance(cfg, cls):
-            raise TypeError(f'weighter must be a WeighterConfig or dict, got {type(cfg).__name__}')
-        updates = {k: v for k, v in overrides.items() if v is not None}
-        return dataclasses.replace(cfg, **updates) if updates else cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-type dict (JSON-safe)."""
-        return dataclasses.asdict(self)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ What it adds to its parent, and nothing more:
   integer ``ndarray``, or as ``bytes`` decoded with ``token_encoding_type`` as Foundry's
   ``StreamingTextDataset`` does), with or without ``dwm.json``. The domain is the stream's name, the uid
   the stream + the sample's index; see :mod:`dwm_stream.format.foundry` for the rules and what is refused.
-* **Errors at construction, naming the file and the fix**: argument types (:mod:`dwm_stream.data.arguments`),
+* **Errors at construction, naming the file and the fix**: argument types (:mod:`dwm_stream.data.schemas`),
   shard files missing from a dataset without ``remote``, a missing or damaged ``dwm.json``, a text-only corpus.
 * **A zero-copy read path** (:mod:`dwm_stream.format.view`) and an iterator without the polling
   ready-thread. Downloading still goes through streaming's ``prepare_shard`` in a background
@@ -47,7 +47,7 @@ from streaming import Stream, StreamingDataset
 import dwm_stream.data._streaming_compat as compat
 from dwm_stream.data import read_only
 from dwm_stream.data._streaming_compat import SHARD_LOCAL, EpochIterator, World, release_shared_memory
-from dwm_stream.data.arguments import check_dataset_arguments, check_stream_arguments
+from dwm_stream.data.schemas import check_dataset_arguments, check_stream_arguments
 from dwm_stream.data.selection import ResolvedSelection, read_selection, resolve_selection
 from dwm_stream.format import foundry, integrity
 from dwm_stream.format.shards import (DOMAIN, META_BASENAME, NUM_TOKENS, SCORE_PREFIX, TOKENS, UID,
@@ -274,7 +274,7 @@ class DWMDataset(StreamingDataset):
             ``max_seq_len``), else ``max_seq_len`` (an upper bound) or ``None``.
 
     Raises:
-        ArgumentTypeError: An argument of the wrong type (``shuffle: "false"``), naming the key.
+        ConfigError: An argument of the wrong type (``shuffle: "false"``), naming the key.
         FileNotFoundError: A shard file missing from a dataset without ``remote``, naming it.
         ValueError: A missing or damaged ``dwm.json``, a text-only corpus, or ``tokens`` that cannot be
             token ids, naming the file and the fix.

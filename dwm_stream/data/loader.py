@@ -20,11 +20,7 @@ import torch
 from composer.core import DataSpec
 from streaming import StreamingDataLoader
 
-from dwm_stream.data.arguments import (
-    check_dataset_arguments,
-    check_loader_arguments,
-    check_stream_arguments,
-)
+from dwm_stream.data.schemas import check_dataset_arguments, check_loader_arguments, check_stream_arguments
 from dwm_stream.data.dataset import DWMDataset, DWMStream
 from dwm_stream.data.read_only import CorpusConflictError
 from dwm_stream.format.integrity import MissingCredentialsError
@@ -166,7 +162,7 @@ def build_dataset(cfg: Mapping[str, Any], device_batch_size: Optional[int] = Non
     ``StreamingDataset`` argument. A stream's name is the domain of a corpus without ``dwm.json`` (an LLM Foundry
     corpus). ``dwm-stream train`` and the LLM Foundry entry points check the config against
     ``dwm_stream.train.config.DatasetConfig`` before it gets here, so that an unknown key or a wrong type is reported
-    with its YAML key and the valid keys; the types are checked here too (:mod:`dwm_stream.data.arguments`), for
+    with its YAML key and the valid keys; the types are checked here too (:mod:`dwm_stream.data.schemas`), for
     callers that come straight here.
 
     Args:

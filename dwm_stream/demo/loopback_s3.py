@@ -25,6 +25,8 @@ from typing import Callable, Optional, Sequence
 
 import boto3
 
+from dwm_stream.parallel import stop_process
+
 __all__ = ['LoopbackS3', 'LOOPBACK_HOST', 'upload_dir']
 
 LOOPBACK_HOST = '127.0.0.1'
@@ -114,12 +116,7 @@ class LoopbackS3:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
         for key, value in self._saved_env.items():
             if value is None:

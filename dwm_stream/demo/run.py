@@ -53,6 +53,9 @@ FULL = DemoBudget(DataBudget(corpus_size='8MB', vocab_size=4096, seq_len=128), m
                   refit_steps=12, eval_interval='50ba')
 QUICK = DemoBudget(DataBudget(corpus_size='2MB', vocab_size=2048, seq_len=128), max_duration='40ba', num_stages=3,
                    refit_steps=2, eval_interval='20ba')
+# Every step of the demo, as small as it goes (the tests' size): 3 stages of 4 batches, one refit step each.
+TINY = DemoBudget(DataBudget(corpus_size='1MB', vocab_size=1024, seq_len=64), max_duration='12ba', num_stages=3,
+                  refit_steps=1, eval_interval='6ba')
 _STEP_TAGS = {'corpus': '[1/6]', 'tokenizer': '     ', 'convert': '[2/6]'}
 
 
@@ -135,7 +138,7 @@ def _plot(path: str, stages: dict[int, dict[str, float]], domain_names: list[str
 
 
 def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, tiny: bool = False) -> dict[str, Any]:
     """Run the demo; returns the numbers it printed. See the module docstring.
 
     Args:
@@ -143,8 +146,10 @@ def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0,
         quick (bool): The small budget (about a minute on a laptop CPU). Default: ``False``.
         seed (int): Seed of the corpus and of both training runs. Default: ``0``.
         progress (bool): Progress bars while preparing the data and training. Default: ``True``.
+        tiny (bool): The smallest budget that still runs every step (``TINY``; what the tests run), whatever
+            ``quick`` says. Default: ``False``.
     """
-    budget = QUICK if quick else FULL
+    budget = TINY if tiny else QUICK if quick else FULL
     started = time.perf_counter()
     paths = prepare_data(os.path.join(out_dir, 'data'), budget.data, seed=seed,
                          workers=min(2, os.cpu_count() or 1), progress=progress, say=_say_step)
@@ -199,7 +204,7 @@ def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0,
     plot_path = os.path.join(out_dir, 'demo.png')
     _plot(plot_path, stages, domain_names, curves, degraded)
     summary = {
-        'quick': quick, 'seed': seed, 'seconds': time.perf_counter() - started,
+        'quick': quick, 'tiny': tiny, 'seed': seed, 'seconds': time.perf_counter() - started,
         'runs': {label: {'heldout': run['heldout'], 'lambada': run['lambada'], 'train_seconds': run['seconds']}
                  for label, run in runs.items()},
         'dwm_weight_by_stage': {str(k): v for k, v in stages.items()},

@@ -50,6 +50,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional, Sequence
 
+from dwm_stream.parallel import stop_process
+
 __all__ = ['FaultProxy', 'FaultProxyServer', 'FAULTS', 'serve']
 
 FAULTS = ('500', '503', 'slow', 'reset', 'truncate')
@@ -327,12 +329,7 @@ class FaultProxy:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             for stream in (self.proc.stdout, self.proc.stderr):
                 if stream is not None:
                     stream.close()

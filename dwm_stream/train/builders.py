@@ -15,51 +15,33 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
 import os
 from typing import Any, Iterator, Mapping, Optional
 
 import torch
-from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.core import DataSpec, Event, State, Time
-from composer.loggers import FileLogger, Logger, TensorboardLogger
+from composer.loggers import Logger
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import HuggingFaceModel
-from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler, DecoupledAdamW,
-                            LinearWithWarmupScheduler)
+from streaming import StreamingDataset
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from algorithms.dwm import DWM, ValidationBatches
+from algorithms.dwm.config import DWMConfig, missing_loader_message
 from dwm_stream.convert.tokenizer import load_tokenizer
 from dwm_stream.data.loader import build_dataloader, build_dataset, collate_samples, widen_batch
 from dwm_stream.data.vocabulary import check_token_ids
 from dwm_stream.train import config
-from dwm_stream.train.callbacks import TrainedSamples
-from dwm_stream.train.loggers import MetricsJSONLLogger
 
 __all__ = ['build_tokenizer', 'build_model', 'build_optimizer', 'build_scheduler', 'build_callbacks',
            'build_loggers', 'build_algorithm', 'build_train_dataloader', 'build_eval_dataloader', 'ConfiguredDWM',
            'WidenedLoader']
 
-OPTIMIZERS = {'decoupled_adamw': DecoupledAdamW, 'adamw': torch.optim.AdamW}
-# scheduler.name -> Composer class; config.SCHEDULER_CONFIGS holds each one's schema (same names).
-SCHEDULERS = {
-    'cosine_with_warmup': CosineAnnealingWithWarmupScheduler,
-    'linear_decay_with_warmup': LinearWithWarmupScheduler,
-    'constant_with_warmup': ConstantWithWarmupScheduler,
-}
-# callbacks.<name> / loggers.<name> -> class; config.CallbacksConfig / LoggersConfig hold their schemas.
-CALLBACKS = {'lr_monitor': LRMonitor, 'speed_monitor': SpeedMonitor, 'memory_monitor': MemoryMonitor,
-             'runtime_estimator': RuntimeEstimator, 'trained_samples': TrainedSamples}
 log = logging.getLogger(__name__)
-LOGGERS = {'metrics_jsonl': MetricsJSONLLogger, 'file': FileLogger, 'tensorboard': TensorboardLogger}
-
-
-def _settings(section: Any) -> dict[str, Any]:
-    """A checked section (a dataclass, or ``None`` for 'all defaults') as keyword arguments."""
-    return dataclasses.asdict(section) if section is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -153,20 +135,16 @@ def _build_foundry_model(cfg: Mapping[str, Any], tokenizer):
 
 # ---------------------------------------------------------------------------------------------- optim
 def build_optimizer(cfg: Optional[Mapping[str, Any]], model: torch.nn.Module):
-    """``optimizer: {name: decoupled_adamw | adamw, lr, betas, eps, weight_decay}`` (unset: the optimizer's default);
-    another name is a registry optimizer (LLM Foundry's ``decoupled_lionw``...) with its own keyword arguments."""
-    settings = config.check_optimizer(cfg or {'name': 'decoupled_adamw'}, 'optimizer')
-    if isinstance(settings, dict):
-        kwargs = dict(settings)
-        if isinstance(kwargs.get('betas'), list):
-            kwargs['betas'] = tuple(kwargs['betas'])
-        return config.component('optimizers', cfg['name'])(model.parameters(), **kwargs)
-    kwargs = {k: v for k, v in _settings(settings).items() if k != 'name' and v is not None}
-    if 'betas' in kwargs:
+    """``optimizer: {name: decoupled_adamw | adamw, lr, betas, eps, weight_decay...}`` (unset: the optimizer's own
+    defaults; no section: ``decoupled_adamw``); another name is a registry optimizer (LLM Foundry's
+    ``decoupled_lionw``...) with its own keyword arguments."""
+    cfg = cfg or {'name': 'decoupled_adamw'}
+    kwargs = {k: v for k, v in config.check_optimizer(cfg, 'optimizer').items() if v is not None}
+    if isinstance(kwargs.get('betas'), (list, tuple)):
         if len(kwargs['betas']) != 2:
             raise ValueError(f"optimizer.betas: expected two numbers, got {kwargs['betas']!r}.")
         kwargs['betas'] = tuple(kwargs['betas'])
-    return OPTIMIZERS[settings.name](model.parameters(), **kwargs)
+    return config.component('optimizers', cfg.get('name', 'decoupled_adamw'))(model.parameters(), **kwargs)
 
 
 def build_scheduler(cfg: Optional[Mapping[str, Any]]):
@@ -175,57 +153,45 @@ def build_scheduler(cfg: Optional[Mapping[str, Any]]):
     settings = config.check_scheduler(cfg)
     if settings is None:
         return None
-    if isinstance(settings, dict):
-        return config.component('schedulers', cfg['name'])(**settings)
-    kwargs = _settings(settings)
-    for key, value in kwargs.items():
+    for key, value in settings.items():
         if key.startswith('t_'):
             try:
                 Time.from_input(value)
             except (ValueError, TypeError) as e:
                 raise ValueError(f'scheduler.{key}: expected a Composer time such as 100ba or 0.1dur, '
                                  f'got {value!r} ({e}).') from e
-    return SCHEDULERS[cfg['name']](**kwargs)
+    return config.component('schedulers', cfg['name'])(**settings)
 
 
 def build_callbacks(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str] = None) -> list:
     """``callbacks: {lr_monitor: {}, speed_monitor: {window_size: 10}, memory_monitor: {}, runtime_estimator: {},
-    trained_samples: {filename, fsync}}``.
+    trained_samples: {filename, fsync}}``: each callback with its keyword arguments (unset: its own defaults).
 
     ``trained_samples`` (ours, :mod:`dwm_stream.train.callbacks`) records the uids of every trained batch, by
     default to ``<run_dir>/trained_samples-rank{rank}.jsonl``. Any other name is a callback LLM Foundry registers
     (``optimizer_monitor``, ``early_stopper``, ``hf_checkpointer``...) with its own keyword arguments.
     """
-    settings = config.check_components('callbacks', cfg, 'callbacks', config.CallbacksConfig)
     callbacks = []
-    for name, typed in settings.items():  # the order of the YAML; `name: null` enables it with its defaults
-        if name not in CALLBACKS:
-            callbacks.append(config.component('callbacks', name)(**typed))
-            continue
-        kwargs = _settings(typed)
+    for name, kwargs in config.check_components('callbacks', cfg, 'callbacks').items():  # the YAML's order
         if name == 'trained_samples':
-            kwargs['run_dir'] = run_dir
-        callbacks.append(CALLBACKS[name](**kwargs))
+            kwargs = {**kwargs, 'run_dir': run_dir}
+        callbacks.append(config.component('callbacks', name)(**kwargs))
     return callbacks
 
 
 def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str]) -> list:
-    """``loggers: {metrics_jsonl: {filename}, file: {filename, ...}, tensorboard: {log_dir, ...}}``.
+    """``loggers: {metrics_jsonl: {filename}, file: {filename, ...}, tensorboard: {log_dir, ...}}``: each logger with
+    its keyword arguments (unset: its own defaults).
 
     ``metrics_jsonl`` (ours) writes every logged metric with its batch index, which
-    ``dwm-stream report`` and the demo read. Any other name is a logger LLM Foundry registers (``wandb``, ``mlflow``,
-    ``inmemory``...) with its own keyword arguments.
+    ``dwm-stream report`` and the demo read; by default to ``<run_dir>/metrics.jsonl``. Any other name is a logger LLM
+    Foundry registers (``wandb``, ``mlflow``, ``inmemory``...) with its own keyword arguments.
     """
-    settings = config.check_components('loggers', cfg, 'loggers', config.LoggersConfig)
     loggers = []
-    for name, typed in settings.items():
-        if name not in LOGGERS:
-            loggers.append(config.component('loggers', name)(**typed))
-            continue
-        kwargs = _settings(typed)
+    for name, kwargs in config.check_components('loggers', cfg, 'loggers').items():
         if name == 'metrics_jsonl':
-            kwargs['filename'] = kwargs.get('filename') or os.path.join(run_dir or '.', 'metrics.jsonl')
-        loggers.append(LOGGERS[name](**kwargs))
+            kwargs = {**kwargs, 'run_dir': run_dir}
+        loggers.append(config.component('loggers', name)(**kwargs))
     return loggers
 
 
@@ -235,30 +201,30 @@ def build_algorithm(name: str, settings: Any, where: str):
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _build_loader(schema: type, cfg: Mapping[str, Any], device_batch_size: int, where: str,
-                  tokenizer: Any = None) -> DataSpec:
-    settings = config.check_loader(cfg, where, schema)
+def _build_loader(cfg: Mapping[str, Any], device_batch_size: int, where: str, tokenizer: Any = None,
+                  **defaults: Any) -> DataSpec:
+    settings = config.check_loader(cfg, where)
     if settings is None:  # an LLM Foundry loader (`text`, `finetuning`...), built as llmfoundry train builds it
         from llmfoundry.data import dataloader as foundry
 
         return foundry.build_dataloader(dict(cfg), tokenizer, device_batch_size)
-    return build_dataloader(cfg['dataset'], device_batch_size, num_workers=settings.num_workers,
-                            drop_last=settings.drop_last, prefetch_factor=settings.prefetch_factor,
-                            persistent_workers=settings.persistent_workers, pin_memory=settings.pin_memory,
-                            timeout=settings.timeout, where=f'{where}.dataset')
+    kwargs = {**defaults, **{key: value for key, value in dataclasses.asdict(settings).items()
+                             if key not in ('name', 'dataset') and value is not None}}  # unset: build_dataloader's
+    return build_dataloader(cfg['dataset'], device_batch_size, where=f'{where}.dataset', **kwargs)
 
 
 def build_train_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'train_loader',
                            tokenizer: Any = None) -> DataSpec:
     """``train_loader: {name: dwm, dataset: {...}, num_workers, drop_last, ...}`` -> ``DataSpec``; another ``name`` is
     an LLM Foundry loader (``text``...), which takes the ``tokenizer``."""
-    return _build_loader(config.LoaderConfig, cfg, device_batch_size, where, tokenizer)
+    return _build_loader(cfg, device_batch_size, where, tokenizer)
 
 
 def build_eval_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'eval_loader',
                           tokenizer: Any = None) -> DataSpec:
-    """``eval_loader``: as ``train_loader``, but ``drop_last`` defaults to ``false``."""
-    return _build_loader(config.EvalLoaderConfig, cfg, device_batch_size, where, tokenizer)
+    """``eval_loader``: as ``train_loader``, but ``drop_last`` defaults to ``false`` (the last partial batch is
+    evaluated too)."""
+    return _build_loader(cfg, device_batch_size, where, tokenizer, drop_last=False)
 
 
 class WidenedLoader:
@@ -302,6 +268,7 @@ class WidenedLoader:
 # A dataset section's location: which corpus it reads and where streaming may write. Never taken from another
 # section: a refit loader that names its own corpus reads that corpus, exactly as the YAML says.
 LOCATION_KEYS = ('remote', 'local', 'split', 'streams')
+_DEFAULT_SHUFFLE_SEED = inspect.signature(StreamingDataset).parameters['shuffle_seed'].default  # streaming's
 _logged_fill_ins: set[tuple[str, ...]] = set()
 
 
@@ -326,7 +293,7 @@ def refit_dataset_config(train_dataset: Optional[Mapping[str, Any]],
         dataset_cfg[key] = value
         filled[key] = 'from train_loader.dataset'
     if 'shuffle_seed' not in refit and dataset_cfg:
-        dataset_cfg['shuffle_seed'] = int(train.get('shuffle_seed', 9176)) + 1
+        dataset_cfg['shuffle_seed'] = int(train.get('shuffle_seed', _DEFAULT_SHUFFLE_SEED)) + 1
         filled['shuffle_seed'] = 'train_loader.dataset.shuffle_seed + 1'
     if not own_location and dataset_cfg.get('remote') and dataset_cfg.get('local'):
         dataset_cfg['local'] = str(dataset_cfg['local']).rstrip('/') + '.refit'
@@ -344,8 +311,8 @@ def refit_dataset_config(train_dataset: Optional[Mapping[str, Any]],
 class ConfiguredDWM(DWM):
     """:class:`algorithms.dwm.DWM` built from YAML: its loaders are given as configs.
 
-    Takes every ``DWM`` argument (checked against :class:`dwm_stream.train.config.DWMConfig`), except that the two
-    loaders are configs:
+    Takes every option of DWM (:class:`algorithms.dwm.config.DWMConfig`), checked with the two loaders against
+    :class:`dwm_stream.train.config.DWMSection`, except that the two loaders are configs:
 
     Args:
         refit_loader (dict, optional): ``{dataset: {...}, batch_size}``: batches from the training
@@ -359,9 +326,7 @@ class ConfiguredDWM(DWM):
             ``dwm-stream train``; under LLM Foundry give ``refit_loader.dataset`` in full).
         tokenizer (Any, optional): The LLM's tokenizer (filled in by ``dwm-stream train``).
         device_batch_size (int, optional): Default batch size of the refit/validation loaders.
-        save_overwrite (bool): ``save_dir`` may hold another run's schedule, which this run then replaces (its stage
-            files removed). Default: ``False`` (refused at start-up, naming ``algorithms.dwm.save_dir``).
-        **kwargs: Any other ``DWM`` argument.
+        **kwargs: Any option of DWM (``num_stages``, ``save_dir``, ``save_overwrite``...).
 
     Raises:
         ConfigError: At construction (config load, under ``dwm-stream train`` and ``llmfoundry train`` alike), for a
@@ -376,20 +341,14 @@ class ConfiguredDWM(DWM):
                  train_dataset: Optional[Mapping[str, Any]] = None,
                  tokenizer: Any = None,
                  device_batch_size: Optional[int] = None,
-                 save_overwrite: bool = False,
                  **kwargs: Any) -> None:
-        settings = config.check(config.DWMConfig, {**kwargs, 'refit_loader': refit_loader, 'validation': validation,
-                                                   'save_overwrite': save_overwrite}, 'algorithms.dwm')
-        dwm_kwargs = {key: getattr(settings, key) for key in kwargs}  # as typed by the schema; DWM's defaults
-        refit_cfg = dict(refit_loader or {})
+        settings = config.check(config.DWMSection, {**kwargs, 'refit_loader': refit_loader, 'validation': validation},
+                                'algorithms.dwm')
+        refit_cfg = dict(refit_loader or {})  # as the YAML gives them: what it leaves out is filled in below
         val_cfg = dict(validation or {})
         batch_size = refit_cfg.get('batch_size') or device_batch_size or 8
-        stages = len(settings.stage_boundaries) + 1 if settings.stage_boundaries is not None else settings.num_stages
-        refits = settings.refit and (not settings.warmup_uniform or stages > 1)
-        if refits and not val_cfg:
-            raise config.ConfigError('algorithms.dwm.validation: missing, and the weighter is refit against it; set '
-                                     '`lambada: PATH` (a LAMBADA-format file) or `dataset: {...}` (held-out MDS), or '
-                                     'algorithms.dwm.refit: false.')
+        if settings.refits() and not val_cfg:
+            raise config.ConfigError(missing_loader_message('validation', 'algorithms.dwm.validation') + '.')
         refit = None
         if settings.refit:
             refit_dataset = dict(refit_cfg.get('dataset') or {})
@@ -418,8 +377,7 @@ class ConfiguredDWM(DWM):
             else:
                 raise config.ConfigError('algorithms.dwm.validation: needs `lambada: PATH` or `dataset: {...}`; set '
                                          'one.')
-        super().__init__(refit_dataloader=refit, val_dataloader=val, save_overwrite=settings.save_overwrite,
-                         **dwm_kwargs)
+        super().__init__(DWMConfig.from_any(settings), refit_dataloader=refit, val_dataloader=val)
         self._run_tokenizer = getattr(tokenizer, 'name_or_path', None)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -441,7 +399,7 @@ class ConfiguredDWM(DWM):
         loaders = [('train_loader.dataset', getattr(state.train_dataloader, 'dataset', None))]
         for name, cycler in (('algorithms.dwm.refit_loader.dataset', self.refit_batches),
                              ('algorithms.dwm.validation.dataset', self.val_batches)):
-            loader = getattr(getattr(cycler, '_source', None), '_loader', None)
+            loader = getattr(cycler.source, '_loader', None)
             loaders.append((name, getattr(loader, 'dataset', None)))
         for where, dataset in loaders:
             check_token_ids(dataset, where, vocabularies, tokenizer)

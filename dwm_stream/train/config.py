@@ -2,146 +2,55 @@
 ``TrainConfig``).
 
 One dataclass per section: :class:`TrainConfig` at the top level, :class:`LoaderConfig` for ``train_loader`` and
-``eval_loader``, :class:`DatasetConfig` for their ``dataset`` (every ``StreamingDataset`` argument plus
-``selection`` and ``streams: {name: StreamConfig}``), :class:`DWMConfig` for ``algorithms.dwm`` (every ``DWM``
-argument; ``weighter`` is :class:`algorithms.dwm.WeighterConfig` itself), and the optimizer, scheduler, callbacks and
-loggers. ``tests/dwm_stream/test_config.py`` checks that the dataset, stream, DWM, loader, scheduler, callback and
-logger schemas match the signatures of what they configure, so the two cannot drift apart.
+``eval_loader``, :class:`DatasetConfig` for their ``dataset`` (``DWMDataset``'s and ``StreamingDataset``'s arguments,
+``streams: {name: StreamConfig}``), :class:`DWMSection` for ``algorithms.dwm`` (DWM's own
+:class:`algorithms.dwm.config.DWMConfig`, which is written once beside DWM, plus the two loaders the run builds), and
+the model and the tokenizer. The dataset, stream and loader schemas are the signatures of what they configure
+(:mod:`dwm_stream.data.schemas`), and so are the optimizer's, the scheduler's, the callbacks' and the loggers': a
+component's arguments and defaults are written once, in the component.
 
-:func:`check` merges a mapping into its schema key by key: OmegaConf checks the types (and fills the defaults),
-and every error is a :class:`ConfigError` that names the full key path (``algorithms.dwm.weighter.d_model``) and,
-for unknown keys, the valid ones. It is stricter than OmegaConf in one way: a string (or a number) where a bool
-belongs, and a string where a number belongs, are errors, not conversions (``shuffle: "false"`` is not ``True``).
+:func:`~dwm_stream.schema.check` (the one checker, :mod:`dwm_stream.schema`) merges a mapping into its schema key by
+key, and every error is a :class:`ConfigError` that names the full key path (``algorithms.dwm.weighter.d_model``)
+and, for unknown keys, the valid ones.
 
 LLM Foundry 0.22's ``TrainConfig`` keys: every one is a field of :class:`TrainConfig` (supported; a few are accepted
 and ignored with a warning, :data:`FOUNDRY_IGNORED`) or refused with a message that names ``llmfoundry train``
 (:data:`FOUNDRY_REFUSED`). ``algorithms``, ``callbacks``, ``loggers``, and ``model``/loader/optimizer/scheduler
-names other than dwm-stream's own, are looked up by LLM Foundry's registry names (:func:`component`): the Composer
-classes Foundry registers are known without Foundry installed; the rest come from Foundry's registries when it is.
-Their settings are checked against the class's signature (:func:`signature_schema`), with the same key-naming errors.
+names other than dwm-stream's own, are looked up by LLM Foundry's registry names (:func:`component`, one table,
+:data:`COMPONENTS`): dwm-stream's own and the Composer classes Foundry registers are known without Foundry installed;
+the rest come from Foundry's registries when it is. Their settings are checked against the class's signature
+(:func:`~dwm_stream.schema.signature_schema`), with the same key-naming errors.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
-import inspect
-import sys
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, TypeVar, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
+from algorithms.dwm.config import DWMConfig  # torch-free: the light check reads it too
+from dwm_stream.data.schemas import dataset_schema, loader_schema, stream_schema
+from dwm_stream.schema import ConfigError, check, field_names, key_path, signature_schema
 from dwm_stream.train import _light
 
-# ``algorithms.dwm.weighter`` (the schema of ``algorithms.dwm.weighter``) imports torch. A light check
-# (:func:`precheck_train_config`, before the heavy imports) binds a stand-in and leaves that section to the full check.
-if _light.ACTIVE and 'algorithms.dwm.weighter' not in sys.modules:
-    @dataclass
-    class WeighterConfig:  # type: ignore[no-redef]
-        """Stand-in while checking without torch: the weighter section is checked by the full check."""
-
-        stand_in = True
-else:
-    from algorithms.dwm import WeighterConfig
-
 __all__ = [
-    'ConfigError', 'check', 'check_train_config', 'precheck_train_config', 'check_scheduler', 'check_component',
-    'component', 'component_names',
-    'signature_schema', 'FOUNDRY_REFUSED', 'FOUNDRY_IGNORED', 'COMPOSER_COMPONENTS', 'OWN_MODELS',
-    'TrainConfig', 'ModelConfig', 'TokenizerConfig', 'LoaderConfig', 'EvalLoaderConfig', 'DatasetConfig',
-    'StreamConfig', 'AlgorithmsConfig', 'DWMConfig', 'RefitLoaderConfig', 'ValidationConfig', 'OptimizerConfig',
-    'SCHEDULER_CONFIGS', 'CallbacksConfig', 'LoggersConfig',
+    'ConfigError', 'check', 'check_train_config', 'precheck_train_config', 'check_scheduler', 'check_optimizer',
+    'check_component', 'check_components', 'component', 'component_names',
+    'signature_schema', 'FOUNDRY_REFUSED', 'FOUNDRY_IGNORED', 'COMPONENTS', 'OWN_MODELS',
+    'TrainConfig', 'ModelConfig', 'TokenizerConfig', 'LoaderConfig', 'DatasetConfig',
+    'StreamConfig', 'AlgorithmsConfig', 'DWMSection', 'RefitLoaderConfig', 'ValidationConfig',
 ]
 
-T = TypeVar('T')
-
-
-class ConfigError(ValueError):
-    """A config value that does not fit the schema; the message names the full key path."""
-
-
 # ------------------------------------------------------------------------------------------------ data
-@dataclass
-class StreamConfig:
-    """One entry of ``dataset.streams``: every ``streaming.Stream`` argument plus ``selection``."""
-
-    remote: Optional[str] = None
-    local: Optional[str] = None
-    split: Optional[str] = None
-    proportion: Optional[float] = None
-    repeat: Optional[float] = None
-    choose: Optional[int] = None
-    download_retry: Optional[int] = None
-    download_timeout: Optional[float] = None
-    validate_hash: Optional[str] = None
-    keep_zip: Optional[bool] = None
-    selection: Optional[str] = None  # a selection file for this stream (dwm_stream.data.selection)
-
-
-@dataclass
-class DatasetConfig:
-    """``train_loader.dataset`` (and every other ``dataset:``): the arguments of ``DWMDataset``.
-
-    Every ``StreamingDataset.__init__`` argument with its default, plus ``selection`` (with ``remote``/``local``)
-    and ``streams`` as a mapping of name -> :class:`StreamConfig` (a list is accepted and named by position).
-    ``stream_name``/``stream_config`` are left out: ``DWMDataset`` always builds its own streams. ``max_seq_len`` and
-    ``token_encoding_type`` are LLM Foundry's text-dataset keys (``DWMDataset`` reads Foundry-converted corpora), so a
-    Foundry ``train_loader.dataset`` is taken as it is.
-    """
-
-    streams: Optional[dict[str, StreamConfig]] = None
-    remote: Optional[str] = None
-    local: Optional[str] = None
-    split: Optional[str] = None
-    selection: Optional[str] = None
-    download_retry: int = 2
-    download_timeout: float = 60.0
-    validate_hash: Optional[str] = None
-    keep_zip: bool = False
-    epoch_size: Optional[Union[str, int]] = None
-    predownload: Optional[int] = None
-    cache_limit: Optional[Union[str, int]] = None
-    sampling_method: str = 'balanced'
-    sampling_granularity: int = 1
-    partition_algo: str = 'relaxed'
-    num_canonical_nodes: Optional[int] = None
-    batch_size: Optional[int] = None
-    shuffle: bool = False
-    shuffle_algo: str = 'py1e'
-    shuffle_seed: int = 9176
-    shuffle_block_size: Optional[int] = None
-    batching_method: str = 'random'
-    allow_unsafe_types: bool = False
-    replication: Optional[int] = None
-    max_seq_len: Optional[int] = None  # LLM Foundry's text-dataset key: samples are truncated to it
-    token_encoding_type: str = 'int64'  # LLM Foundry's: the dtype of a `tokens` column stored as bytes
-
-
-@dataclass
-class LoaderConfig:
-    """``train_loader``: ``name: dwm``, the ``dataset``, and the other arguments of
-    ``dwm_stream.data.loader.build_dataloader``."""
-
-    name: str = 'dwm'
-    dataset: DatasetConfig = MISSING
-    num_workers: int = 0
-    drop_last: bool = True
-    prefetch_factor: Optional[int] = None
-    persistent_workers: bool = False
-    pin_memory: bool = False
-    timeout: float = 0.0
-
-
-@dataclass
-class EvalLoaderConfig(LoaderConfig):
-    """``eval_loader``: as :class:`LoaderConfig`, but the last partial batch is evaluated too."""
-
-    drop_last: bool = False
+# The dataset, stream and loader sections are the signatures of DWMDataset, DWMStream and build_dataloader (with
+# streaming's), read from source (dwm_stream.data.schemas): an unset key is None, and the callee's default applies.
+StreamConfig = stream_schema()
+DatasetConfig = dataset_schema()
+LoaderConfig = loader_schema()  # train_loader and eval_loader (whose drop_last the builder defaults to false)
 
 
 # ------------------------------------------------------------------------------------------------ DWM
@@ -168,54 +77,19 @@ class ValidationConfig:
 
 
 @dataclass
-class DWMConfig:
-    """``algorithms.dwm``: every ``algorithms.dwm.DWM`` argument with its default, the two loaders as configs, and
-    ``save_overwrite`` (``save_dir`` may hold another run's schedule, which is then replaced; default: refused)."""
+class DWMSection(DWMConfig):
+    """``algorithms.dwm``: :class:`algorithms.dwm.config.DWMConfig` (every option of DWM, with its default, written
+    there once), plus the two loaders a run builds from the YAML (DWM itself takes them as loaders)."""
 
-    num_stages: int = 5
-    stage_boundaries: Optional[list[str]] = None
-    refit_steps: int = 20
-    refit_lr: float = 1e-3
-    lookahead_lr: Optional[float] = None
-    lookahead: str = 'sgd'
-    hypergrad: str = 'jvp'
-    fd_eps: float = 1e-3
-    warmup_uniform: bool = False
-    weighter: Optional[WeighterConfig] = None
-    tau: Optional[float] = None
-    mix_uniform: Optional[float] = None
     refit_loader: Optional[RefitLoaderConfig] = None  # DWM's refit_dataloader, as a config
     validation: Optional[ValidationConfig] = None  # DWM's val_dataloader, as a config
-    use_prior_weight: bool = True
-    score_names: Optional[list[str]] = None
-    domain_names: Optional[list[str]] = None
-    save_dir: Optional[str] = None
-    schedule: Optional[str] = None
-    refit: bool = True
-    mode: str = 'weight'
-    select_factor: int = 4
-    loss_normalization: str = 'token'
-    normalize_hypergradient: bool = True
-    seed: int = 0
-    log_every: int = 1
-    single_loss_pass: bool = True
-    refit_checkpoint_weighter: bool = False
-    refit_kl: float = 3.0
-    refit_backbone_lr_scale: float = 1.0
-    val_batches_per_step: int = 1
-    lookahead_steps: int = 1
-    ess_band: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    dead_tol: float = 1e-6
-    refit_fit: str = 'gradient'
-    refit_fit_steps: int = 100
-    save_overwrite: bool = False  # ConfiguredDWM's: replace another run's schedule in save_dir
 
 
 @dataclass
 class AlgorithmsConfig:
     """``algorithms``: dwm-stream's own algorithm, typed here; any other name is a registry one (:func:`component`)."""
 
-    dwm: Optional[DWMConfig] = None
+    dwm: Optional[DWMSection] = None
 
 
 # ------------------------------------------------------------------------------------------------ model, optim
@@ -248,145 +122,6 @@ class TokenizerConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class OptimizerConfig:
-    """``optimizer``: ``decoupled_adamw`` or ``adamw``; an unset (``null``) value keeps the optimizer's default."""
-
-    name: str = 'decoupled_adamw'
-    lr: Optional[float] = None
-    betas: Optional[list[float]] = None
-    eps: Optional[float] = None
-    weight_decay: Optional[float] = None
-
-
-@dataclass
-class CosineWithWarmupSchedulerConfig:
-    """``scheduler: {name: cosine_with_warmup}``: Composer's ``CosineAnnealingWithWarmupScheduler``."""
-
-    t_warmup: str = MISSING
-    t_max: str = '1dur'
-    alpha_f: float = 0.0
-    scale_warmup: bool = False
-
-
-@dataclass
-class LinearDecayWithWarmupSchedulerConfig:
-    """``scheduler: {name: linear_decay_with_warmup}``: Composer's ``LinearWithWarmupScheduler``."""
-
-    t_warmup: str = MISSING
-    alpha_i: float = 1.0
-    alpha_f: float = 0.0
-    t_max: str = '1dur'
-    scale_warmup: bool = False
-
-
-@dataclass
-class ConstantWithWarmupSchedulerConfig:
-    """``scheduler: {name: constant_with_warmup}``: Composer's ``ConstantWithWarmupScheduler``."""
-
-    t_warmup: str = MISSING
-    alpha: float = 1.0
-    t_max: str = '1dur'
-    scale_warmup: bool = False
-
-
-# ``scheduler.name`` -> the schema of the other keys.
-SCHEDULER_CONFIGS: dict[str, type] = {
-    'cosine_with_warmup': CosineWithWarmupSchedulerConfig,
-    'linear_decay_with_warmup': LinearDecayWithWarmupSchedulerConfig,
-    'constant_with_warmup': ConstantWithWarmupSchedulerConfig,
-}
-
-
-# ------------------------------------------------------------------------------------------------ callbacks, loggers
-@dataclass
-class LRMonitorConfig:
-    """Composer's ``LRMonitor`` (no arguments)."""
-
-
-@dataclass
-class SpeedMonitorConfig:
-    """Composer's ``SpeedMonitor``."""
-
-    window_size: int = 100
-    gpu_flops_available: Optional[float] = None
-    time_unit: str = 'hours'
-
-
-@dataclass
-class MemoryMonitorConfig:
-    """Composer's ``MemoryMonitor``."""
-
-    memory_keys: Optional[dict[str, str]] = None
-    dist_aggregate_batch_interval: Optional[int] = None
-
-
-@dataclass
-class RuntimeEstimatorConfig:
-    """Composer's ``RuntimeEstimator``."""
-
-    skip_batches: int = 1
-    time_unit: str = 'hours'
-
-
-@dataclass
-class TrainedSamplesConfig:
-    """``dwm_stream.train.callbacks.TrainedSamples`` (default file ``<run_dir>/trained_samples-rank{rank}.jsonl``)."""
-
-    filename: Optional[str] = None
-    fsync: bool = False
-
-
-@dataclass
-class CallbacksConfig:
-    """``callbacks``: each key enables a callback (``{}`` or ``null`` for its defaults)."""
-
-    lr_monitor: Optional[LRMonitorConfig] = None
-    speed_monitor: Optional[SpeedMonitorConfig] = None
-    memory_monitor: Optional[MemoryMonitorConfig] = None
-    runtime_estimator: Optional[RuntimeEstimatorConfig] = None
-    trained_samples: Optional[TrainedSamplesConfig] = None
-
-
-@dataclass
-class MetricsJSONLConfig:
-    """``dwm_stream.train.loggers.MetricsJSONLLogger`` (default file ``<run_dir>/metrics.jsonl``)."""
-
-    filename: Optional[str] = None
-
-
-@dataclass
-class FileLoggerConfig:
-    """Composer's ``FileLogger``."""
-
-    filename: str = '{run_name}/logs-rank{rank}.txt'
-    remote_file_name: Optional[str] = None
-    capture_stdout: bool = True
-    capture_stderr: bool = True
-    buffer_size: int = 1
-    log_traces: bool = True
-    flush_interval: int = 100
-    overwrite: bool = False
-
-
-@dataclass
-class TensorboardLoggerConfig:
-    """Composer's ``TensorboardLogger``."""
-
-    log_dir: Optional[str] = None
-    flush_interval: int = 100
-    rank_zero_only: bool = True
-
-
-@dataclass
-class LoggersConfig:
-    """``loggers``: each key enables a logger (``{}`` or ``null`` for its defaults)."""
-
-    metrics_jsonl: Optional[MetricsJSONLConfig] = None
-    file: Optional[FileLoggerConfig] = None
-    tensorboard: Optional[TensorboardLoggerConfig] = None
-
-
 # ------------------------------------------------------------------------------------------------ top level
 @dataclass
 class TrainConfig:
@@ -404,12 +139,12 @@ class TrainConfig:
     model: dict[str, Any] = MISSING  # ModelConfig for llama / hf_causal_lm, else an LLM Foundry model's keys
     tokenizer: TokenizerConfig = MISSING
     train_loader: dict[str, Any] = MISSING  # LoaderConfig for name: dwm, else an LLM Foundry loader's keys
-    eval_loader: Optional[dict[str, Any]] = None  # EvalLoaderConfig for name: dwm, else an LLM Foundry loader's
-    algorithms: Optional[dict[str, Any]] = None  # dwm: DWMConfig; any other name: a registry algorithm's arguments
-    optimizer: Optional[dict[str, Any]] = None  # None: decoupled_adamw with lr 1e-3
-    scheduler: Optional[dict[str, Any]] = None  # name + the keys of SCHEDULER_CONFIGS[name] (or a registry one's)
-    callbacks: Optional[dict[str, Any]] = None  # name -> settings (CallbacksConfig, or a registry callback's)
-    loggers: Optional[dict[str, Any]] = None  # name -> settings (LoggersConfig, or a registry logger's)
+    eval_loader: Optional[dict[str, Any]] = None  # LoaderConfig for name: dwm, else an LLM Foundry loader's
+    algorithms: Optional[dict[str, Any]] = None  # dwm: DWMSection; any other name: a registry algorithm's arguments
+    optimizer: Optional[dict[str, Any]] = None  # None: decoupled_adamw with its own defaults
+    scheduler: Optional[dict[str, Any]] = None  # name + that scheduler's keyword arguments (COMPONENTS, or a registry's)
+    callbacks: Optional[dict[str, Any]] = None  # name -> that callback's keyword arguments
+    loggers: Optional[dict[str, Any]] = None  # name -> that logger's keyword arguments
     max_duration: Union[str, int] = MISSING
     eval_interval: Union[str, int] = 1
     eval_subset_num_batches: int = -1
@@ -489,10 +224,11 @@ def refused(key: str, what: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ registry names
-# The Composer classes that LLM Foundry 0.22 registers, under Foundry's names, as ``module:Class`` (imported when
-# used). They are built without LLM Foundry installed; tests/dwm_stream/test_config.py checks this table against
-# Foundry's registries. Everything else LLM Foundry registers is looked up in its registries when it is installed.
-COMPOSER_COMPONENTS: dict[str, dict[str, str]] = {
+# The one table of names -> classes, as ``module:Class`` (imported when used): dwm-stream's own callbacks, loggers and
+# optimizer, and the Composer classes that LLM Foundry 0.22 registers, under Foundry's names (built without LLM Foundry
+# installed; tests/dwm_stream/test_config.py checks those against Foundry's registries). Everything else LLM Foundry
+# registers is looked up in its registries when it is installed. A component's settings are its signature's.
+COMPONENTS: dict[str, dict[str, str]] = {
     'algorithms': {
         'gradient_clipping': 'composer.algorithms:GradientClipping',
         'alibi': 'composer.algorithms:Alibi',
@@ -512,6 +248,7 @@ COMPOSER_COMPONENTS: dict[str, dict[str, str]] = {
         'oom_observer': 'composer.callbacks:OOMObserver',
         'nan_monitor': 'composer.callbacks:NaNMonitor',
         'load_checkpoint': 'composer.callbacks:LoadCheckpoint',
+        'trained_samples': 'dwm_stream.train.callbacks:TrainedSamples',  # ours
     },
     'loggers': {
         'wandb': 'composer.loggers:WandBLogger',
@@ -520,8 +257,11 @@ COMPOSER_COMPONENTS: dict[str, dict[str, str]] = {
         'in_memory_logger': 'composer.loggers:InMemoryLogger',
         'mlflow': 'composer.loggers:MLFlowLogger',
         'mosaicml': 'composer.loggers:MosaicMLLogger',
+        'metrics_jsonl': 'dwm_stream.train.loggers:MetricsJSONLLogger',  # ours
+        'file': 'composer.loggers:FileLogger',  # ours (Foundry has no file logger)
     },
-    'optimizers': {'decoupled_adamw': 'composer.optim:DecoupledAdamW'},
+    'optimizers': {'decoupled_adamw': 'composer.optim:DecoupledAdamW',
+                   'adamw': 'torch.optim:AdamW'},  # ours (Foundry's `adamw` is its own)
     'schedulers': {
         'constant_with_warmup': 'composer.optim:ConstantWithWarmupScheduler',
         'cosine_with_warmup': 'composer.optim:CosineAnnealingWithWarmupScheduler',
@@ -545,12 +285,12 @@ def foundry_registry(kind: str) -> Optional[Any]:
 def component(kind: str, name: str) -> Optional[Callable[..., Any]]:
     """The class (or builder function) LLM Foundry registers as ``name`` among its ``kind``, or ``None``.
 
-    The Composer classes of :data:`COMPOSER_COMPONENTS` are found without LLM Foundry; any other name is looked up in
+    The classes of :data:`COMPONENTS` are found without LLM Foundry; any other name is looked up in
     Foundry's registry (with its entry points: ``dwm`` itself is there) when LLM Foundry is installed.
     """
     if _light.ACTIVE:  # a light check: a name that is not dwm-stream's own is left to the full check
         return _deferred
-    path = COMPOSER_COMPONENTS.get(kind, {}).get(name)
+    path = COMPONENTS.get(kind, {}).get(name)
     if path is not None:
         module, attr = path.split(':')
         return getattr(importlib.import_module(module), attr)
@@ -562,103 +302,39 @@ def component(kind: str, name: str) -> Optional[Callable[..., Any]]:
 
 def component_names(kind: str) -> list[str]:
     """Every name :func:`component` finds for ``kind`` (LLM Foundry's registry only when it is installed)."""
-    names = set(COMPOSER_COMPONENTS.get(kind, {}))
+    names = set(COMPONENTS.get(kind, {}))
     registry = foundry_registry(kind)
     if registry is not None:
         names.update(registry.get_all())
     return sorted(names)
 
 
-def signature_schema(fn: Callable[..., Any], leave_out: tuple[str, ...] = ()) -> type:
-    """A structured-config dataclass of ``fn``'s keyword arguments (a class: its ``__init__``'s).
-
-    A parameter annotated ``int``, ``float``, ``bool`` or ``str`` (or ``Optional`` of one) is typed so; any other one
-    takes any value (the class checks it). A parameter without a default is required; the others default to
-    ``None``, meaning 'not given' (:func:`check_component` passes on only the keys the YAML sets, so the class keeps
-    its own defaults). A ``**kwargs`` parameter is recorded as ``__var_keyword__`` on the schema.
-    """
-    target = fn.__init__ if isinstance(fn, type) else fn
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # noqa: BLE001 - unresolvable annotations: the values are checked by the class itself
-        hints = {}
-    fields, var_keyword = [], False
-    for name, p in inspect.signature(fn).parameters.items():
-        if name in ('self', *leave_out) or p.kind == p.VAR_POSITIONAL:
-            continue
-        if p.kind == p.VAR_KEYWORD:
-            var_keyword = True
-            continue
-        kind, _ = _unwrap_optional(hints.get(name, Any))
-        if kind not in (int, float, bool, str):
-            kind = float if _is_number_union(kind) else Any
-        if p.default is p.empty:
-            fields.append((name, kind, field(default=MISSING)))
-        else:
-            fields.append((name, Optional[kind] if kind is not Any else Any, field(default=None)))
-    schema = dataclasses.make_dataclass(f'{getattr(fn, "__name__", "Component")}Settings', fields)
-    schema.__var_keyword__ = var_keyword  # type: ignore[attr-defined]
-    return schema
+# Arguments a component takes from the run, not from its YAML section.
+_FROM_THE_RUN = {('optimizers', None): ('params',), ('callbacks', 'trained_samples'): ('run_dir',),
+                 ('loggers', 'metrics_jsonl'): ('run_dir',)}
 
 
-def _is_number_union(kind: Any) -> bool:
-    return typing.get_origin(kind) in (Union, types.UnionType) and set(typing.get_args(kind)) == {int, float}
-
-
-# ------------------------------------------------------------------------------------------------ checking
-def check(schema: type[T], cfg: Optional[Mapping[str, Any]], where: str = '') -> T:
-    """Check ``cfg`` against the dataclass ``schema``; return it as a ``schema`` instance (defaults filled in).
-
-    Args:
-        schema (type): A structured-config dataclass of this module (or any OmegaConf-compatible dataclass).
-        cfg (Mapping, optional): The section as plain Python values (``None``: all defaults).
-        where (str): The section's key path, for messages (``'algorithms.dwm'``). Default: ``''`` (the top level).
-
-    Raises:
-        ConfigError: An unknown key (the valid keys listed), a value of the wrong type, a mapping expected, or a
-            required key missing; the message names the full key path.
-    """
-    _full_schema()
-    node = OmegaConf.structured(schema)
-    _fill(schema, node, cfg or {}, where)
-    missing = sorted(OmegaConf.missing_keys(node))
-    if missing:
-        keys = ', '.join(f'`{_join(where, key)}`' for key in missing)
-        raise ConfigError(f'{keys} {"is" if len(missing) == 1 else "are"} required.')
-    return OmegaConf.to_object(node)  # type: ignore[return-value]
-
-
-# ``optimizer.name`` values dwm-stream builds itself (with :class:`OptimizerConfig`); others: a registry optimizer.
-OWN_OPTIMIZERS = ('decoupled_adamw', 'adamw')
-
-
-def check_scheduler(cfg: Optional[Mapping[str, Any]], where: str = 'scheduler') -> Optional[Any]:
-    """``scheduler``: its ``name`` picks the schema of the other keys in :data:`SCHEDULER_CONFIGS`, else the
-    signature of the registry scheduler of that name (a dict of its settings is returned then)."""
+def check_scheduler(cfg: Optional[Mapping[str, Any]], where: str = 'scheduler') -> Optional[dict[str, Any]]:
+    """``scheduler``: ``name`` (a name of :data:`COMPONENTS` or LLM Foundry's registry) and the keyword arguments of
+    that scheduler, checked against its signature; returns them (the keys the YAML sets)."""
     if cfg is None:
         return None
-    name = _section_name(cfg, where, None)
-    rest = {k: v for k, v in cfg.items() if k != 'name'}
-    if name in SCHEDULER_CONFIGS:
-        return check(SCHEDULER_CONFIGS[name], rest, where)
-    if not isinstance(name, str) or component('schedulers', name) is None:
-        valid = sorted(set(SCHEDULER_CONFIGS) | set(component_names('schedulers')))
-        raise ConfigError(f'{where}.name: {name!r} is not supported; use one of {valid}.')
-    return check_component('schedulers', name, rest, where)
+    return _named_component('schedulers', cfg, where, None)
 
 
-def check_optimizer(cfg: Optional[Mapping[str, Any]], where: str = 'optimizer') -> Optional[Any]:
-    """``optimizer``: :class:`OptimizerConfig` for :data:`OWN_OPTIMIZERS`, else the registry optimizer's signature."""
+def check_optimizer(cfg: Optional[Mapping[str, Any]], where: str = 'optimizer') -> Optional[dict[str, Any]]:
+    """``optimizer``: ``name`` (default ``decoupled_adamw``) and that optimizer's keyword arguments, checked against its
+    signature (unset: the optimizer's own defaults); returns them."""
     if cfg is None:
         return None
-    name = _section_name(cfg, where, 'decoupled_adamw')
-    if name in OWN_OPTIMIZERS:
-        return check(OptimizerConfig, cfg, where)
-    if not isinstance(name, str) or component('optimizers', name) is None:
-        valid = sorted(set(OWN_OPTIMIZERS) | set(component_names('optimizers')))
-        raise ConfigError(f'{where}.name: {name!r} is not supported; use one of {valid}.')
-    return check_component('optimizers', name, {k: v for k, v in cfg.items() if k != 'name'}, where,
-                           leave_out=('params',))
+    return _named_component('optimizers', cfg, where, 'decoupled_adamw')
+
+
+def _named_component(kind: str, cfg: Mapping[str, Any], where: str, default: Optional[str]) -> dict[str, Any]:
+    name = _section_name(cfg, where, default)
+    if not isinstance(name, str) or component(kind, name) is None:
+        raise ConfigError(f'{where}.name: {name!r} is not supported; use one of {component_names(kind)}.')
+    return check_component(kind, name, {k: v for k, v in cfg.items() if k != 'name'}, where)
 
 
 def check_model(cfg: Any, where: str = 'model') -> Optional[ModelConfig]:
@@ -685,18 +361,19 @@ def check_loader(cfg: Any, where: str = 'train_loader', schema: Optional[type] =
     return None
 
 
-def check_components(kind: str, cfg: Any, where: str, own: type) -> dict[str, Any]:
-    """``algorithms`` / ``callbacks`` / ``loggers``: name -> settings. The names ``own`` types (its fields) are checked
-    against it; any other name must be a registry one (:func:`component`), checked against its signature.
+def check_components(kind: str, cfg: Any, where: str, own: Optional[type] = None) -> dict[str, Any]:
+    """``algorithms`` / ``callbacks`` / ``loggers``: name -> settings. The names ``own`` types (its fields:
+    ``algorithms.dwm``) are checked against it; any other name must be one of :func:`component`, checked against its
+    signature.
 
     Returns:
-        dict: name -> the typed settings (an ``own`` field's dataclass or ``None``; a registry component's dict).
+        dict: name -> the typed settings (an ``own`` field's dataclass or ``None``; a component's dict).
     """
     if cfg is None:
         return {}
     if not isinstance(cfg, Mapping):
         raise ConfigError(f'{where}: expected a mapping of name -> settings, got {type(cfg).__name__} ({cfg!r}).')
-    own_names = set(typing.get_type_hints(own))
+    own_names = set(typing.get_type_hints(own)) if own is not None else set()
     unknown = [name for name in cfg if name not in own_names and component(kind, name) is None]
     with_config = foundry_registry('callbacks_with_config') if kind == 'callbacks' and unknown else None
     for name in unknown:
@@ -705,14 +382,15 @@ def check_components(kind: str, cfg: Any, where: str, own: type) -> dict[str, An
     if unknown:
         raise ConfigError(f'{where}: unknown key(s) {sorted(map(str, unknown))}; valid keys are '
                           f'{sorted(own_names | set(component_names(kind)))}{_foundry_hint(kind, ", more with")}.')
-    typed = check(own, {k: v for k, v in cfg.items() if k in own_names}, where)
+    typed = check(own, {k: v for k, v in cfg.items() if k in own_names}, where) if own is not None else None
     return {name: getattr(typed, name) if name in own_names else check_component(kind, name, cfg[name],
-                                                                                  _join(where, name))
+                                                                                  key_path(where, name))
             for name in cfg}
 
 
 def check_component(kind: str, name: str, settings: Any, where: str, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The settings of the registry component ``name``, checked against its signature (:func:`signature_schema`).
+    """The settings of the component ``name``, checked against its signature (:func:`signature_schema`; the arguments
+    a component takes from the run, ``_FROM_THE_RUN``, are not settings).
 
     Returns:
         dict: The keys the YAML sets, typed (an int for a float parameter becomes a float); nothing else, so the
@@ -728,6 +406,7 @@ def check_component(kind: str, name: str, settings: Any, where: str, leave_out: 
         settings = {}
     if not isinstance(settings, Mapping):
         raise ConfigError(f'{where}: expected a mapping of settings, got {type(settings).__name__} ({settings!r}).')
+    leave_out = (*leave_out, *_FROM_THE_RUN.get((kind, None), ()), *_FROM_THE_RUN.get((kind, name), ()))
     schema = signature_schema(fn, leave_out)
     known = {f.name for f in dataclasses.fields(schema)}
     extra = {k: v for k, v in settings.items() if k not in known} if schema.__var_keyword__ else {}
@@ -748,14 +427,6 @@ def _foundry_hint(kind: str, lead: str = ';') -> str:
     return f'{lead} LLM Foundry installed (pip install "dwm-stream[foundry]"), or run `llmfoundry train`'
 
 
-def _full_schema() -> None:
-    """After a light check: the real ``WeighterConfig`` for ``algorithms.dwm.weighter`` (torch is imported by now)."""
-    global WeighterConfig
-    if not _light.ACTIVE and getattr(WeighterConfig, 'stand_in', False):
-        from algorithms.dwm import WeighterConfig as real
-        WeighterConfig = real  # DWMConfig's annotation resolves to it from here on
-
-
 def _deferred(*args: Any, **kwargs: Any) -> None:
     """What :func:`component` returns in a light check: a name whose settings the full check looks at."""
 
@@ -764,22 +435,14 @@ def precheck_train_config(cfg: Any) -> None:
     """The checks of :func:`check_train_config` that need neither torch, Composer, transformers nor LLM Foundry.
 
     Run before those imports (``dwm-stream train``, ``python -m dwm_stream.train``), so that a typo in the YAML is
-    reported in about a second instead of after 15-30 s of imports. Left to the full check: ``algorithms.dwm.weighter``
-    and the settings of components that are not dwm-stream's own (Composer's and LLM Foundry's registry names).
+    reported in about a second instead of after 15-30 s of imports. Left to the full check: the settings of
+    components that are not dwm-stream's own (Composer's and LLM Foundry's registry names).
     Call it only in a process where :mod:`dwm_stream.train.config` was first imported with
     :data:`dwm_stream.train._light.ACTIVE` set (:mod:`dwm_stream.train.precheck` does).
 
     Raises:
         ConfigError: As :func:`check_train_config`.
     """
-    if not _light.ACTIVE:
-        check_train_config(cfg)
-        return
-    if isinstance(cfg, Mapping) and isinstance(cfg.get('algorithms'), Mapping) and \
-            isinstance(cfg['algorithms'].get('dwm'), Mapping) and 'weighter' in cfg['algorithms']['dwm']:
-        cfg = copy.deepcopy(dict(cfg))
-        cfg['algorithms'] = dict(cfg['algorithms'])
-        cfg['algorithms']['dwm'] = {k: v for k, v in cfg['algorithms']['dwm'].items() if k != 'weighter'}
     check_train_config(cfg)
 
 
@@ -789,113 +452,24 @@ def check_train_config(cfg: Mapping[str, Any]) -> TrainConfig:
     LLM Foundry keys that dwm-stream train does not run (:data:`FOUNDRY_REFUSED`) fail naming ``llmfoundry train``.
     """
     if not isinstance(cfg, Mapping):
-        raise ConfigError(f'the top level must be a mapping of keys ({sorted(_field_names(TrainConfig))}).')
+        raise ConfigError(f'the top level must be a mapping of keys ({sorted(field_names(TrainConfig))}).')
     for key in cfg:
         if key in FOUNDRY_REFUSED:
             raise ConfigError(refused(key, FOUNDRY_REFUSED[key]))
     if isinstance(cfg.get('eval_loader'), (list, tuple)):
         raise ConfigError(refused('eval_loader', 'a list of evaluation loaders'))
-    unknown = sorted(str(key) for key in cfg if key not in _field_names(TrainConfig))
+    unknown = sorted(str(key) for key in cfg if key not in field_names(TrainConfig))
     if unknown:
-        raise ConfigError(f'unknown top-level key(s) {unknown}; valid keys are {sorted(_field_names(TrainConfig))} '
+        raise ConfigError(f'unknown top-level key(s) {unknown}; valid keys are {sorted(field_names(TrainConfig))} '
                           '(YAML variables go under `variables:`, as in LLM Foundry 0.22).')
     train = check(TrainConfig, cfg)
     check_model(cfg['model'])
     check_loader(cfg['train_loader'], 'train_loader', LoaderConfig)
     if cfg.get('eval_loader') is not None:
-        check_loader(cfg['eval_loader'], 'eval_loader', EvalLoaderConfig)
+        check_loader(cfg['eval_loader'], 'eval_loader')
     check_optimizer(cfg.get('optimizer'))
     check_scheduler(cfg.get('scheduler'))
     check_components('algorithms', cfg.get('algorithms'), 'algorithms', AlgorithmsConfig)
-    check_components('callbacks', cfg.get('callbacks'), 'callbacks', CallbacksConfig)
-    check_components('loggers', cfg.get('loggers'), 'loggers', LoggersConfig)
+    check_components('callbacks', cfg.get('callbacks'), 'callbacks')
+    check_components('loggers', cfg.get('loggers'), 'loggers')
     return train
-
-
-def _fill(schema: type, node: DictConfig, cfg: Any, where: str) -> None:
-    """Assign ``cfg`` into ``node`` (a structured config of ``schema``) key by key, naming the key of any error."""
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f'{where or "the top level"}: expected a mapping of {sorted(_field_names(schema))}, got '
-                          f'{type(cfg).__name__} ({cfg!r}).')
-    hints = typing.get_type_hints(schema)
-    unknown = [key for key in cfg if key not in hints]
-    if unknown:
-        section = f'{where}: unknown key(s)' if where else 'unknown top-level key(s)'
-        raise ConfigError(f'{section} {sorted(map(str, unknown))}; valid keys are {sorted(hints)}.')
-    for key, value in cfg.items():
-        path = _join(where, key)
-        kind, optional = _unwrap_optional(hints[key])
-        if value is None and optional:
-            node[key] = None
-        elif dataclasses.is_dataclass(kind):
-            node[key] = OmegaConf.structured(kind)
-            _fill(kind, node[key], value, path)
-        elif _is_dict_of_dataclass(kind):
-            entries = _named_entries(value, path)
-            node[key] = {}
-            entry_kind = typing.get_args(kind)[1]
-            for name, entry in entries.items():
-                node[key][name] = OmegaConf.structured(entry_kind)
-                _fill(entry_kind, node[key][name], entry, _join(path, name))
-        else:
-            value = _exact(value, kind, path)
-            try:
-                node[key] = value
-            except OmegaConfBaseException as e:
-                raise ConfigError(f'{path}: expected {_type_name(hints[key])}, got {type(value).__name__} '
-                                  f'({value!r}).') from e
-
-
-def _exact(value: Any, kind: Any, path: str) -> Any:
-    """``value`` in the declared type ``kind``, converting only where nothing can be lost or misread.
-
-    OmegaConf would take ``"false"`` or ``1`` for a bool and ``"5"`` for a number; those are errors here. An int
-    for a float and a number for a str are converted explicitly (OmegaConf deprecates doing it implicitly).
-    """
-    if kind is bool and not isinstance(value, bool):
-        raise ConfigError(f'{path}: expected bool (true/false, unquoted), got {type(value).__name__} ({value!r}).')
-    if kind in (int, float) and isinstance(value, (str, bool)):
-        raise ConfigError(f'{path}: expected {kind.__name__}, got {type(value).__name__} ({value!r}).')
-    if kind is float and isinstance(value, int):
-        return float(value)
-    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if typing.get_origin(kind) is list and isinstance(value, (list, tuple)):
-        (item_kind,) = typing.get_args(kind) or (Any,)
-        return [_exact(item, item_kind, f'{path}[{i}]') for i, item in enumerate(value)]
-    return value
-
-
-def _named_entries(value: Any, path: str) -> Mapping[str, Any]:
-    """``{name: entry}``; a list is named by position (``streams: [{...}, {...}]``)."""
-    if isinstance(value, (list, tuple)):
-        return {str(i): entry for i, entry in enumerate(value)}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f'{path}: expected a mapping of name -> settings, got {type(value).__name__} ({value!r}).')
-    return {str(name): entry for name, entry in value.items()}
-
-
-def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
-    """``(X, True)`` for ``Optional[X]``, else ``(kind, False)``; a wider union stays as it is."""
-    if typing.get_origin(kind) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(kind))
-        return (args[0] if len(args) == 1 else Union[tuple(args)]), optional
-    return kind, False
-
-
-def _is_dict_of_dataclass(kind: Any) -> bool:
-    args = typing.get_args(kind)
-    return typing.get_origin(kind) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1])
-
-
-def _type_name(kind: Any) -> str:
-    return getattr(kind, '__name__', None) if isinstance(kind, type) else str(kind).replace('typing.', '')
-
-
-def _field_names(schema: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(schema)]
-
-
-def _join(where: str, key: Any) -> str:
-    return f'{where}.{key}' if where else str(key)

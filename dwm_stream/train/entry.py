@@ -189,7 +189,7 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
         algorithms.append(builders.ConfiguredDWM(train_dataset=cfg['train_loader'].get('dataset'),
                                                  tokenizer=tokenizer, device_batch_size=device_batch, **kwargs))
 
-    optimizer = builders.build_optimizer(cfg.get('optimizer') or {'name': 'decoupled_adamw', 'lr': 1e-3}, model)
+    optimizer = builders.build_optimizer(cfg.get('optimizer'), model)  # none: decoupled_adamw, its own defaults
     loggers = builders.build_loggers(cfg.get('loggers'), run_dir)
     progress_bar, log_to_console, console_loggers = _console_output(train)
     optional = {key: getattr(train, key) for key in ('save_filename', 'save_latest_filename', 'compile_config')
@@ -258,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('config', help='the YAML config (see yamls/ and the README\'s YAML reference)')
     parser.add_argument('overrides', nargs='*', help='key.sub=value overrides, e.g. max_duration=20ba')
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_yaml(args.config, args.overrides)  # checked once, by build_trainer (and lightly before the imports)
     trainer = build_trainer(cfg, config_path=args.config)
     fit(trainer, cfg)
     trainer.close()

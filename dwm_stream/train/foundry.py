@@ -34,7 +34,7 @@ __all__ = ['DWMAlgorithm', 'build_dwm_dataloader']
 
 class DWMAlgorithm(ConfiguredDWM):
     """The DWM algorithm as LLM Foundry's registry builds it (every key from the YAML, checked against
-    :class:`dwm_stream.train.config.DWMConfig`)."""
+    :class:`dwm_stream.train.config.DWMSection`)."""
 
 
 def build_dwm_dataloader(tokenizer: Any, device_batch_size: Union[int, float], **loader_cfg: Any) -> DataSpec:

@@ -22,12 +22,14 @@ class MetricsJSONLLogger(LoggerDestination):
     """Append metrics to ``filename`` (rank 0 only).
 
     Args:
-        filename (str): The JSON-lines file. Its directory is created.
+        filename (str, optional): The JSON-lines file. Its directory is created. Default: ``None``
+            (``<run_dir>/metrics.jsonl``).
+        run_dir (str, optional): The run's directory (``dwm-stream train`` gives it). Default: ``None`` (``.``).
     """
 
-    def __init__(self, filename: str) -> None:
+    def __init__(self, filename: Optional[str] = None, run_dir: Optional[str] = None) -> None:
         super().__init__()
-        self.filename = filename
+        self.filename = filename or os.path.join(run_dir or '.', 'metrics.jsonl')
         self._file = None
         self._state = None
 

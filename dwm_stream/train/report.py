@@ -106,24 +106,20 @@ def plot_preferences(tables: PreferenceTables, path: str, title: Optional[str] =
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for name in tables.criteria:
-        xs = sorted(tables.criterion)
-        ax1.plot(xs, [tables.criterion[s].get(name, math.nan) for s in xs], marker='o', label=name)
-    ax1.axhline(0.0, color='grey', lw=0.8)
-    ax1.set(xlabel='stage', ylabel='Spearman rho (DWM weight, score)', title='Preference by criterion')
-    if tables.criteria:
-        ax1.legend(fontsize=8)
-    else:
-        ax1.text(0.5, 0.5, 'no score columns logged', ha='center', va='center', transform=ax1.transAxes)
-    for name in tables.domains:
-        xs = sorted(tables.domain)
-        ax2.plot(xs, [tables.domain[s].get(name, math.nan) for s in xs], marker='o', label=name)
-    ax2.axhline(1.0, color='grey', lw=0.8)
-    ax2.set(xlabel='stage', ylabel='mean DWM weight', title='Preference by domain')
-    if tables.domains:
-        ax2.legend(fontsize=8)
-    else:
-        ax2.text(0.5, 0.5, 'no domain weights logged', ha='center', va='center', transform=ax2.transAxes)
+    panels = ((ax1, tables.criteria, tables.criterion, 0.0, 'Spearman rho (DWM weight, score)',
+               'Preference by criterion', 'no score columns logged'),
+              (ax2, tables.domains, tables.domain, 1.0, 'mean DWM weight', 'Preference by domain',
+               'no domain weights logged'))
+    for ax, names, table, neutral, ylabel, title, empty in panels:
+        xs = sorted(table)
+        for name in names:
+            ax.plot(xs, [table[s].get(name, math.nan) for s in xs], marker='o', label=name)
+        ax.axhline(neutral, color='grey', lw=0.8)
+        ax.set(xlabel='stage', ylabel=ylabel, title=title)
+        if names:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, empty, ha='center', va='center', transform=ax.transAxes)
     for ax in (ax1, ax2):
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from algorithms.dwm import DWM, Weighter, WeighterConfig  # noqa: E402
 from algorithms.dwm.distributed import all_gather_cat  # noqa: E402
+from algorithms.dwm.refit import global_weights  # noqa: E402
 
 GLOBAL_BATCH = 8
 
@@ -54,19 +55,24 @@ def fixed_batch_weights():
     gen = torch.Generator().manual_seed(11)
     ids = torch.randint(0, 128, (12, 10), generator=gen)
     rank, world = dist.get_global_rank(), dist.get_world_size()
-    dwm = DWM(refit=False)
-    dwm.weighter = weighter
     local = {'input_ids': ids[rank::world], 'prior_weight': torch.linspace(0.5, 1.5, 12)[rank::world]}
     with torch.no_grad():
-        weights, offset, _ = dwm._global_weights(local)
+        weights, offset, _ = global_weights(weighter, local)
     order = torch.cat([torch.arange(12)[r::world] for r in range(world)])
     out = torch.empty(12)
     out[order] = weights
     return out
 
 
-def main(out_dir, lookahead_steps=1):
+def main(out_dir, lookahead_steps=(1,)):
+    """One run per ``lookahead_steps`` value, one after another in this process (one launch, one import of torch
+    and Composer for all of them); each writes ``rank{r}-K{k}.pt``."""
     dist.initialize_dist('cpu')
+    for k in lookahead_steps:
+        run(out_dir, k)
+
+
+def run(out_dir, lookahead_steps):
     world = dist.get_world_size()
     refit_global = list(DataLoader(ToyCorpus(48, seed=1), batch_size=GLOBAL_BATCH, shuffle=False))
     val_global = val_batches(n_batches=3, batch_size=4)
@@ -89,8 +95,8 @@ def main(out_dir, lookahead_steps=1):
         'fixed_batch_weights': fixed_batch_weights(),
         'world_size': world,
         'refits': dwm.refits_done,
-    }, os.path.join(out_dir, f'rank{dist.get_global_rank()}.pt'))
+    }, os.path.join(out_dir, f'rank{dist.get_global_rank()}-K{lookahead_steps}.pt'))
 
 
 if __name__ == '__main__':
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    main(sys.argv[1], [int(k) for k in sys.argv[2].split(',')] if len(sys.argv) > 2 else (1,))

@@ -20,16 +20,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(nproc, out_dir, lookahead_steps=1):
+LOOKAHEAD_STEPS = (1, 2)
+
+
+def _launch(nproc, out_dir, lookahead_steps=LOOKAHEAD_STEPS):
+    """One launch of ``nproc`` ranks that runs every ``lookahead_steps`` in turn; ``{k: [rank 0's, rank 1's...]}``."""
     out_dir.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''),
                OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     cmd = [str(COMPOSER), '-n', str(nproc), '--master_port', str(_free_port()),
            '--stdout', str(out_dir / 'stdout{rank}.txt'), '--stderr', str(out_dir / 'stderr{rank}.txt'),
-           str(WORKER), str(out_dir), str(lookahead_steps)]
+           str(WORKER), str(out_dir), ','.join(map(str, lookahead_steps))]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f'{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
-    return [torch.load(out_dir / f'rank{r}.pt', weights_only=False) for r in range(nproc)]
+    return {k: [torch.load(out_dir / f'rank{r}-K{k}.pt', weights_only=False) for r in range(nproc)]
+            for k in lookahead_steps}
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """Two ranks and one rank, each launched once for every ``lookahead_steps``."""
+    root = tmp_path_factory.mktemp('ddp')
+    return _launch(2, root / 'two'), _launch(1, root / 'one')
 
 
 def _by_uid(uids, weights):
@@ -38,10 +50,10 @@ def _by_uid(uids, weights):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('lookahead_steps', [1, 2])
-def test_two_ranks_match_one_rank(tmp_path, lookahead_steps):
-    two = _launch(2, tmp_path / 'two', lookahead_steps)
-    one = _launch(1, tmp_path / 'one', lookahead_steps)[0]
+@pytest.mark.parametrize('lookahead_steps', LOOKAHEAD_STEPS)
+def test_two_ranks_match_one_rank(runs, lookahead_steps):
+    two = runs[0][lookahead_steps]
+    one = runs[1][lookahead_steps][0]
     assert two[0]['world_size'] == 2 and one['world_size'] == 1
     assert two[0]['refits'] == two[1]['refits'] == one['refits'] == 2
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from algorithms.dwm import DWM, Weighter, WeighterConfig
 from algorithms.dwm.functional import kl_to_uniform, per_sample_loss_sums, refit_objective
+from algorithms.dwm.refit import lookahead_functions
 from algorithms.dwm.weighter import normalize_embeddings
 
 
@@ -169,20 +170,19 @@ def test_val_batches_per_step_is_the_token_mean_over_all_batches():
     vals[1]['labels'][:, -2:] = -100  # different token counts per batch
     refit = {k: v for k, v in ToyCorpus(8, seed=1)[0].items()}
     refit = {'input_ids': refit['input_ids'][None], 'labels': refit['labels'][None]}
-    dwm = _dwm()
     params = {k: p.detach() for k, p in lm.named_parameters()}
-    _, val_fn = dwm._make_functions(lm, refit, vals)
+    _, val_fn = lookahead_functions(lm, refit, vals)
     sums, counts = 0.0, 0.0
     for b in vals:
         s, c = per_sample_loss_sums(lm(input_ids=b['input_ids']).logits, b['labels'])
         sums, counts = sums + float(s.sum()), counts + float(c.sum())
     assert float(val_fn(params)) == pytest.approx(sums / counts, rel=1e-5)
-    _, one = dwm._make_functions(lm, refit, vals[0])
-    _, one_list = dwm._make_functions(lm, refit, [vals[0]])
+    _, one = lookahead_functions(lm, refit, vals[0])
+    _, one_list = lookahead_functions(lm, refit, [vals[0]])
     assert torch.equal(one(params), one_list(params))
     dwm = _dwm(val_batches_per_step=2, **ONE_STAGE)
     _fit(dwm, max_duration='1ba')
-    assert dwm.refits_done == 1 and dwm.val_batches.drawn == 2 * dwm.refit_steps
+    assert dwm.refits_done == 1 and dwm.val_batches.drawn == 2 * dwm.config.refit_steps
 
 
 def test_lookahead_steps_use_k_refit_batches_per_step_and_move_the_weighter():
@@ -191,7 +191,7 @@ def test_lookahead_steps_use_k_refit_batches_per_step_and_move_the_weighter():
     dwm = _dwm(lookahead_steps=2, refit_lr=0.3, refit_kl=1.0, **ONE_STAGE)
     logger = _fit(dwm, max_duration='1ba')
     assert dwm.refits_done == 1
-    assert dwm.refit_batches.drawn == 2 * dwm.refit_steps and dwm.val_batches.drawn == dwm.refit_steps
+    assert dwm.refit_batches.drawn == 2 * dwm.config.refit_steps and dwm.val_batches.drawn == dwm.config.refit_steps
     assert math.isfinite(float(logger.data['dwm/refit/lookahead_gain'][0][1]))
     assert float(logger.data['dwm/refit/ess_after'][0][1]) < 1.0
 

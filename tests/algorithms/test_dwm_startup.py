@@ -158,9 +158,9 @@ def test_save_overwrite_replaces_the_schedule_and_its_stage_files(tmp_path, capl
     save_dir = _write_run(tmp_path, 'sched', num_stages=3, max_duration='3ba')
     assert len(_schedule(save_dir)['stages']) == 3
     dwm = _dwm(num_stages=1, save_dir=save_dir)
-    dwm.save_overwrite = True  # ConfiguredDWM's save_overwrite (algorithms.dwm.save_overwrite)
+    dwm.config.save_overwrite = True  # algorithms.dwm.save_overwrite
     trainer = _trainer(dwm, max_duration='1ba', run_name='run-b')
-    with caplog.at_level('WARNING', logger='algorithms.dwm.dwm'):
+    with caplog.at_level('WARNING', logger='algorithms.dwm.export'):
         trainer.fit()
     replaced = [r.getMessage() for r in caplog.records if 'replacing the schedule' in r.getMessage()]
     assert replaced == [f"algorithms.dwm.save_dir: replacing the schedule of run 'run-a' in {save_dir} "

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from algorithms.dwm import DWM, load_schedule
 from algorithms.dwm.functional import WEIGHT_KEY, normalize_with_prior
+from algorithms.dwm.hypergradient import adam_preconditioner
+from algorithms.dwm.refit import refit
 
 
 def _trainer(model, algorithms=(), batch_size=8, microbatch=None, tokens=False, max_duration='2ba', optimizer=None,
@@ -123,7 +125,9 @@ def test_training_refits_and_resumes_identically(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_refit_leaves_llm_and_optimizer_untouched():
+def test_refit_moves_the_weighter_and_nothing_else():
+    """The public refit step, called without the Trainer, moves the weighter it is given; the LLM, its gradients and
+    optimizer, and the RNG are left as they were."""
     dwm = _dwm(lookahead='adam', refit_steps=2, stage_boundaries=None, num_stages=1)  # a 1-batch run: one stage
     model = composer_llama()
     trainer, _ = _trainer(model, [dwm], max_duration='1ba', optimizer=torch.optim.Adam(model.parameters(), lr=1e-3))
@@ -136,8 +140,12 @@ def test_refit_leaves_llm_and_optimizer_untouched():
     opt_state = copy.deepcopy(state.optimizers[0].state_dict())
     rng = torch.get_rng_state()
     before = [p.detach().clone() for p in dwm.weighter.parameters()]
-    dwm._refit(state, trainer.logger)
+    lm = state.model.model
+    result = refit(dwm.weighter, dwm.weighter_optimizer, lm, dwm.refit_batches.next, dwm.val_batches.next, dwm.config,
+                   lookahead_lr=1e-3, precond=adam_preconditioner(state.optimizers[0], dict(lm.named_parameters())))
+    assert result.weighter is dwm.weighter and not result.weighter.training
     assert any(not torch.equal(a, b) for a, b in zip(before, dwm.weighter.parameters()))
+    assert result.diagnostics.metrics()['dwm/refit/steps'] == 2
     for k, v in state.model.named_parameters():
         assert torch.equal(v, params[k]) and torch.equal(v.grad, grads[k]), k
     after = state.optimizers[0].state_dict()

@@ -165,6 +165,15 @@ def test_fd_zero_direction():
     assert torch.equal(directional_derivative_fd(contributions_fn, params, zero), torch.zeros(4, dtype=torch.float64))
 
 
+def _mixed_batch(gen, padding=()):
+    """Four 8-token sequences, noisy and clean in turn, and their mask, padded from ``(row, start)`` on."""
+    ids = torch.stack([clean_sequence(gen, 8) if i % 2 else noisy_sequence(gen, 8) for i in range(4)])
+    mask = torch.ones_like(ids)
+    for row, start in padding:
+        mask[row, start:] = 0
+    return ids, mask
+
+
 @pytest.mark.parametrize('padded', [False, True])
 def test_jvp_through_sdpa_math_backend(padded):
     """DWM's JVP on an ``sdpa`` Llama keeps SDPA on its math backend (the fused CPU kernel has no forward-mode rule),
@@ -172,11 +181,7 @@ def test_jvp_through_sdpa_math_backend(padded):
 
     model = tiny_llama(hidden=16, layers=1, seed=3, dtype=torch.float64, attn='sdpa')
     gen = torch.Generator().manual_seed(3)
-    train_ids = torch.stack([clean_sequence(gen, 8) if i % 2 else noisy_sequence(gen, 8) for i in range(4)])
-    mask = torch.ones_like(train_ids)
-    if padded:
-        mask[1, 5:] = 0
-        mask[3, 6:] = 0
+    train_ids, mask = _mixed_batch(gen, ((1, 5), (3, 6)) if padded else ())
     labels = train_ids.masked_fill(mask == 0, -100)
     val_ids = torch.stack([clean_sequence(gen, 8) for _ in range(3)])
     params = {k: p.detach() for k, p in model.named_parameters()}
@@ -226,8 +231,8 @@ def test_lookahead_in_place_buffers_with_aliased_gradients():
 
 
 # ------------------------------------------------------------------------------------------------ chunked JVP attention
-def _jvp_of(model, ids, mask, direction_seed=0):
-    """``<grad c_i, u>`` for a random direction ``u``, through DWM's ``jvp_attention`` context."""
+def _jvp_of(model, ids, mask, direction_seed=0, context=jvp_attention):
+    """``<grad c_i, u>`` for a random direction ``u``, through DWM's ``jvp_attention`` context (or ``context``)."""
     from algorithms.dwm.hypergradient import directional_derivative_jvp
     params = {k: p.detach() for k, p in model.named_parameters()}
     gen = torch.Generator().manual_seed(direction_seed)
@@ -238,7 +243,7 @@ def _jvp_of(model, ids, mask, direction_seed=0):
         logits = functional_call(model, p, args=(), kwargs={'input_ids': ids, 'attention_mask': mask}).logits
         return loss_contributions(*per_sample_loss_sums(logits, labels))
 
-    with jvp_attention(model):
+    with context(model):
         return directional_derivative_jvp(contributions_fn, params, direction)
 
 
@@ -249,27 +254,12 @@ def test_chunked_jvp_attention_equals_unchunked(attn, padded, monkeypatch):
     (block >= T) and the eager-attention JVP, with and without padding; the model's attention is restored after."""
     from algorithms.dwm import hypergradient as hg
     model = tiny_llama(hidden=16, layers=2, seed=5, dtype=torch.float64, attn=attn)
-    gen = torch.Generator().manual_seed(5)
-    ids = torch.stack([clean_sequence(gen, 8) if i % 2 else noisy_sequence(gen, 8) for i in range(4)])
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, 5:] = 0
-        mask[2, 6:] = 0
+    ids, mask = _mixed_batch(torch.Generator().manual_seed(5), ((1, 5), (2, 6)) if padded else ())
     monkeypatch.setattr(hg, 'JVP_QUERY_BLOCK', 3)
     chunked = _jvp_of(model, ids, mask)
     monkeypatch.setattr(hg, 'JVP_QUERY_BLOCK', 64)
     whole = _jvp_of(model, ids, mask)
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    gen = torch.Generator().manual_seed(0)
-    direction = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
-    labels = ids.masked_fill(mask == 0, -100)
-
-    def contributions_fn(p):
-        logits = functional_call(model, p, args=(), kwargs={'input_ids': ids, 'attention_mask': mask}).logits
-        return loss_contributions(*per_sample_loss_sums(logits, labels))
-
-    with eager_attention(model):
-        eager = hg.directional_derivative_jvp(contributions_fn, params, direction)
+    eager = _jvp_of(model, ids, mask, context=eager_attention)
     assert model.config._attn_implementation == attn
     assert eager.abs().max() > 1e-6
     assert _rel(chunked, whole) <= 1e-10

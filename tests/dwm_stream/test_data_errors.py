@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from dwm_stream.data.arguments import ArgumentTypeError
+from dwm_stream.schema import ConfigError
 from dwm_stream.data.dataset import DWMDataset, DWMStream
 from dwm_stream.data.loader import build_dataloader, build_dataset, collate_samples
 from dwm_stream.format.integrity import MissingShardError
@@ -27,10 +27,8 @@ SEQ = 16
 
 
 @pytest.fixture(scope='module')
-def pristine(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('pristine') / 'mds')
-    write_synthetic_corpus(out, N, seq_len=SEQ, vocab_size=3000, seed=4, size_limit=1 << 9)
-    return out
+def pristine(synthetic_mds):
+    return synthetic_mds('pristine', N, seq_len=SEQ, vocab_size=3000, seed=4, size_limit=1 << 9)
 
 
 @pytest.fixture
@@ -181,28 +179,27 @@ def test_index_out_of_range_names_the_valid_range(pristine):
 
 # ---------------------------------------------------------------------------------------------- types
 @pytest.mark.parametrize('key, value, expected', [
-    ('shuffle', 'false', (r"shuffle: expected a bool \(true or false, unquoted\), got str 'false'; write it "
-                          r'without quotes\.')),
-    ('shuffle', 1, r'shuffle: expected a bool \(true or false, unquoted\), got int 1; give a bool'),
-    ('allow_unsafe_types', 'no', r"allow_unsafe_types: expected a bool"),
-    ('shuffle_seed', '7', r"shuffle_seed: expected an int, got str '7'; write it without quotes\."),
-    ('shuffle_seed', 1.5, r'shuffle_seed: expected an int, got float 1\.5; give an int\.'),
-    ('download_timeout', '60', r"download_timeout: expected a number, got str '60'"),
-    ('batch_size', True, r'batch_size: expected an int, got bool True'),
+    ('shuffle', 'false', r"shuffle: expected bool \(true/false, unquoted\), got str \('false'\)\."),
+    ('shuffle', 1, r'shuffle: expected bool \(true/false, unquoted\), got int \(1\)\.'),
+    ('allow_unsafe_types', 'no', r"allow_unsafe_types: expected bool"),
+    ('shuffle_seed', '7', r"shuffle_seed: expected int, got str \('7'\)\."),
+    ('shuffle_seed', 1.5, r'shuffle_seed: expected int, got float \(1\.5\)\.'),
+    ('download_timeout', '60', r"download_timeout: expected float, got str \('60'\)"),
+    ('batch_size', True, r'batch_size: expected int, got bool \(True\)'),
     ('max_seq_len', 0, r'max_seq_len: must be > 0, got 0\.'),
 ])
 def test_argument_types_are_checked_at_construction(pristine, key, value, expected):
     kwargs = {'batch_size': 4, key: value}
-    with pytest.raises(ArgumentTypeError, match='^' + expected):
+    with pytest.raises(ConfigError, match='^' + expected):
         DWMDataset(local=pristine, **kwargs)
     cfg = {'local': pristine, **kwargs}  # the same dataset config, as Foundry hands it over raw
-    with pytest.raises(ArgumentTypeError, match='^train_loader.dataset.' + expected):
+    with pytest.raises(ConfigError, match='^train_loader.dataset.' + expected):
         build_dataset(cfg, 4, where='train_loader.dataset')
 
 
 def test_string_false_is_not_taken_as_true(pristine):
     """The original failure: `shuffle: "false"` shuffled. Now refused; the bool false keeps index order."""
-    with pytest.raises(ArgumentTypeError, match='shuffle'):
+    with pytest.raises(ConfigError, match='shuffle'):
         DWMDataset(local=pristine, batch_size=4, shuffle='false')
     ds = DWMDataset(local=pristine, batch_size=4, shuffle=False)
     first = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate_samples)))
@@ -210,15 +207,15 @@ def test_string_false_is_not_taken_as_true(pristine):
 
 
 def test_stream_and_loader_argument_types(pristine, tmp_path):
-    with pytest.raises(ArgumentTypeError, match=r"^train_loader\.dataset\.streams\.web\.proportion: expected a "
-                                                r"number, got str '0\.5'"):
+    with pytest.raises(ConfigError, match=r"^train_loader\.dataset\.streams\.web\.proportion: expected "
+                                                r"float, got str \('0\.5'\)"):
         build_dataset({'streams': {'web': {'local': pristine, 'proportion': '0.5'}}}, 4, where='train_loader.dataset')
-    with pytest.raises(ArgumentTypeError, match=r"^keep_zip: expected a bool"):
+    with pytest.raises(ConfigError, match=r"^keep_zip: expected bool"):
         DWMStream(local=pristine, keep_zip='true')
-    with pytest.raises(ArgumentTypeError, match=r"^train_loader\.drop_last: expected a bool \(true or false, "
-                                                r"unquoted\), got str 'false'"):
+    with pytest.raises(ConfigError, match=r"^train_loader\.drop_last: expected bool \(true/false, "
+                                                r"unquoted\), got str \('false'\)"):
         build_dataloader({'local': pristine}, 4, drop_last='false')
-    with pytest.raises(ArgumentTypeError, match=r"^train_loader\.num_workers: expected an int, got str '2'"):
+    with pytest.raises(ConfigError, match=r"^train_loader\.num_workers: expected int, got str \('2'\)"):
         build_dataloader({'local': pristine}, 4, num_workers='2')
 
 

@@ -16,7 +16,7 @@ from dwm_stream.data.dataset import DWMDataset, DWMStream, release_shared_memory
 from dwm_stream.data.loader import collate_samples, widen_batch
 from dwm_stream.demo.loopback_s3 import LoopbackS3, upload_dir
 from dwm_stream.data.selection import read_selection, write_selection
-from dwm_stream.testing.synthetic import SYNTHETIC_DOMAINS, expected_tokens, write_synthetic_corpus
+from dwm_stream.testing.synthetic import SYNTHETIC_DOMAINS, expected_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, 'dataset_worker.py')
@@ -25,10 +25,8 @@ SEQ_LEN = 32
 
 
 @pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('synthetic') / 'mds')
-    write_synthetic_corpus(out, N, seq_len=SEQ_LEN, vocab_size=5000, seed=7, size_limit=1 << 13)
-    return out
+def corpus(synthetic_mds):
+    return synthetic_mds('synthetic', N, seq_len=SEQ_LEN, vocab_size=5000, seed=7, size_limit=1 << 13)
 
 
 @pytest.fixture(scope='module')

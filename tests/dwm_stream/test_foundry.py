@@ -91,7 +91,7 @@ def test_llm_foundry_train_runs_dwm(tmp_path, converted_mds, small_tokenizer, sm
     llmfoundry_cli = os.path.join(os.path.dirname(sys.executable), 'llmfoundry')
     assert os.path.exists(llmfoundry_cli), 'llm-foundry is not installed (pip install -e ".[foundry]")'
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TOKENIZERS_PARALLELISM='false',
-               OMP_NUM_THREADS='2', CUDA_VISIBLE_DEVICES='')
+               OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     proc = subprocess.run([llmfoundry_cli, 'train', config], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     out = proc.stdout + proc.stderr

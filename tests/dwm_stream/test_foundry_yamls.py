@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 BATCHES = 2
 LLMFOUNDRY = os.path.join(os.path.dirname(sys.executable), 'llmfoundry')
-ENV = {'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '2',
+ENV = {'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1',
        'CUDA_VISIBLE_DEVICES': ''}
 
 FSDP_CONFIG = {'sharding_strategy': 'FULL_SHARD', 'mixed_precision': 'PURE', 'activation_checkpointing': False,
@@ -47,6 +47,12 @@ FSDP_CONFIG = {'sharding_strategy': 'FULL_SHARD', 'mixed_precision': 'PURE', 'ac
                'limit_all_gathers': True}
 CALLBACKS = {'speed_monitor': {'window_size': 10}, 'lr_monitor': {}, 'memory_monitor': {}, 'runtime_estimator': {}}
 OPTIMIZER = {'name': 'decoupled_adamw', 'lr': 6.0e-4, 'betas': [0.9, 0.95], 'eps': 1.0e-08, 'weight_decay': 0.0}
+
+
+def _run_keys() -> dict:
+    """What both scaled-down YAMLs set alike: console lines, callbacks, an in-memory logger, one checkpoint."""
+    return {'progress_bar': False, 'log_to_console': True, 'console_log_interval': '1ba',
+            'callbacks': copy.deepcopy(CALLBACKS), 'loggers': {'inmemory': {}}, 'save_interval': f'{BATCHES}ba'}
 
 
 @pytest.fixture(scope='module')
@@ -93,12 +99,7 @@ def mpt_125m(data_root: str, tokenizer: str, vocab_size: int, save_folder: str) 
         'device_train_microbatch_size': 4,
         'precision': 'fp32',
         'fsdp_config': copy.deepcopy(FSDP_CONFIG),
-        'progress_bar': False,
-        'log_to_console': True,
-        'console_log_interval': '1ba',
-        'callbacks': copy.deepcopy(CALLBACKS),
-        'loggers': {'inmemory': {}},
-        'save_interval': f'{BATCHES}ba',
+        **_run_keys(),
         'save_num_checkpoints_to_keep': 1,
         'save_folder': save_folder,
     }
@@ -138,12 +139,7 @@ def llama_8b(data_root: str, tokenizer: str, model_dir: str, save_folder: str) -
         'dist_timeout': 600,
         'expandable_segments': True,
         'fsdp_config': {**copy.deepcopy(FSDP_CONFIG), 'state_dict_type': 'sharded', 'backward_prefetch': 'BACKWARD_PRE'},
-        'progress_bar': False,
-        'log_to_console': True,
-        'console_log_interval': '1ba',
-        'callbacks': copy.deepcopy(CALLBACKS),
-        'loggers': {'inmemory': {}},
-        'save_interval': f'{BATCHES}ba',
+        **_run_keys(),
     }
 
 

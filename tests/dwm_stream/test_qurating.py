@@ -11,19 +11,17 @@ from dwm_stream.select.qurating import (CRITERIA, annotate_qurating, qurating_lo
                                  token_weighted_mean, window_bounds)
 from dwm_stream.data.selection import read_selection, write_selection
 from dwm_stream.demo.loopback_s3 import upload_dir
-from dwm_stream.testing.synthetic import SYNTHETIC_DOMAINS, write_synthetic_corpus
+from dwm_stream.testing.synthetic import SYNTHETIC_DOMAINS
 
 N = 400
 SEQ_LEN = 32
 
 
 @pytest.fixture(scope='module')
-def rated_corpus(tmp_path_factory):
+def rated_corpus(synthetic_mds):
     """A synthetic corpus with the four QuRating score columns (sample i scores i / N)."""
-    out = str(tmp_path_factory.mktemp('rated') / 'mds')
-    write_synthetic_corpus(out, N, seq_len=SEQ_LEN, vocab_size=2048, seed=1, size_limit=1 << 12,
-                           score_names=CRITERIA)
-    return out
+    return synthetic_mds('rated', N, seq_len=SEQ_LEN, vocab_size=2048, seed=1, size_limit=1 << 12,
+                         score_names=CRITERIA)
 
 
 def _uids(path):

@@ -29,7 +29,7 @@ from dwm_stream.train import builders
 from dwm_stream.train.entry import build_trainer, fit, load_config
 
 LLMFOUNDRY = os.path.join(os.path.dirname(sys.executable), 'llmfoundry')
-ENV = {'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '2',
+ENV = {'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1',
        'CUDA_VISIBLE_DEVICES': ''}
 
 
@@ -119,7 +119,7 @@ def test_refit_corpus_is_byte_identical_after_dwm_stream_train(tmp_path, monkeyp
         fit(trainer, cfg)
         dwm = trainer.state.algorithms[0]
         assert dwm.refits_done == 2  # the refit loader was read
-        refit_dataset = dwm.refit_batches._source._loader.dataset
+        refit_dataset = dwm.refit_batches.source._loader.dataset
         assert refit_dataset.streams[0].remote == corpora[0]  # the corpus, not the train loader's remote
     finally:
         trainer.close()

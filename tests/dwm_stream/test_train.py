@@ -66,7 +66,7 @@ def _overrides(tmp_path, s3_corpus: str, small_tokenizer: str, lambada: str, max
 def _run(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ)  # carries S3_ENDPOINT_URL and the loopback credentials
     env.update(HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TOKENIZERS_PARALLELISM='false',
-               OMP_NUM_THREADS='2')
+               OMP_NUM_THREADS='1')
     proc = subprocess.run([DWM_STREAM, 'train', DEMO_YAML, *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f'dwm-stream train failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}'

@@ -19,7 +19,7 @@ import pytest
 import torch
 from composer.core import Precision, Time, TimeUnit
 
-from algorithms.dwm.export import load_schedule, save_weighter, write_schedule
+from algorithms.dwm.export import load_schedule, save_weighter, write_saved_weighters
 from algorithms.dwm import Weighter, WeighterConfig
 from dwm_stream.data.selection import write_selection
 from dwm_stream.train import builders
@@ -248,7 +248,7 @@ def test_paper_yaml_builds(name, yaml_env, local_mds, small_tokenizer, monkeypat
 
     if algorithms:
         dwm = algorithms[0]
-        if dwm.refit:
+        if dwm.config.refit:
             # The refit loader (train distribution, its own seed) and the LAMBADA validation set build.
             refit_batch = next(iter(_loader_of(dwm, 'refit')))
             assert refit_batch['input_ids'].shape[0] == raw['algorithms']['dwm']['refit_loader']['batch_size']
@@ -258,7 +258,7 @@ def test_paper_yaml_builds(name, yaml_env, local_mds, small_tokenizer, monkeypat
             assert val_batch['input_ids'].shape[0] <= raw['algorithms']['dwm']['validation']['batch_size']
             assert (val_batch['labels'] != -100).any()
         else:
-            stages = load_schedule(dwm.schedule_path)
+            stages = load_schedule(dwm.config.schedule)
             assert stages[0][1].config.vocab_size == len(tokenizer)
 
 
@@ -279,7 +279,7 @@ def _write_schedule(save_dir: str, tokenizer_dir: str) -> str:
         save_weighter(weighter, stem, stage=stage, start=f'{stage * 100}ba')
         stages.append({'stage': stage, 'start': f'{stage * 100}ba', 'weights': f'stage_{stage}.safetensors',
                        'config': f'stage_{stage}.json'})
-    return str(write_schedule(save_dir, stages))
+    return str(write_saved_weighters(save_dir, stages))
 
 
 def test_demo_yaml_builds_a_trainer(yaml_env, local_mds):
@@ -290,9 +290,9 @@ def test_demo_yaml_builds_a_trainer(yaml_env, local_mds):
     trainer = build_trainer(cfg, config_path=_path(name))
     try:
         dwm = [a for a in trainer.state.algorithms if isinstance(a, builders.ConfiguredDWM)]
-        assert len(dwm) == 1 and dwm[0].num_stages == raw['algorithms']['dwm']['num_stages']
+        assert len(dwm) == 1 and dwm[0].config.num_stages == raw['algorithms']['dwm']['num_stages']
         assert dwm[0].weighter is not None  # built at Event.INIT
-        assert dwm[0].save_dir == str(yaml_env / 'run' / 'dwm_schedule')
+        assert dwm[0].config.save_dir == str(yaml_env / 'run' / 'dwm_schedule')
         assert trainer.state.max_duration == Time.from_timestring(raw['max_duration'])
         assert trainer.state.device_train_microbatch_size == raw['device_train_microbatch_size']
         # Off a terminal (pytest captures stderr), no progress bar: one console line per interval instead.
@@ -453,7 +453,7 @@ def test_save_dir_of_another_run_fails_when_the_run_is_built(yaml_env, local_mds
     schedule; refused at INIT, also with the top-level save_overwrite: true (Composer's checkpoints, as under
     llmfoundry train); algorithms.dwm.save_overwrite=true lets the run replace it."""
     schedule_dir = str(yaml_env / 'run' / 'dwm_schedule')
-    write_schedule(schedule_dir, [], run={'run_name': 'an-earlier-run', 'max_duration': '400ba'})
+    write_saved_weighters(schedule_dir, [], run={'run_name': 'an-earlier-run', 'max_duration': '400ba'})
     cfg = _demo_cfg(yaml_env, local_mds)
     with pytest.raises(ValueError, match=r"^algorithms\.dwm\.save_dir \(DWM\(save_dir=\.\.\.\)\): .*schedule\.json "
                                          r"belongs to run 'an-earlier-run', not to this run 'demo-dwm'; set a new "

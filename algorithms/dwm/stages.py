@@ -1,7 +1,7 @@
-"""Stage boundaries **[ours, configurable]**: when the weighter is refit.
+"""The stage plan **[ours, configurable]**: when the weighter is refit.
 
-Training is cut into ``num_stages`` stages. Stage ``k`` starts at boundary ``b_k``; ``b_0`` is the start of
-training. Boundaries are Composer times: either ``k / num_stages`` of ``max_duration`` (``"0.2dur"``...) or an
+Training is cut into ``num_stages`` stages; the stage plan is the list of their boundaries. Stage ``k`` starts at
+boundary ``b_k``; ``b_0`` is the start of training. Boundaries are Composer times: either ``k / num_stages`` of ``max_duration`` (``"0.2dur"``...) or an
 explicit list such as ``["100ba", "0.5dur"]`` (the starts of stages 2, 3, ...).
 """
 

@@ -3,7 +3,7 @@
 import pytest
 from composer.core import Time, TimeUnit
 
-from algorithms.dwm.schedule import stage_boundaries
+from algorithms.dwm.stages import stage_boundaries
 
 
 def test_even_stages_over_duration():
@@ -28,13 +28,13 @@ def test_bad_boundaries_are_named(bad, match):
 def test_schedule_records_its_run(tmp_path):
     """schedule.json names the run that owns its directory; rewriting the stages keeps the record, and a schedule
     with no stage yet is refused for replay with a message that says so."""
-    from algorithms.dwm.export import load_schedule, read_schedule_run, write_schedule
+    from algorithms.dwm.export import load_saved_weighters, read_owner, write_saved_weighters
 
     run = {'run_name': 'a', 'max_duration': '10ba'}
-    write_schedule(tmp_path, [], run=run)
-    assert read_schedule_run(tmp_path) == run
-    write_schedule(tmp_path, [])  # DWM's per-stage export: the record stays
-    assert read_schedule_run(tmp_path) == run
-    assert read_schedule_run(tmp_path / 'elsewhere') is None
+    write_saved_weighters(tmp_path, [], run=run)
+    assert read_owner(tmp_path) == run
+    write_saved_weighters(tmp_path, [])  # DWM's per-stage export: the record stays
+    assert read_owner(tmp_path) == run
+    assert read_owner(tmp_path / 'elsewhere') is None
     with pytest.raises(ValueError, match=r'holds no stage yet'):
-        load_schedule(tmp_path)
+        load_saved_weighters(tmp_path)
