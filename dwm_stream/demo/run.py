@@ -36,6 +36,8 @@ __all__ = ['run_demo']
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_YAML = os.path.join(_REPO, 'yamls', 'demo-cpu.yaml')
 QUALITY_JSON = os.path.join(_REPO, 'benchmarks', 'results', 'quality.json')
+# The same bench, bigger, on a GPU (benchmarks/results/gpu_quality/README.md): quoted beside the CPU bench when present.
+GPU_QUALITY_JSON = os.path.join(_REPO, 'benchmarks', 'results', 'gpu_quality', 'quality.json')
 BUCKET = 'dwm-demo'
 
 
@@ -217,7 +219,7 @@ def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0,
     return summary
 
 
-def bench_verdict(path: str = QUALITY_JSON) -> list[str]:
+def bench_verdict(path: str = QUALITY_JSON, label: str = 'quality bench') -> list[str]:
     """What the multi-seed quality bench (``benchmarks/RESULTS.md``) says about DWM, from its committed JSON: one
     demo run cannot tell a gain from seed noise, so the demo's verdict defers to the bench, and first quotes the
     bench's headroom (whether an oracle that drops every degraded domain beats uniform beyond its null)."""
@@ -242,7 +244,7 @@ def bench_verdict(path: str = QUALITY_JSON) -> list[str]:
     better = ('beats' if ranked and len(met) == len(analysis['targets']) else
               'does not reliably beat' if ranked else 'cannot be ranked against')
     null_text = (f', below its own null in {vs_null["seeds"]} of {vs_null["n"]}' if vs_null else '')
-    return ['', f'Verdict across seeds (benchmarks/RESULTS.md, quality bench, {delta["n"]} seeds): {headroom}; DWM '
+    return ['', f'Verdict across seeds (benchmarks/RESULTS.md, {label}, {delta["n"]} seeds): {headroom}; DWM '
                 f'({method}) {better} uniform: held-out macro loss change {delta["mean"]:+.4f} on average, lower in '
                 f'{delta["better"]} of {delta["n"]} seeds{null_text}; targets met: {len(met)} of '
                 f'{len(analysis["targets"])}.']
@@ -280,4 +282,6 @@ def _report(runs: dict[str, Any], stages: dict[int, dict[str, float]], domain_na
                       f'held-out loss is {"lower" if dwm["heldout"]["all"] < uni["heldout"]["all"] else "not lower"} '
                       f'than uniform ({dwm["heldout"]["all"]:.4f} vs {uni["heldout"]["all"]:.4f}).']
     lines += bench_verdict()
+    if os.path.exists(GPU_QUALITY_JSON):
+        lines += bench_verdict(GPU_QUALITY_JSON, 'the same bench bigger, on one H200')
     return lines

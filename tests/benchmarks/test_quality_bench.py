@@ -256,6 +256,16 @@ def test_null_and_family_of_each_method():
         bench.apply_overrides(bench.QUICK, ['steps=x'])
 
 
+def test_device_names_map_to_composer():
+    """``--device cuda`` trains on Composer's ``gpu`` device (Composer refuses the torch name ``cuda``)."""
+    bench = _load_bench()
+    from composer.utils import get_device
+    assert [bench._composer_device(d) for d in ('cpu', 'cuda', 'cuda:0', 'gpu')] == ['cpu', 'gpu', 'gpu', 'gpu']
+    assert type(get_device(bench._composer_device('cpu'))).__name__ == 'DeviceCPU'
+    with pytest.raises(ValueError, match='must be one of'):
+        get_device('cuda')  # why the mapping exists
+
+
 def test_run_cache_key_follows_the_data(tmp_path):
     """The run cache's digest changes when the corpus's shards change (a rebuilt corpus is never served stale runs)."""
     bench = _load_bench()

@@ -62,5 +62,8 @@ def test_bench_verdict_follows_the_quality_json(tmp_path):
     line = bench_verdict(str(path))[1]
     assert 'has NO headroom' in line and 'cannot be ranked against uniform' in line
     assert 'no quality-bench record' in bench_verdict(str(tmp_path / 'missing.json'))[1]
-    # The committed record is what the demo quotes.
+    # The committed records are what the demo quotes: the CPU bench, and the same bench bigger on a GPU, labelled.
     assert 'no quality-bench record' not in bench_verdict(QUALITY_JSON)[1]
+    from dwm_stream.demo.run import GPU_QUALITY_JSON
+    gpu = bench_verdict(GPU_QUALITY_JSON, 'on one H200')[1]
+    assert gpu.startswith('Verdict across seeds (benchmarks/RESULTS.md, on one H200, 5 seeds): the bench has')

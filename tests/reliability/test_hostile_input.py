@@ -86,8 +86,10 @@ def test_flipped_byte_in_the_local_cache_is_named_never_decoded(converted_mds, r
     assert len(got) == _index(local)['shards'][0]['samples']  # stopped at the corrupt shard
 
 
-def test_raw_hash_check_cost(tmp_path):
-    """The once-per-process raw-shard hash costs a small fraction of one pass of the loader."""
+def test_raw_hash_check_runs_once_per_shard(tmp_path):
+    """The raw-shard hash runs once per shard per process: a first pass hashes every shard, a second pass none.
+    (Its cost against a loader pass is printed for the log, not asserted: timings on a shared machine are noise; the
+    loader benchmark measures throughput with the check on.)"""
     from dwm_stream.format import integrity
     from dwm_stream.testing.synthetic import write_synthetic_corpus
     root = str(tmp_path / 'syn')
@@ -99,6 +101,11 @@ def test_raw_hash_check_cost(tmp_path):
     start = time.perf_counter()
     n = sum(1 for _ in ds)  # includes the hash of every shard, once
     with_check = time.perf_counter() - start
+    assert n == 8192
+    hashed = dict(integrity._verified)
+    assert len(hashed) == len(index['shards']) and all(hashed.values())
+    assert sum(1 for _ in ds) == 8192
+    assert integrity._verified == hashed  # the second pass hashed nothing new
     integrity._verified.clear()
     start = time.perf_counter()
     from streaming.base.format import reader_from_json
@@ -106,12 +113,8 @@ def test_raw_hash_check_cost(tmp_path):
         reader = reader_from_json(root, None, shard)
         verify_raw_shard(os.path.join(root, shard['raw_data']['basename']), reader.raw_data, root)
     hashing = time.perf_counter() - start
-    print(f'raw-shard hash check: {total_bytes / 2**20:.0f} MiB in {hashing * 1e3:.1f} ms '
-          f'({total_bytes / 2**30 / max(hashing, 1e-9):.1f} GiB/s); one loader pass over {n} samples of 2048 '
-          f'tokens: {with_check:.2f} s ({n / with_check:,.0f} samples/s); check = '
-          f'{100 * hashing / with_check:.1f}% of the pass')
-    assert n == 8192
-    assert hashing < 0.25 * with_check
+    print(f'raw-shard hash check: {total_bytes / 2**20:.0f} MiB in {hashing * 1e3:.1f} ms; one loader pass over {n} '
+          f'samples of 2048 tokens: {with_check:.2f} s; check = {100 * hashing / with_check:.1f}% of the pass')
 
 
 # --------------------------------------------------------------------------------- hostile indexes
