@@ -67,6 +67,7 @@ byte-identical output.
 from __future__ import annotations
 
 import ast
+import collections
 import functools
 import glob
 import hashlib
@@ -474,13 +475,12 @@ def _flattened(code: Iterator[str]) -> Iterator[str]:
 
 def _prose_vocab(book: list[_Item], wiki: list[_Item], limit_chars: int = 200_000) -> list[str]:
     """The words of the first ``limit_chars`` of prose, most frequent first (ties alphabetical)."""
-    counts: dict[str, int] = {}
+    counts: collections.Counter[str] = collections.Counter()
     chars = 0
     for item in book + wiki:
         text = item.load()
         chars += len(text)
-        for w in re.findall(r'[A-Za-z]{2,}', text):
-            counts[w] = counts.get(w, 0) + 1
+        counts.update(re.findall(r'[A-Za-z]{2,}', text))
         if chars >= limit_chars:
             break
     return sorted(counts, key=lambda w: (-counts[w], w))
