@@ -98,7 +98,7 @@ from dwm_stream.convert.tokenizer import load_tokenizer
 from dwm_stream.data.selection import write_selection
 from dwm_stream.demo.corpus import CORRUPTIONS, build_corpus, degraded_domains
 from dwm_stream.demo.data import DataBudget, prepare_data
-from dwm_stream.train import builders
+from dwm_stream.train import builders, config
 from dwm_stream.train.builders import WidenedLoader
 from dwm_stream.train.evaluation import lambada_metrics
 
@@ -558,18 +558,19 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     steps = int(spec.get('steps') or budget.steps)
     domain_names, real = spec['domains'], spec['real']
     reproducibility.seed_all(seed)
-    tokenizer = builders.build_tokenizer({'name': paths['tokenizer']})
-    model = builders.build_model({'name': 'llama', 'config_overrides': {
+    tokenizer = builders.build_tokenizer(config.TokenizerConfig(name=paths['tokenizer']))
+    model = builders.build_model(config.ModelConfig(name='llama', config_overrides={
         'hidden_size': budget.hidden_size, 'intermediate_size': budget.intermediate_size,
         'num_hidden_layers': budget.num_layers, 'num_attention_heads': budget.num_heads,
         'num_key_value_heads': budget.num_heads, 'max_position_embeddings': budget.seq_len,
-        'tie_word_embeddings': True}}, tokenizer)
+        'tie_word_embeddings': True}), tokenizer)
     train_dataset = {'local': paths['train'], 'shuffle': True, 'shuffle_seed': 17 + seed}
     if spec.get('il_proxy'):  # the RHO rule's irreducible-loss model: trained on the held-out target samples only
         train_dataset = {'local': paths['validation'], 'selection': spec['heldout_path'], 'shuffle': True,
                          'shuffle_seed': 17 + seed}
     loader_batch = budget.batch_size * (budget.select_factor if base in SELECT_BASES else 1)
-    train_spec = builders.build_train_dataloader({'name': 'dwm', 'dataset': train_dataset}, loader_batch)
+    train_spec = builders.build_train_dataloader(
+        config.LoaderConfig(dataset=config.DatasetConfig(**train_dataset)), loader_batch)
     evaluating = spec.get('evaluate', True)
     eval_batches = []
     if evaluating:
@@ -612,11 +613,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     memory = InMemoryLogger()
     trainer = Trainer(
         model=model, train_dataloader=train_spec, max_duration=f'{steps}ba',
-        optimizers=builders.build_optimizer({'name': 'decoupled_adamw', 'lr': budget.lr, 'betas': [0.9, 0.95],
-                                             'eps': 1e-8, 'weight_decay': 0.0}, model),
-        schedulers=builders.build_scheduler({'name': 'cosine_with_warmup',
-                                             't_warmup': f'{max(1, round(budget.warmup_frac * steps))}ba',
-                                             'alpha_f': budget.lr_final_frac}),
+        optimizers=builders.build_optimizer(config.Component('decoupled_adamw', {
+            'lr': budget.lr, 'betas': [0.9, 0.95], 'eps': 1e-8, 'weight_decay': 0.0}), model),
+        schedulers=builders.build_scheduler(config.Component('cosine_with_warmup', {
+            't_warmup': f'{max(1, round(budget.warmup_frac * steps))}ba', 'alpha_f': budget.lr_final_frac})),
         algorithms=algorithms, callbacks=[probe] if evaluating else [], loggers=[memory],
         device=_composer_device(spec.get('device', 'cpu')), precision='fp32', seed=seed,
         device_train_microbatch_size=budget.batch_size,

@@ -28,7 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ['ConfigError', 'check', 'check_arguments', 'check_ranges', 'signature_schema', 'source_signature', 'key_path',
-           'field_names']
+           'field_names', 'set_keys']
 
 T = TypeVar('T')
 
@@ -294,3 +294,23 @@ def field_names(schema: type) -> list[str]:
 
 def key_path(where: str, key: Any) -> str:
     return f'{where}.{key}' if where else str(key)
+
+
+def set_keys(section: Any) -> dict[str, Any]:
+    """The keys a checked section sets, as plain values: its fields that are not ``None`` (an unset key of a
+    signature schema is ``None``, so that the callee's own default applies), nested sections and mappings of them
+    likewise. What a builder passes on as keyword arguments."""
+    if dataclasses.is_dataclass(section):
+        items = ((f.name, getattr(section, f.name)) for f in dataclasses.fields(section))
+    else:
+        items = dict(section or {}).items()
+    out = {}
+    for key, value in items:
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(value):
+            value = set_keys(value)
+        elif isinstance(value, Mapping) and any(dataclasses.is_dataclass(v) for v in value.values()):
+            value = {k: set_keys(v) for k, v in value.items()}
+        out[key] = value
+    return out

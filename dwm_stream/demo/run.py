@@ -27,6 +27,7 @@ from dwm_stream.demo.corpus import DEGRADED_DOMAINS
 from dwm_stream.demo.data import DataBudget, prepare_data
 from dwm_stream.demo.loopback_s3 import LoopbackS3, upload_dir
 from dwm_stream.train.builders import WidenedLoader, build_tokenizer
+from dwm_stream.train.config import TokenizerConfig
 from dwm_stream.train.entry import build_trainer, load_config
 from dwm_stream.train.evaluation import heldout_loss, lambada_metrics
 from dwm_stream.train.loggers import read_metrics
@@ -188,7 +189,7 @@ def run_demo(out_dir: str = 'runs/demo', quick: bool = False, seed: int = 0,
             runs[label] = _train(label, overrides, with_dwm)
 
     _say('[5/6] evaluating on held-out data (never used for training or for fitting DWM)')
-    tokenizer = build_tokenizer({'name': paths['tokenizer']})
+    tokenizer = build_tokenizer(TokenizerConfig(name=paths['tokenizer']))
     val_loader = WidenedLoader({'local': paths['validation'], 'shuffle': False}, 32, 'validation')
     lambada_report = ValidationBatches(paths['lambada_report'], tokenizer, batch_size=32,
                                        max_length=budget.data.seq_len)

@@ -3,8 +3,10 @@
 The YAML layout is LLM Foundry's (``model``, ``tokenizer``, ``train_loader``, ``eval_loader``,
 ``algorithms``, ``optimizer``, ``scheduler``, ``callbacks``, ``loggers``); ``dwm_stream.train.entry``
 assembles the pieces into a Composer ``Trainer``, and ``dwm_stream.train.foundry`` exposes the same
-dataloader and algorithm to LLM Foundry's registries. Each builder first checks its section against the
-schema in :mod:`dwm_stream.train.config`, so an error names the YAML key however the builder is reached.
+dataloader and algorithm to LLM Foundry's registries. A builder takes its section as
+:func:`dwm_stream.train.config.check_train_config` typed it (a :class:`~dwm_stream.train.config.RunConfig` field):
+the config is checked once, at the edge, and an error names the YAML key. Under LLM Foundry, whose registry passes
+raw keyword arguments, the registered loader and algorithm are that edge and check their own.
 
 A name that is not dwm-stream's own (an algorithm, callback or logger other than ours, an ``mpt_causal_lm``
 model, a ``text`` loader, a Lion optimizer...) is built from LLM Foundry's registry name
@@ -44,11 +46,20 @@ __all__ = ['build_tokenizer', 'build_model', 'build_optimizer', 'build_scheduler
 log = logging.getLogger(__name__)
 
 
+def _typed(settings: Any, kinds: tuple[type, ...], builder: str, section: str) -> None:
+    """A builder takes a checked section; a raw mapping is refused, naming how to check it."""
+    if not isinstance(settings, kinds):
+        raise TypeError(f'{builder} takes the `{section}` section as checked by dwm_stream.train.config '
+                        f'({" or ".join(k.__name__ for k in kinds)}), got {type(settings).__name__}; check a mapping '
+                        'with config.check_train_config (a whole YAML) or config.check / config.check_model / '
+                        'config.check_loader (one section).')
+
+
 # ---------------------------------------------------------------------------------------------- model
-def build_tokenizer(cfg: Mapping[str, Any]):
+def build_tokenizer(settings: config.TokenizerConfig):
     """``tokenizer: {name: PATH_OR_HF_NAME, kwargs: {...}}``: ``kwargs`` go to ``AutoTokenizer.from_pretrained``
     (``model_max_length``, ``padding_side``...), as LLM Foundry passes them."""
-    settings = config.check(config.TokenizerConfig, cfg, 'tokenizer')
+    _typed(settings, (config.TokenizerConfig,), 'build_tokenizer', 'tokenizer')
     # As LLM Foundry's build_tokenizer: DataLoader workers fork after the tokenizer has run (the LAMBADA validation
     # set), and each would print tokenizers' fork warning. A value the user set is kept.
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -73,7 +84,7 @@ def _llama_overrides_schema() -> type:
     return dataclasses.make_dataclass('LlamaConfigOverrides', fields)
 
 
-def build_model(cfg: Mapping[str, Any], tokenizer):
+def build_model(settings: config.ModelConfig | config.Component, tokenizer):
     """A Composer ``HuggingFaceModel`` around a causal LM.
 
     ``model: {name: llama, config_overrides: {hidden_size: ..., ...}}`` builds a fresh
@@ -82,9 +93,9 @@ def build_model(cfg: Mapping[str, Any], tokenizer):
     ``init_device: meta`` builds without allocating (used to check big YAMLs). Any other ``name`` is an LLM Foundry
     model (``mpt_causal_lm``...), built by Foundry's ``build_composer_model`` with Foundry's keys.
     """
-    settings = config.check_model(cfg, 'model')
-    if settings is None:
-        return _build_foundry_model(cfg, tokenizer)
+    _typed(settings, (config.ModelConfig, config.Component), 'build_model', 'model')
+    if isinstance(settings, config.Component):
+        return _build_foundry_model(settings, tokenizer)
     overrides = dict(settings.config_overrides)
     if settings.name == 'llama':
         config.check(_llama_overrides_schema(), overrides, 'model.config_overrides')
@@ -122,48 +133,49 @@ def build_model(cfg: Mapping[str, Any], tokenizer):
                             eval_metrics=[LanguageCrossEntropy(), LanguagePerplexity()])
 
 
-def _build_foundry_model(cfg: Mapping[str, Any], tokenizer):
+def _build_foundry_model(settings: config.Component, tokenizer):
     """An LLM Foundry model by its registry name, as ``llmfoundry train`` builds one on a single process."""
     # only with LLM Foundry installed (config.check_model)
     from llmfoundry.utils import builders as foundry
 
-    model_cfg = dict(cfg)
-    name = model_cfg.pop('name')
-    return foundry.build_composer_model(name=name, cfg=model_cfg, tokenizer=tokenizer, init_context=contextlib.nullcontext(),
-                                master_weights_dtype=model_cfg.pop('master_weights_dtype', None))
+    model_cfg = dict(settings.kwargs)
+    return foundry.build_composer_model(name=settings.name, cfg=model_cfg, tokenizer=tokenizer,
+                                        init_context=contextlib.nullcontext(),
+                                        master_weights_dtype=model_cfg.pop('master_weights_dtype', None))
 
 
 # ---------------------------------------------------------------------------------------------- optim
-def build_optimizer(cfg: Optional[Mapping[str, Any]], model: torch.nn.Module):
+def build_optimizer(settings: Optional[config.Component], model: torch.nn.Module):
     """``optimizer: {name: decoupled_adamw | adamw, lr, betas, eps, weight_decay...}`` (unset: the optimizer's own
     defaults; no section: ``decoupled_adamw``); another name is a registry optimizer (LLM Foundry's
     ``decoupled_lionw``...) with its own keyword arguments."""
-    cfg = cfg or {'name': 'decoupled_adamw'}
-    kwargs = {k: v for k, v in config.check_optimizer(cfg, 'optimizer').items() if v is not None}
+    settings = settings or config.Component('decoupled_adamw')
+    _typed(settings, (config.Component,), 'build_optimizer', 'optimizer')
+    kwargs = {k: v for k, v in settings.kwargs.items() if v is not None}
     if isinstance(kwargs.get('betas'), (list, tuple)):
         if len(kwargs['betas']) != 2:
             raise ValueError(f"optimizer.betas: expected two numbers, got {kwargs['betas']!r}.")
         kwargs['betas'] = tuple(kwargs['betas'])
-    return config.component('optimizers', cfg.get('name', 'decoupled_adamw'))(model.parameters(), **kwargs)
+    return config.component('optimizers', settings.name)(model.parameters(), **kwargs)
 
 
-def build_scheduler(cfg: Optional[Mapping[str, Any]]):
+def build_scheduler(settings: Optional[config.Component]):
     """``scheduler: {name: cosine_with_warmup | linear_decay_with_warmup | constant_with_warmup, t_warmup, ...}``;
     another name is a registry scheduler (LLM Foundry's ``inv_sqrt_with_warmup``...)."""
-    settings = config.check_scheduler(cfg)
     if settings is None:
         return None
-    for key, value in settings.items():
+    _typed(settings, (config.Component,), 'build_scheduler', 'scheduler')
+    for key, value in settings.kwargs.items():
         if key.startswith('t_'):
             try:
                 Time.from_input(value)
             except (ValueError, TypeError) as e:
                 raise ValueError(f'scheduler.{key}: expected a Composer time such as 100ba or 0.1dur, '
                                  f'got {value!r} ({e}).') from e
-    return config.component('schedulers', cfg['name'])(**settings)
+    return config.component('schedulers', settings.name)(**settings.kwargs)
 
 
-def build_callbacks(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str] = None) -> list:
+def build_callbacks(settings: Mapping[str, Mapping[str, Any]], run_dir: Optional[str] = None) -> list:
     """``callbacks: {lr_monitor: {}, speed_monitor: {window_size: 10}, memory_monitor: {}, runtime_estimator: {},
     trained_samples: {filename, fsync}}``: each callback with its keyword arguments (unset: its own defaults).
 
@@ -172,14 +184,14 @@ def build_callbacks(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str] = N
     (``optimizer_monitor``, ``early_stopper``, ``hf_checkpointer``...) with its own keyword arguments.
     """
     callbacks = []
-    for name, kwargs in config.check_components('callbacks', cfg, 'callbacks').items():  # the YAML's order
+    for name, kwargs in settings.items():  # the YAML's order
         if name == 'trained_samples':
             kwargs = {**kwargs, 'run_dir': run_dir}
         callbacks.append(config.component('callbacks', name)(**kwargs))
     return callbacks
 
 
-def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str]) -> list:
+def build_loggers(settings: Mapping[str, Mapping[str, Any]], run_dir: Optional[str]) -> list:
     """``loggers: {metrics_jsonl: {filename}, file: {filename, ...}, tensorboard: {log_dir, ...}}``: each logger with
     its keyword arguments (unset: its own defaults).
 
@@ -188,43 +200,46 @@ def build_loggers(cfg: Optional[Mapping[str, Any]], run_dir: Optional[str]) -> l
     Foundry registers (``wandb``, ``mlflow``, ``inmemory``...) with its own keyword arguments.
     """
     loggers = []
-    for name, kwargs in config.check_components('loggers', cfg, 'loggers').items():
+    for name, kwargs in settings.items():
         if name == 'metrics_jsonl':
             kwargs = {**kwargs, 'run_dir': run_dir}
         loggers.append(config.component('loggers', name)(**kwargs))
     return loggers
 
 
-def build_algorithm(name: str, settings: Any, where: str):
-    """A registry algorithm (``gradient_clipping``, ``alibi``...; ``dwm`` is :class:`ConfiguredDWM`)."""
-    return config.component('algorithms', name)(**config.check_component('algorithms', name, settings, where))
+def build_algorithm(name: str, kwargs: Mapping[str, Any]):
+    """A registry algorithm (``gradient_clipping``, ``alibi``...; ``dwm`` is :class:`ConfiguredDWM`) from its checked
+    keyword arguments."""
+    return config.component('algorithms', name)(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _build_loader(cfg: Mapping[str, Any], device_batch_size: int, where: str, tokenizer: Any = None,
+def _build_loader(settings: Any, device_batch_size: int, where: str, tokenizer: Any = None,
                   **defaults: Any) -> DataSpec:
-    settings = config.check_loader(cfg, where)
-    if settings is None:  # an LLM Foundry loader (`text`, `finetuning`...), built as llmfoundry train builds it
+    _typed(settings, (config.LoaderConfig, config.Component), f'build_{where.split("_")[0]}_dataloader', where)
+    if isinstance(settings, config.Component):  # an LLM Foundry loader (`text`...), built as llmfoundry train does
         from llmfoundry.data import dataloader as foundry
 
-        return foundry.build_dataloader(dict(cfg), tokenizer, device_batch_size)
-    kwargs = {**defaults, **{key: value for key, value in dataclasses.asdict(settings).items()
-                             if key not in ('name', 'dataset') and value is not None}}  # unset: build_dataloader's
-    return build_dataloader(cfg['dataset'], device_batch_size, where=f'{where}.dataset', **kwargs)
+        return foundry.build_dataloader({'name': settings.name, **settings.kwargs}, tokenizer, device_batch_size)
+    kwargs = {**defaults, **config.set_keys(settings)}  # unset: build_dataloader's defaults
+    dataset = kwargs.pop('dataset')
+    kwargs.pop('name')
+    return build_dataloader(dataset, device_batch_size, where=f'{where}.dataset', **kwargs)
 
 
-def build_train_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'train_loader',
+def build_train_dataloader(settings: Any, device_batch_size: int, where: str = 'train_loader',
                            tokenizer: Any = None) -> DataSpec:
-    """``train_loader: {name: dwm, dataset: {...}, num_workers, drop_last, ...}`` -> ``DataSpec``; another ``name`` is
-    an LLM Foundry loader (``text``...), which takes the ``tokenizer``."""
-    return _build_loader(cfg, device_batch_size, where, tokenizer)
+    """``train_loader: {name: dwm, dataset: {...}, num_workers, drop_last, ...}`` (a ``LoaderConfig``) -> ``DataSpec``;
+    another ``name`` (a :class:`~dwm_stream.train.config.Component`) is an LLM Foundry loader (``text``...), which
+    takes the ``tokenizer``."""
+    return _build_loader(settings, device_batch_size, where, tokenizer)
 
 
-def build_eval_dataloader(cfg: Mapping[str, Any], device_batch_size: int, where: str = 'eval_loader',
+def build_eval_dataloader(settings: Any, device_batch_size: int, where: str = 'eval_loader',
                           tokenizer: Any = None) -> DataSpec:
     """``eval_loader``: as ``train_loader``, but ``drop_last`` defaults to ``false`` (the last partial batch is
     evaluated too)."""
-    return _build_loader(cfg, device_batch_size, where, tokenizer, drop_last=False)
+    return _build_loader(settings, device_batch_size, where, tokenizer, drop_last=False)
 
 
 class WidenedLoader:
@@ -342,10 +357,24 @@ class ConfiguredDWM(DWM):
                  tokenizer: Any = None,
                  device_batch_size: Optional[int] = None,
                  **kwargs: Any) -> None:
+        # LLM Foundry's registry builds the algorithm from raw keyword arguments: this is its edge, checked here.
         settings = config.check(config.DWMSection, {**kwargs, 'refit_loader': refit_loader, 'validation': validation},
                                 'algorithms.dwm')
-        refit_cfg = dict(refit_loader or {})  # as the YAML gives them: what it leaves out is filled in below
-        val_cfg = dict(validation or {})
+        self._configure(settings, train_dataset, tokenizer, device_batch_size)
+
+    @classmethod
+    def from_section(cls, section: Optional[config.DWMSection], train_dataset: Optional[Mapping[str, Any]] = None,
+                     tokenizer: Any = None, device_batch_size: Optional[int] = None) -> 'ConfiguredDWM':
+        """From the ``algorithms.dwm`` section :func:`~dwm_stream.train.config.check_train_config` typed (``None``:
+        every default); not checked again."""
+        self = cls.__new__(cls)
+        self._configure(section or config.DWMSection(), train_dataset, tokenizer, device_batch_size)
+        return self
+
+    def _configure(self, settings: config.DWMSection, train_dataset: Optional[Mapping[str, Any]], tokenizer: Any,
+                   device_batch_size: Optional[int]) -> None:
+        refit_cfg = config.set_keys(settings.refit_loader)  # the keys the YAML sets: the rest is filled in below
+        val_cfg = config.set_keys(settings.validation)
         batch_size = refit_cfg.get('batch_size') or device_batch_size or 8
         if settings.refits() and not val_cfg:
             raise config.ConfigError(missing_loader_message('validation', 'algorithms.dwm.validation') + '.')

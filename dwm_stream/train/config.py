@@ -34,12 +34,12 @@ from omegaconf import MISSING
 
 from algorithms.dwm.config import DWMConfig  # torch-free: the light check reads it too
 from dwm_stream.data.schemas import dataset_schema, loader_schema, stream_schema
-from dwm_stream.schema import ConfigError, check, field_names, key_path, signature_schema
+from dwm_stream.schema import ConfigError, check, field_names, key_path, set_keys, signature_schema
 from dwm_stream.train import _light
 
 __all__ = [
-    'ConfigError', 'check', 'check_train_config', 'precheck_train_config', 'check_scheduler', 'check_optimizer',
-    'check_component', 'check_components', 'component', 'component_names',
+    'ConfigError', 'check', 'set_keys', 'check_train_config', 'RunConfig', 'Component', 'precheck_train_config',
+    'check_scheduler', 'check_optimizer', 'check_component', 'check_components', 'component', 'component_names',
     'signature_schema', 'FOUNDRY_REFUSED', 'FOUNDRY_IGNORED', 'COMPONENTS', 'OWN_MODELS',
     'TrainConfig', 'ModelConfig', 'TokenizerConfig', 'LoaderConfig', 'DatasetConfig',
     'StreamConfig', 'AlgorithmsConfig', 'DWMSection', 'RefitLoaderConfig', 'ValidationConfig',
@@ -217,6 +217,33 @@ FOUNDRY_REFUSED: dict[str, str] = {
 }
 
 
+@dataclass
+class Component:
+    """A section built by name (an optimizer, a scheduler, an LLM Foundry model or loader) and its keyword arguments:
+    checked against the component's signature, only the keys the YAML sets (unset: the component's own defaults);
+    an LLM Foundry model's or loader's keys as given (Foundry's builder checks them)."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """A ``dwm-stream train`` config after :func:`check_train_config`: the top level and every section typed. The
+    builders (:mod:`dwm_stream.train.builders`) take these sections; nothing downstream checks them again."""
+
+    top: TrainConfig
+    tokenizer: TokenizerConfig
+    model: Union[ModelConfig, Component]  # Component: an LLM Foundry model, with Foundry's keys
+    train_loader: Union[Any, Component]  # LoaderConfig for name: dwm; Component: an LLM Foundry loader
+    eval_loader: Optional[Union[Any, Component]]
+    optimizer: Optional[Component]  # None: decoupled_adamw with its own defaults
+    scheduler: Optional[Component]
+    algorithms: dict[str, Any]  # dwm: DWMSection (None: its defaults); another name: its keyword arguments
+    callbacks: dict[str, dict[str, Any]]
+    loggers: dict[str, dict[str, Any]]
+
+
 def refused(key: str, what: str) -> str:
     """The message for a Foundry feature that dwm-stream train does not run."""
     return (f'{key}: not supported by dwm-stream train ({what}); run `llmfoundry train` (pip install '
@@ -314,51 +341,51 @@ _FROM_THE_RUN = {('optimizers', None): ('params',), ('callbacks', 'trained_sampl
                  ('loggers', 'metrics_jsonl'): ('run_dir',)}
 
 
-def check_scheduler(cfg: Optional[Mapping[str, Any]], where: str = 'scheduler') -> Optional[dict[str, Any]]:
+def check_scheduler(cfg: Optional[Mapping[str, Any]], where: str = 'scheduler') -> Optional[Component]:
     """``scheduler``: ``name`` (a name of :data:`COMPONENTS` or LLM Foundry's registry) and the keyword arguments of
-    that scheduler, checked against its signature; returns them (the keys the YAML sets)."""
+    that scheduler, checked against its signature (the keys the YAML sets)."""
     if cfg is None:
         return None
     return _named_component('schedulers', cfg, where, None)
 
 
-def check_optimizer(cfg: Optional[Mapping[str, Any]], where: str = 'optimizer') -> Optional[dict[str, Any]]:
+def check_optimizer(cfg: Optional[Mapping[str, Any]], where: str = 'optimizer') -> Optional[Component]:
     """``optimizer``: ``name`` (default ``decoupled_adamw``) and that optimizer's keyword arguments, checked against its
-    signature (unset: the optimizer's own defaults); returns them."""
+    signature (unset: the optimizer's own defaults)."""
     if cfg is None:
         return None
     return _named_component('optimizers', cfg, where, 'decoupled_adamw')
 
 
-def _named_component(kind: str, cfg: Mapping[str, Any], where: str, default: Optional[str]) -> dict[str, Any]:
+def _named_component(kind: str, cfg: Mapping[str, Any], where: str, default: Optional[str]) -> Component:
     name = _section_name(cfg, where, default)
     if not isinstance(name, str) or component(kind, name) is None:
         raise ConfigError(f'{where}.name: {name!r} is not supported; use one of {component_names(kind)}.')
-    return check_component(kind, name, {k: v for k, v in cfg.items() if k != 'name'}, where)
+    return Component(name, check_component(kind, name, {k: v for k, v in cfg.items() if k != 'name'}, where))
 
 
-def check_model(cfg: Any, where: str = 'model') -> Optional[ModelConfig]:
-    """``model``: :class:`ModelConfig` for :data:`OWN_MODELS`; another name must be an LLM Foundry model (whose keys
-    Foundry's own builder checks), and ``None`` is returned for it."""
+def check_model(cfg: Any, where: str = 'model') -> Union[ModelConfig, Component]:
+    """``model``: :class:`ModelConfig` for :data:`OWN_MODELS`; another name must be an LLM Foundry model, returned as a
+    :class:`Component` with its keys as given (Foundry's own builder checks them)."""
     name = _section_name(cfg, where, 'llama')
     if name in OWN_MODELS:
         return check(ModelConfig, cfg, where)
     if not isinstance(name, str) or component('models', name) is None:
         raise ConfigError(f'{where}.name: {name!r} is not a model dwm-stream builds ({list(OWN_MODELS)}) nor one LLM '
                           f'Foundry registers{_foundry_hint("models")}.')
-    return None
+    return Component(name, {k: v for k, v in cfg.items() if k != 'name'})
 
 
-def check_loader(cfg: Any, where: str = 'train_loader', schema: Optional[type] = None) -> Optional[Any]:
-    """A loader: ``name: dwm`` (:class:`LoaderConfig`, or ``schema``); another name must be an LLM Foundry loader
-    (``text``, ``finetuning``...), built and checked by Foundry, and ``None`` is returned for it."""
+def check_loader(cfg: Any, where: str = 'train_loader') -> Union[Any, Component]:
+    """A loader: ``name: dwm`` (:class:`LoaderConfig`); another name must be an LLM Foundry loader (``text``,
+    ``finetuning``...), returned as a :class:`Component` with its keys as given (Foundry builds and checks it)."""
     name = _section_name(cfg, where, 'dwm')
     if name == 'dwm':
-        return check(schema or LoaderConfig, cfg, where)
+        return check(LoaderConfig, cfg, where)
     if not isinstance(name, str) or component('dataloaders', name) is None:
         raise ConfigError(f"{where}.name: {name!r} is not a loader dwm-stream builds ('dwm') nor one LLM Foundry "
                           f'registers{_foundry_hint("dataloaders")}.')
-    return None
+    return Component(name, {k: v for k, v in cfg.items() if k != 'name'})
 
 
 def check_components(kind: str, cfg: Any, where: str, own: Optional[type] = None) -> dict[str, Any]:
@@ -446,8 +473,8 @@ def precheck_train_config(cfg: Any) -> None:
     check_train_config(cfg)
 
 
-def check_train_config(cfg: Mapping[str, Any]) -> TrainConfig:
-    """Check a whole ``dwm-stream train`` config (every section); return it as a :class:`TrainConfig`.
+def check_train_config(cfg: Mapping[str, Any]) -> RunConfig:
+    """Check a whole ``dwm-stream train`` config (every section, once); return it typed, as the builders take it.
 
     LLM Foundry keys that dwm-stream train does not run (:data:`FOUNDRY_REFUSED`) fail naming ``llmfoundry train``.
     """
@@ -462,14 +489,16 @@ def check_train_config(cfg: Mapping[str, Any]) -> TrainConfig:
     if unknown:
         raise ConfigError(f'unknown top-level key(s) {unknown}; valid keys are {sorted(field_names(TrainConfig))} '
                           '(YAML variables go under `variables:`, as in LLM Foundry 0.22).')
-    train = check(TrainConfig, cfg)
-    check_model(cfg['model'])
-    check_loader(cfg['train_loader'], 'train_loader', LoaderConfig)
-    if cfg.get('eval_loader') is not None:
-        check_loader(cfg['eval_loader'], 'eval_loader')
-    check_optimizer(cfg.get('optimizer'))
-    check_scheduler(cfg.get('scheduler'))
-    check_components('algorithms', cfg.get('algorithms'), 'algorithms', AlgorithmsConfig)
-    check_components('callbacks', cfg.get('callbacks'), 'callbacks')
-    check_components('loggers', cfg.get('loggers'), 'loggers')
-    return train
+    top = check(TrainConfig, cfg)
+    return RunConfig(
+        top=top,
+        tokenizer=top.tokenizer,
+        model=check_model(cfg['model']),
+        train_loader=check_loader(cfg['train_loader'], 'train_loader'),
+        eval_loader=check_loader(cfg['eval_loader'], 'eval_loader') if cfg.get('eval_loader') is not None else None,
+        optimizer=check_optimizer(cfg.get('optimizer')),
+        scheduler=check_scheduler(cfg.get('scheduler')),
+        algorithms=check_components('algorithms', cfg.get('algorithms'), 'algorithms', AlgorithmsConfig),
+        callbacks=check_components('callbacks', cfg.get('callbacks'), 'callbacks'),
+        loggers=check_components('loggers', cfg.get('loggers'), 'loggers'),
+    )

@@ -16,6 +16,7 @@ the YAML sets ``progress_bar`` or ``log_to_console`` itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -31,7 +32,7 @@ from composer.utils import dist, reproducibility
 from dwm_stream.progress import is_terminal
 from dwm_stream.train import builders, config
 from dwm_stream.train.checkpoint_safety import install as load_checkpoints_weights_only
-from dwm_stream.train.config import ConfigError, TrainConfig, check_train_config
+from dwm_stream.train.config import ConfigError, RunConfig, TrainConfig, check_train_config
 from dwm_stream.train.precheck import load_yaml
 
 __all__ = ['load_config', 'build_trainer', 'fit', 'main', 'ConsoleLineLogger']
@@ -53,7 +54,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     return resolved
 
 
-def _check(cfg: Any, config_path: str) -> TrainConfig:
+def _check(cfg: Any, config_path: str) -> RunConfig:
     try:
         return check_train_config(cfg)
     except ConfigError as e:
@@ -125,15 +126,18 @@ def _foundry_settings(train: TrainConfig, world_size: int, config_path: str) -> 
         os.environ['CUDA_MODULE_LOADING'] = 'LAZY'
 
 
-def _model_config(cfg: dict[str, Any]) -> dict[str, Any]:
+def _model_config(settings: config.ModelConfig | config.Component) -> config.ModelConfig | config.Component:
     """``init_device: meta`` needs FSDP to materialise the model; dwm-stream train builds it on the CPU instead, as
     ``llmfoundry train`` does without FSDP."""
-    model_cfg = dict(cfg)
-    if model_cfg.get('init_device') in ('meta', 'mixed'):
-        warnings.warn(f"model.init_device: {model_cfg['init_device']!r} is for FSDP; building the model on 'cpu', "
-                      'as llmfoundry train does without FSDP.')
-        model_cfg['init_device'] = 'cpu'
-    return model_cfg
+    own = isinstance(settings, config.ModelConfig)
+    device = settings.init_device if own else settings.kwargs.get('init_device')
+    if device not in ('meta', 'mixed'):
+        return settings
+    warnings.warn(f"model.init_device: {device!r} is for FSDP; building the model on 'cpu', "
+                  'as llmfoundry train does without FSDP.')
+    if own:
+        return dataclasses.replace(settings, init_device='cpu')
+    return config.Component(settings.name, {**settings.kwargs, 'init_device': 'cpu'})
 
 
 def _eval_metric_names(model: Any) -> list[str]:
@@ -148,7 +152,8 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
     Everything the run needs is checked here, before any training step: the config (schema), each section as it is
     built, and DWM's data, schedule and ``save_dir`` at Composer's ``INIT`` (in the ``Trainer``'s construction).
     """
-    train = _check(cfg, config_path)
+    run = _check(cfg, config_path)
+    train = run.top
     load_checkpoints_weights_only()  # Composer 0.32 unpickles checkpoints fully; see checkpoint_safety
 
     reproducibility.seed_all(train.seed)
@@ -165,32 +170,34 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
     save_folder = train.save_folder
     run_dir = save_folder if save_folder and '://' not in save_folder else os.path.join('runs', train.run_name)
 
-    tokenizer = builders.build_tokenizer(cfg['tokenizer'])
-    model = builders.build_model(_model_config(cfg['model']), tokenizer)
-    train_spec = builders.build_train_dataloader(cfg['train_loader'], device_batch, tokenizer=tokenizer)
+    tokenizer = builders.build_tokenizer(run.tokenizer)
+    model = builders.build_model(_model_config(run.model), tokenizer)
+    train_spec = builders.build_train_dataloader(run.train_loader, device_batch, tokenizer=tokenizer)
     eval_spec = None
-    if cfg.get('eval_loader'):
+    if run.eval_loader is not None:
         eval_spec = Evaluator(label='eval',
                               dataloader=builders.build_eval_dataloader(
-                                  cfg['eval_loader'], train.device_eval_batch_size or device_batch,
+                                  run.eval_loader, train.device_eval_batch_size or device_batch,
                                   tokenizer=tokenizer),
                               metric_names=_eval_metric_names(model))
 
     algorithms = []
-    for name, kwargs in (cfg.get('algorithms') or {}).items():  # `name: null`: its defaults
+    for name, settings in run.algorithms.items():  # `name: null`: its defaults
         if name != 'dwm':
-            algorithms.append(builders.build_algorithm(name, kwargs, f'algorithms.{name}'))
+            algorithms.append(builders.build_algorithm(name, settings))
             continue
-        kwargs = dict(kwargs or {})
-        if kwargs.get('save_dir') is None and run_dir:
-            kwargs['save_dir'] = os.path.join(run_dir, 'dwm_schedule')
+        settings = settings or config.DWMSection()
+        if settings.save_dir is None and run_dir:
+            settings = dataclasses.replace(settings, save_dir=os.path.join(run_dir, 'dwm_schedule'))
         # The top-level save_overwrite is Composer's (checkpoints); DWM's schedule has algorithms.dwm.save_overwrite,
         # as under llmfoundry train, where the algorithm sees only its own keys.
-        algorithms.append(builders.ConfiguredDWM(train_dataset=cfg['train_loader'].get('dataset'),
-                                                 tokenizer=tokenizer, device_batch_size=device_batch, **kwargs))
+        train_dataset = (config.set_keys(run.train_loader.dataset)
+                         if not isinstance(run.train_loader, config.Component) else None)
+        algorithms.append(builders.ConfiguredDWM.from_section(settings, train_dataset=train_dataset,
+                                                              tokenizer=tokenizer, device_batch_size=device_batch))
 
-    optimizer = builders.build_optimizer(cfg.get('optimizer'), model)  # none: decoupled_adamw, its own defaults
-    loggers = builders.build_loggers(cfg.get('loggers'), run_dir)
+    optimizer = builders.build_optimizer(run.optimizer, model)  # none: decoupled_adamw, its own defaults
+    loggers = builders.build_loggers(run.loggers, run_dir)
     progress_bar, log_to_console, console_loggers = _console_output(train)
     optional = {key: getattr(train, key) for key in ('save_filename', 'save_latest_filename', 'compile_config')
                 if getattr(train, key) is not None}
@@ -208,9 +215,9 @@ def build_trainer(cfg: dict[str, Any], config_path: str = 'config') -> Trainer:
             eval_subset_num_batches=train.eval_subset_num_batches,
             max_duration=train.max_duration,
             optimizers=optimizer,
-            schedulers=builders.build_scheduler(cfg.get('scheduler')),
+            schedulers=builders.build_scheduler(run.scheduler),
             algorithms=algorithms,
-            callbacks=builders.build_callbacks(cfg.get('callbacks'), run_dir),
+            callbacks=builders.build_callbacks(run.callbacks, run_dir),
             loggers=loggers + console_loggers,
             device=device,
             device_train_microbatch_size=train.device_train_microbatch_size or device_batch,

@@ -27,6 +27,7 @@ from typing import Any, Union
 
 from composer.core import DataSpec
 
+from dwm_stream.train import config
 from dwm_stream.train.builders import ConfiguredDWM, build_train_dataloader
 
 __all__ = ['DWMAlgorithm', 'build_dwm_dataloader']
@@ -50,4 +51,6 @@ def build_dwm_dataloader(tokenizer: Any, device_batch_size: Union[int, float], *
             loader it is building: messages name it ``train_loader``.
     """
     del tokenizer
-    return build_train_dataloader({'name': 'dwm', **loader_cfg}, int(device_batch_size))
+    # LLM Foundry's registry passes raw keyword arguments: this is their edge, checked here.
+    settings = config.check_loader({'name': 'dwm', **loader_cfg}, 'train_loader')
+    return build_train_dataloader(settings, int(device_batch_size))

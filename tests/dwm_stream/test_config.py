@@ -140,7 +140,7 @@ def test_required_keys():
 
 def test_scheduler_by_name():
     assert config.check_scheduler({'name': 'cosine_with_warmup', 't_warmup': '10ba', 'alpha_f': 0}) == \
-        {'t_warmup': '10ba', 'alpha_f': 0.0}
+        config.Component('cosine_with_warmup', {'t_warmup': '10ba', 'alpha_f': 0.0})
     with pytest.raises(ConfigError, match=r"scheduler\.name: 'cosine'.*cosine_with_warmup"):
         config.check_scheduler({'name': 'cosine', 't_warmup': '10ba'})
     with pytest.raises(ConfigError, match=r"scheduler: unknown key\(s\) \['alpha'\].*alpha_f"):
@@ -290,15 +290,17 @@ def test_foundry_callback_that_needs_the_train_config_is_refused():
 
 def test_model_and_loader_names_outside_ours_come_from_foundry():
     pytest.importorskip('llmfoundry')
-    assert config.check_model({'name': 'mpt_causal_lm', 'd_model': 64}) is None  # Foundry checks its own keys
-    assert config.check_loader({'name': 'text', 'dataset': {}}) is None
+    # Foundry checks its own keys
+    assert config.check_model({'name': 'mpt_causal_lm', 'd_model': 64}) == config.Component('mpt_causal_lm',
+                                                                                            {'d_model': 64})
+    assert config.check_loader({'name': 'text', 'dataset': {}}) == config.Component('text', {'dataset': {}})
     with pytest.raises(ConfigError, match=r"^model\.name: 'gpt5' is not a model dwm-stream builds"):
         config.check_model({'name': 'gpt5'})
     with pytest.raises(ConfigError, match=r"^eval_loader\.name: 'txt' is not a loader dwm-stream builds"):
         config.check_loader({'name': 'txt'}, 'eval_loader')
-    assert config.check_scheduler({'name': 'inv_sqrt_with_warmup', 't_warmup': '1ba', 't_scale': '1ba',
-                                   't_cooldown': '0ba'}) == {'t_warmup': '1ba', 't_scale': '1ba', 't_cooldown': '0ba'}
-    assert config.check_optimizer({'name': 'decoupled_lionw', 'lr': 1})['lr'] == 1.0
+    times = {'t_warmup': '1ba', 't_scale': '1ba', 't_cooldown': '0ba'}
+    assert config.check_scheduler({'name': 'inv_sqrt_with_warmup', **times}).kwargs == times
+    assert config.check_optimizer({'name': 'decoupled_lionw', 'lr': 1}).kwargs['lr'] == 1.0
 
 
 def test_hf_causal_lm_takes_foundrys_keys():

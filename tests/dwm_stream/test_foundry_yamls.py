@@ -32,7 +32,7 @@ import yaml
 from composer.loggers import InMemoryLogger
 from transformers import AutoTokenizer, LlamaConfig
 
-from dwm_stream.train import builders
+from dwm_stream.train import builders, config
 from dwm_stream.train.entry import build_trainer, fit, load_config
 
 pytestmark = pytest.mark.slow
@@ -273,5 +273,5 @@ def test_the_examples_differ_from_foundry_only_in_train_loader_name_and_dwm(data
     assert changed['algorithms'] == {**base['algorithms'], 'dwm': changed['algorithms']['dwm']}
     assert {k: v for k, v in changed.items() if k not in ('train_loader', 'algorithms')} == \
         {k: v for k, v in base.items() if k not in ('train_loader', 'algorithms')}
-    assert builders.build_tokenizer({'name': small_tokenizer, 'kwargs': {'model_max_length': 128}}).model_max_length \
-        == 128
+    assert builders.build_tokenizer(config.TokenizerConfig(name=small_tokenizer, kwargs={'model_max_length': 128})) \
+        .model_max_length == 128

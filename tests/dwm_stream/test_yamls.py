@@ -22,7 +22,7 @@ from composer.core import Precision, Time, TimeUnit
 from algorithms.dwm.export import load_schedule, save_weighter, write_saved_weighters
 from algorithms.dwm import Weighter, WeighterConfig
 from dwm_stream.data.selection import write_selection
-from dwm_stream.train import builders
+from dwm_stream.train import builders, config
 from dwm_stream.train.config import TrainConfig
 from dwm_stream.train.entry import ConsoleLineLogger, build_trainer, load_config, main
 
@@ -94,14 +94,14 @@ def _local_data_overrides(cfg: dict, local_mds: str, selection: str | None = Non
     return out
 
 
-def _build_dwm(cfg: dict, tokenizer, device_batch: int) -> list:
+def _build_dwm(run: config.RunConfig, tokenizer, device_batch: int) -> list:
     """``algorithms.dwm`` as ``dwm-stream train`` builds it (without the Trainer)."""
     algorithms = []
-    for name, kwargs in (cfg.get('algorithms') or {}).items():
+    for name, section in run.algorithms.items():
         assert name == 'dwm'
-        algorithms.append(builders.ConfiguredDWM(train_dataset=cfg['train_loader'].get('dataset'),
-                                                 tokenizer=tokenizer, device_batch_size=device_batch,
-                                                 **(kwargs or {})))
+        algorithms.append(builders.ConfiguredDWM.from_section(
+            section, train_dataset=config.set_keys(run.train_loader.dataset), tokenizer=tokenizer,
+            device_batch_size=device_batch))
     return algorithms
 
 
@@ -175,8 +175,9 @@ def test_paper_yaml_settings(name, yaml_env):
         assert dwm['schedule'].endswith('slimpajama-370m-random-dwm/dwm_schedule/schedule.json')
 
     # Model size with the default tokenizer's vocabulary (built on the meta device: no memory).
-    tokenizer = builders.build_tokenizer(cfg['tokenizer'])
-    model = builders.build_model(cfg['model'], tokenizer)
+    run = config.check_train_config(cfg)
+    tokenizer = builders.build_tokenizer(run.tokenizer)
+    model = builders.build_model(run.model, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     assert all(p.device.type == 'meta' for p in model.parameters())
     if '370m' in name:
@@ -218,33 +219,34 @@ def test_paper_yaml_builds(name, yaml_env, local_mds, small_tokenizer, monkeypat
                                     'device_train_microbatch_size=4', 'device_eval_batch_size=4',
                                     *_local_data_overrides(raw, local_mds, selection)])
     assert set(cfg) <= {f.name for f in dataclasses.fields(TrainConfig)}
-    tokenizer = builders.build_tokenizer(cfg['tokenizer'])
+    run = config.check_train_config(cfg)
+    tokenizer = builders.build_tokenizer(run.tokenizer)
     assert len(tokenizer) == 2048  # the test tokenizer, not the network's
-    model = builders.build_model(cfg['model'], tokenizer)
+    model = builders.build_model(run.model, tokenizer)
     assert {p.device.type for p in model.parameters()} == {'meta'}
     assert model.model.config.hidden_size == raw['model']['config_overrides']['hidden_size']
-    optimizer = builders.build_optimizer(cfg['optimizer'], model)
+    optimizer = builders.build_optimizer(run.optimizer, model)
     assert optimizer.param_groups[0]['lr'] == raw['optimizer']['lr']
-    scheduler = builders.build_scheduler(cfg['scheduler'])
+    scheduler = builders.build_scheduler(run.scheduler)
     assert scheduler is not None
-    callbacks = builders.build_callbacks(cfg.get('callbacks'))
+    callbacks = builders.build_callbacks(run.callbacks)
     assert len(callbacks) == len(raw.get('callbacks') or {})
-    loggers = builders.build_loggers(cfg.get('loggers'), str(tmp / 'run'))
+    loggers = builders.build_loggers(run.loggers, str(tmp / 'run'))
     assert len(loggers) == len(raw.get('loggers') or {})
     Time.from_timestring(str(cfg['eval_interval']))
     Time.from_timestring(str(cfg['save_interval']))
 
-    algorithms = _build_dwm(cfg, tokenizer, device_batch=4)
+    algorithms = _build_dwm(run, tokenizer, device_batch=4)
     assert len(algorithms) == (0 if name == 'slimpajama-370m-random.yaml' else 1)
 
     # The train and eval loaders build and yield a batch (one is enough).
-    train = builders.build_train_dataloader(cfg['train_loader'], 4)
+    train = builders.build_train_dataloader(run.train_loader, 4)
     batch = train.batch_transforms(next(iter(train.dataloader)))
     assert batch['input_ids'].shape == (4, 256) and batch['input_ids'].dtype == torch.int64
     if chosen is not None:
         assert set(batch['uid'].tolist()) <= set(chosen.tolist())
         assert not torch.all(batch['prior_weight'] == 1)
-    builders.build_eval_dataloader(cfg['eval_loader'], 4)
+    builders.build_eval_dataloader(run.eval_loader, 4)
 
     if algorithms:
         dwm = algorithms[0]
@@ -270,7 +272,7 @@ def _loader_of(dwm, which: str):
 
 def _write_schedule(save_dir: str, tokenizer_dir: str) -> str:
     """A small 2-stage weighter schedule, as a 370M DWM run writes it (for the transfer YAML)."""
-    tokenizer = builders.build_tokenizer({'name': tokenizer_dir})
+    tokenizer = builders.build_tokenizer(config.TokenizerConfig(name=tokenizer_dir))
     stages = []
     for stage in range(2):
         weighter = Weighter(WeighterConfig(vocab_size=len(tokenizer), d_model=16, n_layers=1, n_heads=2,
@@ -310,16 +312,17 @@ DWM_YAML = 'slimpajama-370m-random-dwm.yaml'
 def _build_section(cfg: dict, section: str | None, tokenizer):
     if section is None:  # the config is checked when it is loaded
         return None
+    run = config.check_train_config(cfg)
     if section == 'model':
-        return builders.build_model(cfg['model'], tokenizer)
+        return builders.build_model(run.model, tokenizer)
     if section == 'train_loader':
-        return builders.build_train_dataloader(cfg['train_loader'], 4)
+        return builders.build_train_dataloader(run.train_loader, 4)
     if section == 'algorithms':
-        return _build_dwm(cfg, tokenizer, 4)
+        return _build_dwm(run, tokenizer, 4)
     if section == 'optimizer':
-        return builders.build_optimizer(cfg['optimizer'], torch.nn.Linear(2, 2))
+        return builders.build_optimizer(run.optimizer, torch.nn.Linear(2, 2))
     if section == 'scheduler':
-        return builders.build_scheduler(cfg['scheduler'])
+        return builders.build_scheduler(run.scheduler)
     if section == 'trainer':
         return build_trainer(cfg, config_path=_path(DWM_YAML))
     raise AssertionError(section)
@@ -347,7 +350,7 @@ def _build_section(cfg: dict, section: str | None, tokenizer):
 def test_unknown_key_lists_valid_keys(override, section, where, valid_key, yaml_env, small_tokenizer):
     """Unknown keys fail when the config is loaded (``section`` None) or, for model.config_overrides, when the
     section is built; the message names the full key path, the unknown key and the valid keys."""
-    tokenizer = builders.build_tokenizer({'name': small_tokenizer})
+    tokenizer = builders.build_tokenizer(config.TokenizerConfig(name=small_tokenizer))
     with pytest.raises(ValueError) as info:
         cfg = load_config(_path(DWM_YAML), ['model.init_device=meta', override])
         _build_section(cfg, section, tokenizer)
@@ -390,7 +393,7 @@ def test_unknown_key_lists_valid_keys(override, section, where, valid_key, yaml_
 def test_wrong_type_names_the_key(override, section, key, yaml_env, small_tokenizer):
     """A wrong type fails when the config is loaded (``section`` None) or when its section is built (a Composer
     time that does not parse, a LlamaConfig setting); the message names the full key path."""
-    tokenizer = builders.build_tokenizer({'name': small_tokenizer})
+    tokenizer = builders.build_tokenizer(config.TokenizerConfig(name=small_tokenizer))
     with pytest.raises(ValueError) as info:
         cfg = load_config(_path(DWM_YAML), ['model.init_device=meta', override])
         _build_section(cfg, section, tokenizer)
