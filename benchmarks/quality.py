@@ -3,8 +3,9 @@
 The corpus has real and degraded domains; the metric is the held-out loss on the real ones. Every method trains the
 same tiny Llama, from the same initialisation and in the same sample order for a given seed, for the same number of
 steps and trained samples, and puts its per-sample weights into the loss the same way (``batch['dwm_weight']``, DWM's
-loss terms). Methods (``--methods``; ``NAME`` or ``NAME:key=value,...``, where the keys
-override :class:`Budget` fields for that method and the whole string is its label):
+loss terms). Methods (``--methods``; ``NAME`` or ``NAME:key=value,...``, where a key is a :class:`Budget` field, an
+option of DWM (its :class:`~algorithms.dwm.config.DWMConfig`) or ``weighter.FIELD``, set for that method only, and the
+whole string is its label):
 
 * ``uniform``: plain training.
 * ``oracle``: knows the answer: weight 0 on every degraded domain, the rest renormalised to mean 1 per batch.
@@ -59,7 +60,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -81,6 +84,7 @@ from algorithms.baselines import (
     domain_weights_from_alignment,
 )
 from algorithms.dwm import DWM, ValidationBatches
+from algorithms.dwm.config import DWMConfig, WeighterConfig
 from algorithms.dwm.functional import WEIGHT_KEY, per_sample_loss, per_sample_loss_sums
 from benchmarks.common import (
     describe_machine,
@@ -107,7 +111,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN_MARK = '<!-- quality:begin -->'
 END_MARK = '<!-- quality:end -->'
 SCHEMA = 2
-# Base methods and the Budget fields each one sets before the method string's own overrides.
+# Base methods and the settings each one changes before the method string's own overrides.
 BASES: dict[str, dict[str, Any]] = {
     'uniform': {}, 'oracle': {}, 'oracle_select': {}, 'random_select': {}, 'noise_floor': {}, 'dwm': {},
     'dwm_paper': {'refit_kl': 0.0}, 'dwm_select': {}, 'loss_reweighting': {}, 'rho': {}, 'static_domain': {},
@@ -127,12 +131,21 @@ REPORT_SEED = 12345  # draws the balanced report set (and so the held-out DWM ta
 ESS_BOUND = 0.5
 
 
+# DWM as the bench runs it (the settings of yamls/demo-cpu.yaml, plus issue 12's trust region chosen by the dev
+# screening): DWM's own config, so that no option of DWM is written out here again. A method string or `--set` changes
+# any of its fields (`refit_kl=1`), and the weighter's as `weighter.FIELD` (`weighter.embed_norm=batch`).
+BENCH_DWM = DWMConfig(refit_lr=0.003, lookahead_lr=0.003, tau=1.0, mix_uniform=0.1,
+                      weighter=WeighterConfig(d_model=64, n_layers=1, n_heads=4, batch_layers=1))
+WEIGHTER_PREFIX = 'weighter.'
+
+
 @dataclass
 class Budget:
-    """Everything that sets the size of the experiment: its data (shared with the demo), its training, and the
-    methods' settings (a method string ``NAME:key=value`` overrides these fields for one method).
+    """Everything that sets the size of the experiment: its data (shared with the demo), its training, DWM's config,
+    and the other methods' settings (a method string ``NAME:key=value`` overrides any of them for one method).
 
-    Recorded in the JSON as one flat dict (:meth:`record`): the data's fields, then the others.
+    Recorded in the JSON as one flat dict (:meth:`record`): the data's fields, the others, then DWM's (the weighter's
+    as ``weighter.FIELD``).
     """
     data: DataBudget
     batch_size: int
@@ -144,29 +157,15 @@ class Budget:
     num_heads: int
     lr: float
     warmup_frac: float
-    num_stages: int
-    refit_steps: int
-    weighter_d_model: int
     proxy_frac: float               # static baseline: proxy run length as a fraction of `steps`
     proxy_batches_per_domain: int   # static baseline: batches per domain for its gradient
     report_per_domain: int          # report set: validation samples per domain
+    # DWM's options; its `num_stages` is also the stages of every method's per-stage tables, its `select_factor` the
+    # pool of the selection baselines, its `mix_uniform` the static baseline's.
+    dwm: DWMConfig = field(default_factory=lambda: BENCH_DWM)
     eval_batch_size: int = 32
-    # DWM (the settings of yamls/demo-cpu.yaml, plus issue 12's trust region chosen by the dev screening)
-    refit_lr: float = 0.003
-    lookahead: str = 'sgd'
-    lookahead_lr: float = 0.003
-    tau: float = 1.0
-    mix_uniform: float = 0.1
-    val_batch_size: int = 16
-    refit_kl: float = 3.0
-    embed_norm: str = 'none'
-    refit_backbone_lr_scale: float = 1.0
-    val_batches_per_step: int = 1
-    lookahead_steps: int = 1
-    refit_fit: str = 'gradient'
-    refit_fit_steps: int = 100
+    val_batch_size: int = 16         # DWM's validation batches
     dwm_validation: str = 'lambada'  # lambada | heldout | both ('lambada' means 'heldout' without a LAMBADA file)
-    select_factor: int = 4
     # noise floor
     noise_sigma: float = 0.02
     # Sow et al.'s defaults
@@ -179,22 +178,83 @@ class Budget:
     lr_final_frac: float = 0.1
     final_evals: int = 1
 
+    def __post_init__(self) -> None:  # the weighter embeds whole samples: its context is the data's
+        weighter = replace(WeighterConfig.from_any(self.dwm.weighter), max_seq_len=self.seq_len)
+        if weighter != self.dwm.weighter:
+            self.dwm = replace(self.dwm, weighter=weighter)
+
     @property
     def seq_len(self) -> int:
         """Tokens per sample: the data's, and the model's context."""
         return self.data.seq_len
 
     def record(self) -> dict[str, Any]:
-        """The flat dict the JSON holds: ``corpus_size``, ``vocab_size``, ``seq_len``, ..., then the other fields."""
+        """The flat dict the JSON holds: ``corpus_size``, ``vocab_size``, ``seq_len``, ..., the other fields, then
+        DWM's (``num_stages``, ``refit_kl``, ..., ``weighter.d_model``, ...)."""
         record = asdict(self)
-        return {**record.pop('data'), **record}
+        dwm = record.pop('dwm')
+        weighter = dwm.pop('weighter')
+        return {**record.pop('data'), **record, **dwm, **{WEIGHTER_PREFIX + k: v for k, v in weighter.items()}}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> 'Budget':
         """The inverse of :meth:`record`."""
         data_keys = {f.name for f in fields(DataBudget)}
-        return cls(data=DataBudget(**{k: record[k] for k in data_keys if k in record}),
-                   **{k: v for k, v in record.items() if k not in data_keys})
+        budget = cls(data=DataBudget(**{k: record[k] for k in data_keys if k in record}),
+                     **{k: record[k] for k in _own_fields() if k in record})
+        return apply_settings(budget, {k: v for k, v in record.items() if k not in _own_fields() | data_keys})
+
+
+def _own_fields() -> set[str]:
+    return {f.name for f in fields(Budget)} - {'data', 'dwm'}
+
+
+def setting_types() -> dict[str, Any]:
+    """Every key a method string or ``--set`` may set, with its type: a :class:`Budget` field, a :class:`DataBudget`
+    field, an option of DWM (:class:`~algorithms.dwm.config.DWMConfig`) or ``weighter.FIELD``."""
+    hints = {**typing.get_type_hints(DataBudget), **typing.get_type_hints(DWMConfig),
+             **{WEIGHTER_PREFIX + k: v for k, v in typing.get_type_hints(WeighterConfig).items()},
+             **{k: v for k, v in typing.get_type_hints(Budget).items() if k not in ('data', 'dwm')}}
+    hints.pop('weighter')
+    return hints
+
+
+def _typed(key: str, value: Any, kind: Any) -> Any:
+    """``value`` (a string from the command line, or a JSON value) as the type ``kind`` of ``key``."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+        if value is None or value == 'None':
+            return None
+        kind = args[0]
+    if not isinstance(value, str):
+        return value
+    if kind is bool:
+        if value.lower() not in ('true', 'false'):
+            raise ValueError(f'{key}={value!r} is not a bool (true or false)')
+        return value.lower() == 'true'
+    if kind not in (int, float, str):
+        raise ValueError(f'{key} ({kind}) cannot be set from a string')
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f'{key}={value!r} is not a {kind.__name__}') from None
+
+
+def apply_settings(budget: Budget, settings: dict[str, Any]) -> Budget:
+    """``budget`` with ``settings`` (keys of :func:`setting_types`, values of their type or strings) applied.
+    Raises ``ValueError`` naming a key that is not a setting, or a value that is not of its type."""
+    kinds = setting_types()
+    unknown = sorted(set(settings) - set(kinds))
+    if unknown:
+        raise ValueError(f'{", ".join(unknown)}: not a budget field, an option of DWM or weighter.FIELD '
+                         f'({", ".join(sorted(kinds))})')
+    values = {k: _typed(k, v, kinds[k]) for k, v in settings.items()}
+    data_keys, dwm_keys = {f.name for f in fields(DataBudget)}, {f.name for f in fields(DWMConfig)}
+    weighter = {k[len(WEIGHTER_PREFIX):]: v for k, v in values.items() if k.startswith(WEIGHTER_PREFIX)}
+    dwm = replace(budget.dwm, **{k: v for k, v in values.items() if k in dwm_keys},
+                  weighter=replace(WeighterConfig.from_any(budget.dwm.weighter), **weighter))
+    return replace(budget, data=replace(budget.data, **{k: v for k, v in values.items() if k in data_keys}), dwm=dwm,
+                   **{k: v for k, v in values.items() if k in _own_fields()})
 
 
 # Issue 18's bench: half the corpus degraded (a frequency-preserving word cipher of real documents among them), a
@@ -204,12 +264,12 @@ class Budget:
 FULL = Budget(data=DataBudget(corpus_size='8MB', vocab_size=1024, seq_len=64, validation_size='600KB',
                               degraded_share=0.5),
               batch_size=64, steps=480, evals=12, hidden_size=64, num_layers=2, intermediate_size=172, num_heads=4,
-              lr=0.003, warmup_frac=0.05, num_stages=3, refit_steps=8, weighter_d_model=64, proxy_frac=0.2,
+              lr=0.003, warmup_frac=0.05, dwm=replace(BENCH_DWM, num_stages=3, refit_steps=8), proxy_frac=0.2,
               proxy_batches_per_domain=4, report_per_domain=128, lr_final_frac=0.0, final_evals=3)
 QUICK = Budget(data=DataBudget(corpus_size='1MB', vocab_size=1024, seq_len=64, validation_size='200KB'),
                batch_size=8, steps=30, evals=3, hidden_size=32, num_layers=1, intermediate_size=64, num_heads=2,
-               lr=0.003, warmup_frac=0.1, num_stages=5, refit_steps=1, weighter_d_model=16, proxy_frac=0.34,
-               proxy_batches_per_domain=1, report_per_domain=12)
+               lr=0.003, warmup_frac=0.1, proxy_frac=0.34, proxy_batches_per_domain=1, report_per_domain=12,
+               dwm=replace(BENCH_DWM, num_stages=5, refit_steps=1, weighter=replace(BENCH_DWM.weighter, d_model=16)))
 
 
 def _say(msg: str) -> None:
@@ -218,10 +278,11 @@ def _say(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------- methods
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
-    """``'dwm:refit_kl=10,embed_norm=batch'`` -> ``('dwm', {'refit_kl': 10.0, 'embed_norm': 'batch'})``; values take
-    the type of the :class:`Budget` field they override. A trailing ``/null`` is the method's null: the same method
-    with its weights permuted within each batch (``null=1``). Raises ``ValueError`` naming the method if it is not
-    valid."""
+    """``'dwm:refit_kl=10,weighter.embed_norm=batch'`` -> ``('dwm', {'refit_kl': 10.0, 'weighter.embed_norm':
+    'batch'})``; a key is a setting of :func:`setting_types` (a :class:`Budget` field, an option of DWM, or
+    ``weighter.FIELD``) and its value takes that setting's type. A trailing ``/null`` is the method's null: the same
+    method with its weights permuted within each batch (``null=1``). Raises ``ValueError`` naming the method if it is
+    not valid."""
     overrides: dict[str, Any] = {}
     body = text
     if text.endswith(NULL_SUFFIX):
@@ -233,17 +294,20 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
                          + (f' (the null of a selection method is {SELECT_NULL})' if name in SELECT_BASES else ''))
     if name not in BASES:
         raise ValueError(f'method {text!r}: unknown method {name!r}; one of {", ".join(BASES)}')
-    types = {f.name: f.type for f in fields(Budget) if f.name != 'data'}
+    kinds = setting_types()
+    data_keys = {f.name for f in fields(DataBudget)}
     for item in filter(None, rest.split(',')):
         key, eq, value = item.partition('=')
         key = key.strip()
-        if not eq or key not in types:
-            raise ValueError(f'method {text!r}: {item!r} is not key=value with key a Budget field '
-                             f'({", ".join(sorted(types))})')
+        if key in data_keys:
+            raise ValueError(f'method {text!r}: {key} is the data\'s, shared by every method; set it with --set')
+        if not eq or key not in kinds:
+            raise ValueError(f'method {text!r}: {item!r} is not key=value with key a budget field, an option of DWM '
+                             f'or weighter.FIELD ({", ".join(sorted(kinds))})')
         try:
-            overrides[key] = types[key](value.strip())
-        except ValueError:
-            raise ValueError(f'method {text!r}: {key}={value!r} is not a {types[key].__name__}') from None
+            overrides[key] = _typed(key, value.strip(), kinds[key])
+        except ValueError as e:
+            raise ValueError(f'method {text!r}: {e}') from None
     return name, overrides
 
 
@@ -258,7 +322,7 @@ def null_of(text: str) -> str | None:
 def method_budget(budget: Budget, text: str) -> Budget:
     """The budget one method runs with: its base's settings, then the method string's overrides."""
     base, overrides = parse_method(text)
-    return replace(budget, **{**BASES[base], **overrides})
+    return apply_settings(budget, {**BASES[base], **overrides})
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -478,7 +542,8 @@ class QualityProbe(Callback):
 
     def batch_end(self, state, logger):
         budget = self.budget
-        stage = min(self.batches_done * budget.num_stages // budget.steps, budget.num_stages - 1)
+        stages = budget.dwm.num_stages
+        stage = min(self.batches_done * stages // budget.steps, stages - 1)
         domains = state.batch['domain'].tolist()
         weights = state.batch[WEIGHT_KEY].tolist() if WEIGHT_KEY in state.batch else [1.0] * len(domains)
         self.spread.setdefault(stage, []).append(float(np.std(weights)))
@@ -495,7 +560,7 @@ class QualityProbe(Callback):
     def stage_weights(self, train_shares: dict[str, float] | None = None) -> list[dict[str, float]]:
         """Per stage, each domain's mean weight; with ``train_shares`` (selection), its share of the trained samples
         over its share of the training set (1 = as often as uniform sampling)."""
-        table: list[dict[str, float]] = [{} for _ in range(self.budget.num_stages)]
+        table: list[dict[str, float]] = [{} for _ in range(self.budget.dwm.num_stages)]
         totals = [sum(n for (k, _), n in self.counts.items() if k == stage) for stage in range(len(table))]
         for (stage, name), n in sorted(self.counts.items()):
             if train_shares is None:
@@ -505,7 +570,8 @@ class QualityProbe(Callback):
         return table
 
     def stage_weight_std(self) -> list[float | None]:
-        return [float(np.mean(self.spread[k])) if k in self.spread else None for k in range(self.budget.num_stages)]
+        return [float(np.mean(self.spread[k])) if k in self.spread else None
+                for k in range(self.budget.dwm.num_stages)]
 
 
 class _RoundRobin:
@@ -568,7 +634,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get('il_proxy'):  # the RHO rule's irreducible-loss model: trained on the held-out target samples only
         train_dataset = {'local': paths['validation'], 'selection': spec['heldout_path'], 'shuffle': True,
                          'shuffle_seed': 17 + seed}
-    loader_batch = budget.batch_size * (budget.select_factor if base in SELECT_BASES else 1)
+    loader_batch = budget.batch_size * (budget.dwm.select_factor if base in SELECT_BASES else 1)
     train_spec = builders.build_train_dataloader(
         config.LoaderConfig(dataset=config.DatasetConfig(**train_dataset)), loader_batch)
     evaluating = spec.get('evaluate', True)
@@ -580,23 +646,16 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     algorithms = []
     if base in DWM_BASES:
         algorithms.append(DWM(
-            num_stages=budget.num_stages, refit_steps=budget.refit_steps, refit_lr=budget.refit_lr,
-            lookahead=budget.lookahead, lookahead_lr=budget.lookahead_lr, hypergrad='jvp', tau=budget.tau,
-            mix_uniform=budget.mix_uniform, domain_names=domain_names, refit_kl=budget.refit_kl,
-            refit_backbone_lr_scale=budget.refit_backbone_lr_scale, val_batches_per_step=budget.val_batches_per_step,
-            mode='select' if base == 'dwm_select' else 'weight', select_factor=budget.select_factor, seed=seed,
-            weighter={'d_model': budget.weighter_d_model, 'n_layers': 1, 'n_heads': 4, 'max_seq_len': budget.seq_len,
-                      'batch_layers': 1, 'embed_norm': budget.embed_norm},
+            config=replace(budget.dwm, mode='select' if base == 'dwm_select' else 'weight', seed=seed,
+                           domain_names=domain_names),
             refit_dataloader=WidenedLoader({**train_dataset, 'shuffle_seed': 18 + seed}, budget.batch_size, 'refit'),
-            lookahead_steps=budget.lookahead_steps, refit_fit=budget.refit_fit,
-            refit_fit_steps=budget.refit_fit_steps,
             val_dataloader=_validation(budget.dwm_validation, spec, tokenizer, budget)))
     elif base == 'static_domain':
         algorithms.append(StaticDomainWeighting(spec['static_weights'], domain_names=domain_names))
     elif base == 'oracle':  # knows which domains are degraded: weight 0 on them, the rest renormalised to mean 1
         algorithms.append(StaticDomainWeighting({d: 0.0 for d in spec['degraded']}, domain_names=domain_names))
     elif base in ('oracle_select', 'random_select'):
-        algorithms.append(DomainSelection(real if base == 'oracle_select' else None, budget.select_factor,
+        algorithms.append(DomainSelection(real if base == 'oracle_select' else None, budget.dwm.select_factor,
                                           domain_names=domain_names, seed=seed))
     elif base == 'loss_reweighting':
         algorithms.append(LossReweighting(r=budget.sow_r, warmup=f'{budget.sow_warmup_frac}dur',
@@ -706,7 +765,7 @@ def static_weights_from_proxy(lm, tokenizer, spec: dict[str, Any], budget: Budge
         cosine[domain_names[d]] = float(g_val @ g / (g_val.norm() * g.norm()).clamp(min=1e-30))
     total = sum(counts.values())
     shares = {domain_names[d]: c / total for d, c in counts.items()}
-    weights = domain_weights_from_alignment(alignment, shares, mix_uniform=budget.mix_uniform)
+    weights = domain_weights_from_alignment(alignment, shares, mix_uniform=budget.dwm.mix_uniform)
     return {'alignment': alignment, 'cosine': cosine, 'shares': shares, 'weights': weights, 'target': target,
             'samples_per_domain': {domain_names[d]: len(r) for d, r in samples.items()},
             'fit_examples': sum(int(b['input_ids'].shape[0]) for b in val)}
@@ -1049,6 +1108,13 @@ def _measured(x: Any, fmt: str | None = None) -> str:
     return x if isinstance(x, str) or fmt is None else format(x, fmt)
 
 
+def _weighter(record: dict[str, Any], name: str) -> Any:
+    """A weighter setting of a budget record (``weighter.NAME``; a schema-2 record before DWM's config was the
+    budget's said ``weighter_d_model`` and ``embed_norm``)."""
+    legacy = {'d_model': 'weighter_d_model', 'embed_norm': 'embed_norm'}
+    return record.get(WEIGHTER_PREFIX + name, record.get(legacy.get(name, '')))
+
+
 def render_section(results: dict[str, Any], images: list[str] | None = None) -> str:
     """The RESULTS.md section, from the JSON alone."""
     b, m, v, a, data = results['budget'], results['machine'], results['versions'], results['analysis'], results['data']
@@ -1093,8 +1159,9 @@ def render_section(results: dict[str, Any], images: list[str] | None = None) -> 
          f'{b["evals"]} evaluations + step 0. **{n} seed(s)** ({", ".join(map(str, seeds))}): a seed fixes the '
          'initialisation and the sample order, identical across methods (paired comparison).'),
         (f'- **DWM:** {b["num_stages"]} stages, {b["refit_steps"]} refit steps per stage (Adam lr {b["refit_lr"]}), '
-         f'{b["lookahead"]} look-ahead lr {b["lookahead_lr"]}, weighter d_model {b["weighter_d_model"]}, τ {b["tau"]}, '
-         f'λ {b["mix_uniform"]}, trust region refit_kl {b["refit_kl"]} (`dwm_paper`: 0), embed_norm {b["embed_norm"]}, '
+         f'{b["lookahead"]} look-ahead lr {b["lookahead_lr"]}, weighter d_model {_weighter(b, "d_model")}, '
+         f'τ {b["tau"]}, λ {b["mix_uniform"]}, trust region refit_kl {b["refit_kl"]} (`dwm_paper`: 0), '
+         f'embed_norm {_weighter(b, "embed_norm")}, '
          f'validation target {b["dwm_validation"]}; `dwm_select` trains on the top 1/{b["select_factor"]} of a '
          f'{b["select_factor"]}x pool. Noise floor: weights 1 + {b["noise_sigma"]} N(0,1), mean 1 per batch.'),
     ]
@@ -1301,8 +1368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--seeds', type=int, nargs='+', default=None,
                         help='training seeds (default: 0 1 2 3 4; --quick: 0)')
     parser.add_argument('--methods', nargs='+', default=list(DEFAULT_METHODS), metavar='M',
-                        help='NAME or NAME:key=value,... (keys: Budget fields); NAME one of ' + ', '.join(BASES) +
-                             ' (default: ' + ' '.join(DEFAULT_METHODS) + ')')
+                        help='NAME or NAME:key=value,... (keys: Budget fields, options of DWM, weighter.FIELD); '
+                             'NAME one of ' + ', '.join(BASES) + ' (default: ' + ' '.join(DEFAULT_METHODS) + ')')
     parser.add_argument('--jobs', type=int, default=None,
                         help='runs at a time, each in its own process on 1 thread (default: 1 with --quick, else '
                              'min(2, CPUs))')
@@ -1322,8 +1389,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='the embedded corpus\'s degraded domains (default: standard; alt: other corruption '
                              'types, for checking that a result transfers)')
     parser.add_argument('--set', dest='overrides', nargs='+', default=[], metavar='KEY=VALUE',
-                        help='change the budget of every method: a Budget field (steps=400, batch_size=64, ...) or '
-                             'a data field (corpus_size=8MB, degraded_share=0.45, ...)')
+                        help='change the budget of every method: a Budget field (steps=400, batch_size=64, ...), '
+                             'a data field (corpus_size=8MB, degraded_share=0.45, ...), an option of DWM '
+                             '(refit_kl=1, lookahead=adam, ...) or weighter.FIELD (weighter.d_model=32)')
     parser.add_argument('--device', default='cpu', help='torch device of every run, e.g. cuda (default: cpu)')
     parser.add_argument('--data-dir', default=os.path.join(REPO, '.cache', 'bench-quality'),
                         help='cache of the corpus, tokenizer and shards (default: .cache/bench-quality)')
@@ -1351,24 +1419,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def apply_overrides(budget: Budget, items: list[str]) -> Budget:
-    """``budget`` with ``KEY=VALUE`` items applied (a :class:`Budget` field or a :class:`DataBudget` field); values
-    take the field's type. Raises ``ValueError`` naming the item."""
-    data_types = {f.name: f.type for f in fields(DataBudget)}
-    types = {f.name: f.type for f in fields(Budget) if f.name != 'data'}
-    data, rest = {}, {}
+    """``budget`` with ``KEY=VALUE`` items applied (a setting of :func:`setting_types`); values take the setting's
+    type. Raises ``ValueError`` naming the item."""
+    settings = {}
     for item in items:
         key, eq, value = item.partition('=')
-        if not eq or (key not in types and key not in data_types):
-            raise ValueError(f'--set {item!r}: not KEY=VALUE with KEY a budget field '
-                             f'({", ".join(sorted(set(types) | set(data_types)))})')
-        kind = types.get(key) or data_types[key]
-        kind = {'Optional[str]': str, 'Optional[float]': float}.get(kind, kind) if isinstance(kind, str) else kind
-        kind = {'int': int, 'float': float, 'str': str}.get(kind, kind) if isinstance(kind, str) else kind
-        try:
-            (data if key in data_types else rest)[key] = kind(value)
-        except (TypeError, ValueError):
-            raise ValueError(f'--set {item!r}: {value!r} is not a {getattr(kind, "__name__", kind)}') from None
-    return replace(budget, data=replace(budget.data, **data), **rest)
+        if not eq:
+            raise ValueError(f'--set {item!r}: not KEY=VALUE')
+        settings[key] = value
+    try:
+        return apply_settings(budget, settings)
+    except ValueError as e:
+        raise ValueError(f'--set: {e}') from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1431,7 +1493,7 @@ def main(argv: list[str] | None = None) -> int:
         'proxy': raw['proxy'], 'runs': raw['runs'], 'rerun': raw['rerun'],
     }
     if 'uniform' in methods:
-        results['analysis'] = analyse(raw, methods, seeds, ctx['data'], budget.num_stages)
+        results['analysis'] = analyse(raw, methods, seeds, ctx['data'], budget.dwm.num_stages)
     results['seconds'] = time.perf_counter() - started
     write_report(results, args)
     return 0

@@ -18,7 +18,7 @@ Preconditioner ``P``:
   taken from the LLM optimizer's current state (:func:`adam_preconditioner`) and held fixed. The first moment is
   ignored: the look-ahead moves along the fresh, weighted gradient only, which keeps ``theta'`` linear in ``w``.
 
-:func:`hypergradient_autograd` differentiates through a ``create_graph=True`` look-ahead; it is the test oracle.
+The tests' oracle differentiates through ``create_graph=True`` look-ahead steps (``tests/algorithms/dwm_testing.py``).
 
 K-step look-ahead **[ours]** (:func:`hypergradient_multistep`): ``K`` virtual steps on ``K`` refit batches, each
 weighted by the weighter, ``theta_{k+1} = theta_k - eta * P * grad sum_i w_ki c_ki(theta_k)``, and the validation
@@ -30,7 +30,7 @@ approximation of first-order MAML):
 
 one JVP per step at that step's own ``theta_k``, along the one direction ``u = P * grad L_val(theta_K)``. For
 ``K = 1`` it is the exact one-step hypergradient. The error is ``O(eta * ||H||)`` per skipped step;
-:func:`hypergradient_multistep_autograd` (reverse mode through ``create_graph=True`` steps) is its oracle.
+the tests' oracle (reverse mode through ``create_graph=True`` steps) checks it.
 """
 
 from __future__ import annotations
@@ -50,10 +50,8 @@ __all__ = [
     'directional_derivative_jvp',
     'directional_derivative_fd',
     'hypergradient',
-    'hypergradient_autograd',
     'MultiStepResult',
     'hypergradient_multistep',
-    'hypergradient_multistep_autograd',
     'jvp_attention',
     'eager_attention',
     'chunked_attention',
@@ -271,59 +269,42 @@ def hypergradient(
     Returns:
         HypergradientResult: ``[n]`` hypergradient, the look-ahead validation loss and ``eta``.
     """
-    theta_prime = lookahead(contributions_fn, params, weights, lr, preconditioner, grad_reduce)
-    leaves = _leaves(theta_prime)
+    direction, val_loss = _validation_direction(
+        lookahead(contributions_fn, params, weights, lr, preconditioner, grad_reduce), val_loss_fn, preconditioner,
+        grad_reduce)
+    derivative = _derivative(contributions_fn, params, direction, method, fd_eps, jvp_context)
+    return HypergradientResult(-lr * derivative.detach(), float(val_loss), float(lr))
+
+
+def _validation_direction(theta_end: ParamDict, val_loss_fn: Callable[[ParamDict], torch.Tensor],
+                          preconditioner: Optional[ParamDict],
+                          grad_reduce: Optional[GradReduce]) -> tuple[ParamDict, torch.Tensor]:
+    """``u = P * grad L_val(theta_end)`` (summed over ranks) and ``L_val(theta_end)``. Pass ``theta_end`` without
+    keeping a reference: it is not needed past the gradient, and through the JVP only ``u`` (and ``P``, owned by
+    the caller) are parameter-sized."""
+    leaves = _leaves(theta_end)
+    del theta_end
     with torch.enable_grad():
         val_loss = val_loss_fn(leaves)
         val_grad = _grad(val_loss, leaves)
     val_loss_value = val_loss.detach()
-    del val_loss, theta_prime, leaves  # theta' is not needed past grad L_val(theta')
+    del val_loss, leaves
     if grad_reduce is not None:
         val_grad = grad_reduce(val_grad)
         val_loss_value = grad_reduce({'loss': val_loss_value.reshape(1)})['loss'][0]
-    direction = _scale_(val_grad, preconditioner)  # u = P * grad L_val(theta'), in place
-    del val_grad  # through the JVP only u (and P, owned by the caller) are parameter-sized
+    return _scale_(val_grad, preconditioner), val_loss_value  # in place: val_grad becomes u
+
+
+def _derivative(contributions_fn: Callable[[ParamDict], torch.Tensor], params: ParamDict, direction: ParamDict,
+                method: str, fd_eps: float,
+                jvp_context: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """``d c(params + t u) / dt`` at ``t = 0`` by ``method``: ``'jvp'`` (exact) or ``'fd'``."""
     if method == 'jvp':
         with jvp_context():
-            derivative = directional_derivative_jvp(contributions_fn, params, direction)
-    elif method == 'fd':
-        derivative = directional_derivative_fd(contributions_fn, params, direction, fd_eps)
-    else:
-        raise ValueError(f"hypergrad method must be 'jvp' or 'fd', got {method!r}")
-    return HypergradientResult(-lr * derivative.detach(), float(val_loss_value), float(lr))
-
-
-def hypergradient_autograd(
-    contributions_fn: Callable[[ParamDict], torch.Tensor],
-    val_loss_fn: Callable[[ParamDict], torch.Tensor],
-    params: ParamDict,
-    weights: torch.Tensor,
-    lr: float,
-    preconditioner: Optional[ParamDict] = None,
-) -> torch.Tensor:
-    """Reference hypergradient by reverse-mode through a ``create_graph=True`` look-ahead (tests only; O(Hessian)).
-
-    Args:
-        contributions_fn (Callable): ``params -> c`` ``[n]``.
-        val_loss_fn (Callable): ``params -> L_val``.
-        params (dict[str, torch.Tensor]): ``theta``.
-        weights (torch.Tensor): ``[n]``.
-        lr (float): ``eta``.
-        preconditioner (dict[str, torch.Tensor], optional): ``P``. Default: ``None``.
-
-    Returns:
-        torch.Tensor: ``[n]``.
-    """
-    leaves = _leaves(params)
-    w = weights.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        train_loss = (w * contributions_fn(leaves)).sum()
-        grads = torch.autograd.grad(train_loss, list(leaves.values()), create_graph=True, allow_unused=True)
-        grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}
-        step = _scale(grads, preconditioner)
-        theta_prime = {k: leaves[k] - lr * step[k] for k in leaves}
-        (hyper,) = torch.autograd.grad(val_loss_fn(theta_prime), w)
-    return hyper.detach()
+            return directional_derivative_jvp(contributions_fn, params, direction)
+    if method == 'fd':
+        return directional_derivative_fd(contributions_fn, params, direction, fd_eps)
+    raise ValueError(f"hypergrad method must be 'jvp' or 'fd', got {method!r}")
 
 
 def iter_named_trainable(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -547,51 +528,8 @@ def hypergradient_multistep(
     trajectory = [{k: p.detach() for k, p in params.items()}]
     for fn, w in zip(contributions_fns, weights):
         trajectory.append(lookahead(fn, trajectory[-1], w, lr, preconditioner, grad_reduce))
-    leaves = _leaves(trajectory.pop())
-    with torch.enable_grad():
-        val_loss = val_loss_fn(leaves)
-        val_grad = _grad(val_loss, leaves)
-    val_loss_value = val_loss.detach()
-    del val_loss, leaves
-    if grad_reduce is not None:
-        val_grad = grad_reduce(val_grad)
-        val_loss_value = grad_reduce({'loss': val_loss_value.reshape(1)})['loss'][0]
-    direction = _scale_(val_grad, preconditioner)
-    del val_grad
-    hypergradients = []
-    for fn, theta_k in zip(contributions_fns, trajectory):
-        if method == 'jvp':
-            with jvp_context():
-                derivative = directional_derivative_jvp(fn, theta_k, direction)
-        elif method == 'fd':
-            derivative = directional_derivative_fd(fn, theta_k, direction, fd_eps)
-        else:
-            raise ValueError(f"hypergrad method must be 'jvp' or 'fd', got {method!r}")
-        hypergradients.append(-lr * derivative.detach())
-    return MultiStepResult(hypergradients, float(val_loss_value), float(lr))
+    direction, val_loss = _validation_direction(trajectory.pop(), val_loss_fn, preconditioner, grad_reduce)
+    hypergradients = [-lr * _derivative(fn, theta_k, direction, method, fd_eps, jvp_context).detach()
+                      for fn, theta_k in zip(contributions_fns, trajectory)]
+    return MultiStepResult(hypergradients, float(val_loss), float(lr))
 
-
-def hypergradient_multistep_autograd(
-    contributions_fns: list[Callable[[ParamDict], torch.Tensor]],
-    val_loss_fn: Callable[[ParamDict], torch.Tensor],
-    params: ParamDict,
-    weights: list[torch.Tensor],
-    lr: float,
-    preconditioner: Optional[ParamDict] = None,
-) -> list[torch.Tensor]:
-    """Exact ``K``-step hypergradient by reverse mode through ``create_graph=True`` steps (tests only).
-
-    Returns:
-        list[torch.Tensor]: ``[n_k]`` per step, ``dL_val(theta_K)/dw_k``.
-    """
-    theta = _leaves(params)
-    ws = [w.detach().clone().requires_grad_(True) for w in weights]
-    with torch.enable_grad():
-        for fn, w in zip(contributions_fns, ws):
-            train_loss = (w * fn(theta)).sum()
-            grads = torch.autograd.grad(train_loss, list(theta.values()), create_graph=True, allow_unused=True)
-            grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(theta.items(), grads)}
-            step = _scale(grads, preconditioner)
-            theta = {k: theta[k] - lr * step[k] for k in theta}
-        hyper = torch.autograd.grad(val_loss_fn(theta), ws)
-    return [h.detach() for h in hyper]

@@ -87,3 +87,24 @@ def val_batches(n_batches: int = 4, batch_size: int = 4, seed: int = 123) -> lis
         labels[:, -4:] = ids[:, -4:]
         out.append({'input_ids': ids, 'labels': labels})
     return out
+
+
+def hypergradient_autograd(contributions_fns, val_loss_fn, params: dict, weights, lr: float,
+                           preconditioner: dict | None = None):
+    """The hypergradient oracle: reverse mode through ``K`` ``create_graph=True`` look-ahead steps (O(Hessian)), the
+    exact ``dL_val(theta_K) / dw_k`` of every step. One contributions function and one weight vector (not lists):
+    the one-step hypergradient ``[n]``; lists of ``K``: a list of ``K`` of them."""
+    single = callable(contributions_fns)
+    fns, ws = ([contributions_fns], [weights]) if single else (contributions_fns, weights)
+    theta = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+    ws = [w.detach().clone().requires_grad_(True) for w in ws]
+    with torch.enable_grad():
+        for fn, w in zip(fns, ws):
+            grads = torch.autograd.grad((w * fn(theta)).sum(), list(theta.values()), create_graph=True,
+                                        allow_unused=True)
+            step = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(theta.items(), grads)}
+            if preconditioner is not None:
+                step = {k: preconditioner[k] * g for k, g in step.items()}
+            theta = {k: theta[k] - lr * step[k] for k in theta}
+        hyper = [h.detach() for h in torch.autograd.grad(val_loss_fn(theta), ws)]
+    return hyper[0] if single else hyper

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from dwm_testing import clean_sequence, noisy_sequence, tiny_llama
+from dwm_testing import clean_sequence, hypergradient_autograd, noisy_sequence, tiny_llama
 from torch.func import functional_call
 
 from algorithms.dwm.hypergradient import (adam_preconditioner, directional_derivative_fd, eager_attention, hypergradient,
-                                          hypergradient_autograd, jvp_attention, lookahead)
+                                          jvp_attention, lookahead)
 from algorithms.dwm.functional import loss_contributions, per_sample_loss_sums
 
 LR = 0.5

@@ -130,12 +130,22 @@ def test_runs_on_another_slimpajama_corpus_without_lambada(tmp_path):
 def test_method_grammar():
     bench = _load_bench()
     assert bench.parse_method('dwm') == ('dwm', {})
-    assert bench.parse_method('dwm:refit_kl=10,embed_norm=batch') == ('dwm', {'refit_kl': 10.0, 'embed_norm': 'batch'})
+    assert bench.parse_method('dwm:refit_kl=10,weighter.embed_norm=batch') == \
+        ('dwm', {'refit_kl': 10.0, 'weighter.embed_norm': 'batch'})
+    assert bench.parse_method('dwm:refit=false,lookahead_lr=None') == ('dwm', {'refit': False, 'lookahead_lr': None})
     assert bench.parse_method('dwm_select:select_factor=2') == ('dwm_select', {'select_factor': 2})
-    assert bench.method_budget(bench.QUICK, 'dwm_paper').refit_kl == 0.0
-    assert bench.method_budget(bench.QUICK, 'dwm_paper:refit_kl=1').refit_kl == 1.0
-    assert bench.method_budget(bench.QUICK, 'dwm').refit_kl == bench.QUICK.refit_kl == 3.0
-    for bad, match in (('dwm:nosuch=1', 'nosuch'), ('dwm:refit_kl', 'refit_kl'), ('dwm:refit_kl=abc', 'float')):
+    assert bench.method_budget(bench.QUICK, 'dwm_paper').dwm.refit_kl == 0.0
+    assert bench.method_budget(bench.QUICK, 'dwm_paper:refit_kl=1').dwm.refit_kl == 1.0
+    assert bench.method_budget(bench.QUICK, 'dwm').dwm.refit_kl == bench.QUICK.dwm.refit_kl == 3.0
+    # DWM's own config: every option of DWM, the weighter's as weighter.FIELD, checked by DWMConfig itself
+    changed = bench.method_budget(bench.QUICK, 'dwm:weighter.embed_norm=batch,lookahead=adam')
+    assert (changed.dwm.weighter.embed_norm, changed.dwm.lookahead) == ('batch', 'adam')
+    assert changed.dwm.weighter.max_seq_len == bench.QUICK.seq_len  # the weighter's context is the data's
+    assert bench.Budget.from_record(changed.record()) == changed
+    with pytest.raises(ValueError, match="lookahead must be 'sgd' or 'adam'"):
+        bench.method_budget(bench.QUICK, 'dwm:lookahead=newton')
+    for bad, match in (('dwm:nosuch=1', 'nosuch'), ('dwm:refit_kl', 'refit_kl'), ('dwm:refit_kl=abc', 'float'),
+                       ('dwm:refit=maybe', 'bool'), ('dwm:corpus_size=1MB', 'shared by every method')):
         with pytest.raises(ValueError, match=match) as err:
             bench.parse_method(bad)
         assert repr(bad) in str(err.value)
