@@ -31,7 +31,9 @@ whole string is its label):
   uniform (λ = 0.1).
 
 DWM's validation target (``dwm_validation``): ``lambada`` (the *fit* half of the LAMBADA-format file), ``heldout``
-(held-out samples of the real domains, disjoint from the report set) or ``both`` (alternating batches).
+(held-out samples of the real domains, disjoint from the report set, in shard order: a batch is mostly one domain),
+``both`` (alternating batches), or ``balanced`` (the same number of held-out samples per real domain, shuffled: the
+report metric's shape).
 
 Reported: the **macro-average over the real domains of the token-mean held-out loss** on a balanced report set (the
 same number of validation samples per domain, drawn by a fixed seed), per domain too; LAMBADA-format continuation
@@ -165,7 +167,7 @@ class Budget:
     dwm: DWMConfig = field(default_factory=lambda: BENCH_DWM)
     eval_batch_size: int = 32
     val_batch_size: int = 16         # DWM's validation batches
-    dwm_validation: str = 'lambada'  # lambada | heldout | both ('lambada' means 'heldout' without a LAMBADA file)
+    dwm_validation: str = 'lambada'  # lambada | heldout | both | balanced ('lambada': 'heldout' without a LAMBADA file)
     # noise floor
     noise_sigma: float = 0.02
     # Sow et al.'s defaults
@@ -455,6 +457,11 @@ def prepare(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     heldout_path = os.path.join(paths['root'], f'heldout-r{budget.report_per_domain}-{REPORT_SEED}.parquet')
     write_selection(heldout_path, np.asarray(heldout_uids, dtype=np.int64),
                     info={'what': 'quality bench: held-out DWM target (real domains, never reported)'})
+    per_real = min(len(split['heldout'][d]) for d in real)  # the same number from every real domain, as the metric
+    balanced_path = os.path.join(paths['root'], f'heldout-balanced-r{budget.report_per_domain}-{REPORT_SEED}.parquet')
+    write_selection(balanced_path, np.asarray(sorted(u for d in real for u in split['heldout'][d][:per_real]),
+                                              dtype=np.int64),
+                    info={'what': f'quality bench: balanced held-out DWM target ({per_real} per real domain)'})
     train = _samples(paths['train'])
     counts = np.bincount([s['domain'] for s in train], minlength=len(names))
     vocab = len(load_tokenizer(paths['tokenizer']))
@@ -466,7 +473,8 @@ def prepare(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
     references = ngram_references([s['tokens'] for s in train], report_tokens, vocab, real)
     return {
         'paths': paths, 'domains': names, 'real': real, 'degraded': degraded, 'vocab': vocab, 'device': args.device,
-        'report': split['report'], 'heldout_path': heldout_path, 'references': references,
+        'report': split['report'], 'heldout_path': heldout_path, 'balanced_path': balanced_path,
+        'references': references,
         'data': {'domains': names, 'real_domains': real, 'degraded_domains': degraded,
                  'train_samples': len(train), 'train_tokens': int(sum(len(s['tokens']) for s in train)),
                  'train_shares': {names[i]: float(c / counts.sum()) for i, c in enumerate(counts)},
@@ -474,6 +482,7 @@ def prepare(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
                  'report_samples': {d: len(u) for d, u in split['report'].items()},
                  'report_tokens': {d: int(sum(len(t) - 1 for t in ts)) for d, ts in report_tokens.items()},
                  'heldout_samples': {d: len(u) for d, u in split['heldout'].items()},
+                 'balanced_heldout_per_domain': per_real,
                  'short_domains': split['short'],
                  'lambada_fit': _count_lines(paths['lambada_fit']),
                  'lambada_report': _count_lines(paths['lambada_report'])},
@@ -591,7 +600,10 @@ class _RoundRobin:
 
 
 def _validation(kind: str, spec: dict[str, Any], tokenizer, budget: Budget):
-    """DWM's validation batches: the LAMBADA fit half, the held-out real-domain samples, or both in turn."""
+    """DWM's validation batches: the LAMBADA fit half (``lambada``), the held-out real-domain samples in shard order
+    (``heldout``: a batch, and the batches in a row, mostly of one domain), both in turn (``both``), or ``balanced``:
+    the same number of held-out samples from every real domain, shuffled (a fixed seed), so that every batch mixes the
+    domains and the target is the report metric's macro average in expectation."""
     paths = spec['paths']
     if kind == 'lambada' and not paths['lambada_fit']:
         kind = 'heldout'
@@ -607,7 +619,10 @@ def _validation(kind: str, spec: dict[str, Any], tokenizer, budget: Budget):
         if lam is None:
             raise ValueError('dwm_validation=both needs a LAMBADA file')
         return _RoundRobin(lam, held)
-    raise ValueError(f'unknown dwm_validation {kind!r}; lambada, heldout or both')
+    if kind == 'balanced':
+        return WidenedLoader({'local': paths['validation'], 'selection': spec['balanced_path'], 'shuffle': True,
+                              'shuffle_seed': REPORT_SEED}, budget.val_batch_size, 'balanced')
+    raise ValueError(f'unknown dwm_validation {kind!r}; lambada, heldout, both or balanced')
 
 
 def _composer_device(device: str) -> str:
@@ -823,7 +838,8 @@ def run_all(ctx: dict[str, Any], budget: Budget, methods: list[str], seeds: list
     bench resumes; a changed budget, corpus or method runs afresh). The re-run is never taken from the cache."""
     base = {'paths': ctx['paths'], 'threads': 1, 'domains': ctx['domains'], 'real': ctx['real'],
             'degraded': ctx['degraded'], 'device': ctx.get('device', 'cpu'),
-            'report': ctx['report'], 'heldout_path': ctx['heldout_path'], 'train_shares': ctx['data']['train_shares']}
+            'report': ctx['report'], 'heldout_path': ctx['heldout_path'], 'balanced_path': ctx['balanced_path'],
+            'train_shares': ctx['data']['train_shares']}
 
     def spec(method: str, seed: int, **extra) -> dict[str, Any]:
         return {**base, 'method': method, 'seed': seed, 'budget': method_budget(budget, method).record(), **extra}

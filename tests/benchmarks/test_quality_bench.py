@@ -46,6 +46,7 @@ def test_json_schema(quick_run):
         assert n == budget['report_per_domain'] or d in data['short_domains']
         if d in data['real_domains']:
             assert n + data['heldout_samples'][d] == data['validation_samples'][d]
+    assert data['balanced_heldout_per_domain'] == min(data['heldout_samples'][d] for d in data['real_domains'])
     # Reference lines: the bigram is below the unigram on every real domain.
     refs = results['references']
     for d in data['real_domains']:
@@ -87,6 +88,30 @@ def test_json_schema(quick_run):
     assert not any(t['met'] for n, t in targets.items() if n.startswith(('headroom', dwm)) and 'ESS' not in n)
     for png in ('quality_curves.png', 'quality_weights.png'):
         assert (out / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_balanced_target_mixes_the_real_domains_equally(quick_run, tmp_path_factory):
+    """``dwm_validation=balanced``: the same number of held-out samples from every real domain, none reported, and
+    shuffled, so that a batch mixes domains (``heldout`` runs in shard order, a batch mostly of one domain)."""
+    import argparse
+    bench, results, out = quick_run[:3]
+    ctx = bench.prepare(argparse.Namespace(corpus=None, data_dir=str(out.parent / 'data'), corpus_seed=0,
+                                           corruptions='standard', device='cpu'), bench.QUICK)  # cached by the run
+    spec = {'paths': ctx['paths'], 'heldout_path': ctx['heldout_path'], 'balanced_path': ctx['balanced_path']}
+    reported = {u for uids in ctx['report'].values() for u in uids}
+    counts, mixed, batches = {}, 0, 0
+    for batch in bench._validation('balanced', spec, None, bench.QUICK):
+        domains = [ctx['domains'][d] for d in batch['domain'].tolist()]
+        assert not reported & set(batch['uid'].tolist()) and set(domains) <= set(ctx['real'])
+        for d in domains:
+            counts[d] = counts.get(d, 0) + 1
+        mixed += len(set(domains)) > 1
+        batches += 1
+    per_domain = results['data']['balanced_heldout_per_domain']
+    full = per_domain * len(ctx['real']) // bench.QUICK.val_batch_size * bench.QUICK.val_batch_size  # drop_last
+    assert sum(counts.values()) == full and max(counts.values()) <= per_domain
+    assert mixed == batches
 
 
 @pytest.mark.slow
