@@ -1,12 +1,14 @@
 """Run by tests in a fresh process (plain, or under `composer -n 2`): iterate a DWMDataset and
 write what was delivered as JSON.
 
-Usage: python dataset_worker.py CONFIG_JSON OUT_PREFIX
-CONFIG_JSON keys: dataset (kwargs for DWMDataset), num_workers, batch_size, take (stop after this
-many samples, per rank; -1 for all), state_in (path of a state dict to resume from), state_out
-(write dataset.state_dict(take * world, True) here after `take` samples).
+Usage: python dataset_worker.py JOBS_JSON OUT_PREFIX
+JOBS_JSON: a list of jobs, run one after another in this process (each dataset released before the next; one process
+start, not one per job), job i writing OUT_PREFIX.job{i}.rank{rank}.json. A job's keys: dataset (kwargs for
+DWMDataset), num_workers, batch_size, take (stop after this many samples, per rank; -1 for all), state_in (path of a
+state dict to resume from), state_out (write dataset.state_dict(take * world, True) here after `take` samples).
 """
 
+import gc
 import json
 import os
 import sys
@@ -18,13 +20,7 @@ from dwm_stream.data.dataset import DWMDataset
 from dwm_stream.data.loader import collate_samples
 
 
-def main() -> None:
-    cfg = json.loads(sys.argv[1])
-    out_prefix = sys.argv[2]
-    world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    rank = int(os.environ.get('RANK', '0'))
-    if world_size > 1:
-        dist.init_process_group('gloo')
+def run_job(cfg: dict, out_path: str, rank: int, world_size: int) -> None:
     dataset = DWMDataset(**cfg['dataset'])
     if cfg.get('state_in'):
         with open(cfg['state_in']) as f:
@@ -44,11 +40,24 @@ def main() -> None:
         state = dataset.state_dict(take * world_size, True)
         with open(cfg['state_out'], 'w') as f:
             json.dump(state, f)
-    with open(f'{out_prefix}.rank{rank}.json', 'w') as f:
+    with open(out_path, 'w') as f:
         json.dump({'uids': uids, 'prior_weight': priors, 'world_size': world_size,
                    'domain_names': dataset.domain_names}, f)
+
+
+def main() -> None:
+    jobs = json.loads(sys.argv[1])
+    out_prefix = sys.argv[2]
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
     if world_size > 1:
-        dist.barrier()
+        dist.init_process_group('gloo')
+    for i, cfg in enumerate(jobs):
+        run_job(cfg, f'{out_prefix}.job{i}.rank{rank}.json', rank, world_size)
+        gc.collect()  # the job's dataset (its shared memory) is released before the next one is built
+        if world_size > 1:
+            dist.barrier()
+    if world_size > 1:
         dist.destroy_process_group()
 
 

@@ -39,19 +39,23 @@ def _uids(dataset):
     return [s['uid'] for s in dataset]
 
 
-def _run_worker(cfg, out_prefix, nproc=1, timeout=300):
+def _run_worker(jobs, out_prefix, nproc=1, timeout=300):
+    """Run ``jobs`` one after another in one fresh process (or under ``composer -n nproc``); per job, per rank, what
+    it delivered."""
     if nproc == 1:
-        cmd = [sys.executable, WORKER, json.dumps(cfg), out_prefix]
+        cmd = [sys.executable, WORKER, json.dumps(jobs), out_prefix]
     else:
         composer = os.path.join(os.path.dirname(sys.executable), 'composer')
         cmd = [composer, '-n', str(nproc), '--stdout', out_prefix + '.stdout{rank}',
-               WORKER, json.dumps(cfg), out_prefix]
+               WORKER, json.dumps(jobs), out_prefix]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = []
-    for rank in range(nproc):
-        with open(f'{out_prefix}.rank{rank}.json') as f:
-            results.append(json.load(f))
+    for job in range(len(jobs)):
+        results.append([])
+        for rank in range(nproc):
+            with open(f'{out_prefix}.job{job}.rank{rank}.json') as f:
+                results[-1].append(json.load(f))
     return results
 
 
@@ -204,41 +208,42 @@ def test_selection_errors_name_the_file(corpus, tmp_path, problem):
 
 # ---------------------------------------------------------------------------- resumption
 @pytest.mark.slow
-@pytest.mark.parametrize('with_selection', [False, True])
-def test_resume_in_a_new_process_continues_the_sequence(corpus, selection_file, tmp_path, with_selection):
-    ds_cfg = {'local': corpus, 'shuffle': True, 'shuffle_seed': 11, 'batch_size': 6}
-    if with_selection:
-        ds_cfg['selection'] = selection_file
-    full = _run_worker({'dataset': ds_cfg, 'batch_size': 6}, str(tmp_path / 'full'))[0]['uids']
+def test_resume_in_a_new_process_continues_the_sequence(corpus, selection_file, tmp_path):
+    """Without and with a selection: the whole epoch and its first ``k`` samples (with the state there) in one
+    process, the rest from that state in another; the two parts are the epoch."""
     k = 96
-    state = str(tmp_path / 'state.json')
-    head = _run_worker({'dataset': ds_cfg, 'batch_size': 6, 'take': k, 'state_out': state},
-                       str(tmp_path / 'head'))[0]['uids']
-    tail = _run_worker({'dataset': ds_cfg, 'batch_size': 6, 'state_in': state},
-                       str(tmp_path / 'tail'))[0]['uids']
-    assert head == full[:k]
-    assert tail == full[k:]
+    configs = [{'local': corpus, 'shuffle': True, 'shuffle_seed': 11, 'batch_size': 6},
+               {'local': corpus, 'shuffle': True, 'shuffle_seed': 11, 'batch_size': 6, 'selection': selection_file}]
+    states = [str(tmp_path / f'state{i}.json') for i in range(len(configs))]
+    first = _run_worker([job for ds_cfg, state in zip(configs, states)
+                         for job in ({'dataset': ds_cfg, 'batch_size': 6},
+                                     {'dataset': ds_cfg, 'batch_size': 6, 'take': k, 'state_out': state})],
+                        str(tmp_path / 'first'))
+    tails = _run_worker([{'dataset': ds_cfg, 'batch_size': 6, 'state_in': state}
+                         for ds_cfg, state in zip(configs, states)], str(tmp_path / 'tail'))
+    for i in range(len(configs)):
+        full, head, tail = first[2 * i][0]['uids'], first[2 * i + 1][0]['uids'], tails[i][0]['uids']
+        assert head == full[:k]
+        assert tail == full[k:]
 
 
 # ---------------------------------------------------------------------------- distributed
 @pytest.mark.slow
-@pytest.mark.parametrize('with_selection', [False, True])
-def test_exactly_once_composer_two_ranks_two_workers(corpus, selection_file, tmp_path, with_selection):
+def test_exactly_once_composer_two_ranks_two_workers(corpus, selection_file, tmp_path):
+    """Without and with a selection (one `composer -n 2` launch): every sample once across the ranks."""
     ds_cfg = {'local': corpus, 'shuffle': True, 'shuffle_seed': 2, 'batch_size': 5}
-    expected = np.load(os.path.join(corpus, 'uids.npy')).tolist()
-    if with_selection:
-        ds_cfg['selection'] = selection_file
-        expected = read_selection(selection_file).uids.tolist()
-    results = _run_worker({'dataset': ds_cfg, 'batch_size': 5, 'num_workers': 2}, str(tmp_path / 'ddp'),
-                          nproc=2)
-    per_rank = [r['uids'] for r in results]
-    assert all(r['world_size'] == 2 for r in results)
-    assert len(per_rank[0]) == len(per_rank[1])  # equal work per rank: no DDP hang
-    delivered = per_rank[0] + per_rank[1]
-    # Streaming pads the last global batch by repeating samples only when the count does not divide
-    # evenly; with these sizes it divides, so delivery is exactly once.
-    assert len(expected) % 10 == 0
-    assert sorted(delivered) == sorted(expected)
+    expected = [np.load(os.path.join(corpus, 'uids.npy')).tolist(), read_selection(selection_file).uids.tolist()]
+    jobs = [{'dataset': cfg, 'batch_size': 5, 'num_workers': 2}
+            for cfg in (ds_cfg, {**ds_cfg, 'selection': selection_file})]
+    for job, want in zip(_run_worker(jobs, str(tmp_path / 'ddp'), nproc=2), expected):
+        per_rank = [r['uids'] for r in job]
+        assert all(r['world_size'] == 2 for r in job)
+        assert len(per_rank[0]) == len(per_rank[1])  # equal work per rank: no DDP hang
+        delivered = per_rank[0] + per_rank[1]
+        # Streaming pads the last global batch by repeating samples only when the count does not divide
+        # evenly; with these sizes it divides, so delivery is exactly once.
+        assert len(want) % 10 == 0
+        assert sorted(delivered) == sorted(want)
 
 
 # ---------------------------------------------------------------------------- storage

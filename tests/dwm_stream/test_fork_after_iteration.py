@@ -63,11 +63,13 @@ def test_workers_forked_while_an_epoch_is_open_here(converted_mds):
 @pytest.mark.slow
 def test_workers_forked_after_iterating_here_under_load(converted_mds):
     """The scenario of ``test_dataset.py::test_iterated_here_then_by_forked_workers``, 24 times (new workers forked
-    each time), beside CPU burners (one per core); each try is bounded by the DataLoader's 60 s timeout, and each
-    process of 12 tries by 300 s."""
+    each time), beside a CPU burner: with the two DataLoader workers and this process, more runnable processes than
+    cores on a 2-core machine (one burner per core cost as much CPU as the rest of the test). Each try is bounded by
+    the DataLoader's 60 s timeout, and each process of 12 tries by 300 s."""
     context = multiprocessing.get_context('spawn')
     stop = context.Event()
-    burners = [context.Process(target=_burn, args=(stop,), daemon=True) for _ in range(os.cpu_count() or 2)]
+    burners = [context.Process(target=_burn, args=(stop,), daemon=True)
+               for _ in range(max(1, (os.cpu_count() or 2) - 1))]
     for burner in burners:
         burner.start()
     try:

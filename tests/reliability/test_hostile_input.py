@@ -210,7 +210,9 @@ def test_composer_checkpoints_load_weights_only(tmp_path):
 
 
 # --------------------------------------------------------------------------------- at scale
-BIG_DOC_MB = 100
+# 48 MiB in the suite, half a CPU-minute less than 100 MiB. The old reader and tokenizer took 15.7 GiB at 100 MiB,
+# growing with the document, so the limit still tells them apart. RELIABILITY.md's figures are at DWM_BIG_DOC_MB=100.
+BIG_DOC_MB = int(os.environ.get('DWM_BIG_DOC_MB', '48'))
 BIG_DOC_RSS_LIMIT_MB = 3 * 1024
 
 
@@ -235,7 +237,7 @@ def _write_big_doc(path: str, mb: int) -> int:
 
 
 @pytest.mark.slow
-def test_100mb_document_on_one_line_converts_in_bounded_memory(small_tokenizer, tmp_path):
+def test_huge_document_on_one_line_converts_in_bounded_memory(small_tokenizer, tmp_path):
     src = tmp_path / 'src'
     src.mkdir()
     size = _write_big_doc(str(src / 'big.jsonl.zst'), BIG_DOC_MB)
