@@ -630,8 +630,10 @@ def _composer_device(device: str) -> str:
     return 'gpu' if device.split(':')[0] in ('cuda', 'gpu') else device
 
 
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train one (method, seed) and evaluate it; returns plain JSON-able numbers (and, for the proxy, weights)."""
+def run_one(spec: dict[str, Any], callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
+    """Train one (method, seed) and evaluate it; returns plain JSON-able numbers (and, for the proxy, weights).
+    ``callbacks`` join the run's ``Trainer`` (a measurement along the run, :mod:`benchmarks.signal_screen`); they
+    must not change the training."""
     torch.set_num_threads(int(spec.get('threads', 1)))
     budget = Budget.from_record(spec['budget'])
     paths, label, seed = spec['paths'], spec['method'], int(spec['seed'])
@@ -691,7 +693,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             'lr': budget.lr, 'betas': [0.9, 0.95], 'eps': 1e-8, 'weight_decay': 0.0}), model),
         schedulers=builders.build_scheduler(config.Component('cosine_with_warmup', {
             't_warmup': f'{max(1, round(budget.warmup_frac * steps))}ba', 'alpha_f': budget.lr_final_frac})),
-        algorithms=algorithms, callbacks=[probe] if evaluating else [], loggers=[memory],
+        algorithms=algorithms, callbacks=([probe] if evaluating else []) + list(callbacks), loggers=[memory],
         device=_composer_device(spec.get('device', 'cpu')), precision='fp32', seed=seed,
         device_train_microbatch_size=budget.batch_size,
         progress_bar=False, log_to_console=False, python_log_level=None)
@@ -724,11 +726,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def irreducible_losses(lm, train_dir: str, batch_size: int) -> dict[str, float]:
-    """Each training sample's token-mean loss under ``lm`` (the RHO rule's irreducible loss), keyed by uid."""
+    """Each training sample's token-mean loss under ``lm`` (the RHO rule's irreducible loss), keyed by uid; every
+    sample, the last partial batch too."""
     out: dict[str, float] = {}
     lm.eval()
     with torch.no_grad():
-        for batch in WidenedLoader({'local': train_dir, 'shuffle': False}, batch_size, train_dir):
+        for batch in WidenedLoader({'local': train_dir, 'shuffle': False}, batch_size, train_dir, drop_last=False):
             ids = batch['input_ids']
             labels = ids.clone()
             for row, n in enumerate(batch['num_tokens'].tolist()):

@@ -245,12 +245,15 @@ def build_eval_dataloader(settings: Any, device_batch_size: int, where: str = 'e
 class WidenedLoader:
     """Re-iterable: a ``DWMDataset`` loader whose batches are widened (int64 ids + labels).
 
-    The config is checked when the loader is made; the dataset is built at the first iteration.
+    The config is checked when the loader is made; the dataset is built at the first iteration. ``drop_last``: only
+    full batches (a refit or validation batch of another size would change what it averages), unless ``False`` (a
+    pass that must see every sample).
     """
 
-    def __init__(self, dataset_cfg: Mapping[str, Any], batch_size: int, where: str) -> None:
+    def __init__(self, dataset_cfg: Mapping[str, Any], batch_size: int, where: str, drop_last: bool = True) -> None:
         config.check(config.DatasetConfig, dataset_cfg, where)
         self.dataset_cfg, self.batch_size, self.where = dict(dataset_cfg), batch_size, where
+        self.drop_last = drop_last
         self._loader = None
         self._peeked: Optional[tuple[Iterator[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None
 
@@ -258,7 +261,7 @@ class WidenedLoader:
         if self._loader is None:
             dataset = build_dataset(self.dataset_cfg, self.batch_size, where=self.where)
             self._loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_samples,
-                                      drop_last=True)
+                                      drop_last=self.drop_last)
         return self._loader
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -115,6 +115,24 @@ def test_balanced_target_mixes_the_real_domains_equally(quick_run, tmp_path_fact
 
 
 @pytest.mark.slow
+def test_irreducible_losses_cover_every_training_sample(quick_run):
+    """The RHO rule's table has every training sample, the last partial batch too (a batch size that leaves one)."""
+    import argparse
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    bench, results, out = quick_run[:3]
+    ctx = bench.prepare(argparse.Namespace(corpus=None, data_dir=str(out.parent / 'data'), corpus_seed=0,
+                                           corruptions='standard', device='cpu'), bench.QUICK)
+    n = results['data']['train_samples']
+    batch_size = next(b for b in range(7, 64) if n % b)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=ctx['vocab'], hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=bench.QUICK.seq_len))
+    table = bench.irreducible_losses(lm, ctx['paths']['train'], batch_size)
+    assert len(table) == n and all(math.isfinite(v) for v in table.values())
+
+
+@pytest.mark.slow
 def test_results_md_section_is_rendered_from_the_json(quick_run):
     bench, results, out, results_md, other = quick_run
     text = results_md.read_text()
