@@ -307,10 +307,11 @@ class SignalProbe(Callback):
         refit = WidenedLoader({'local': paths['train'], 'shuffle': True, 'shuffle_seed': 18 + seed},
                               budget.batch_size, 'refit')
         self.refit = BatchCycle(refit, 'refit_dataloader')
-        self.val = {kind: BatchCycle(quality._validation(kind, spec, tokenizer, budget), f'{kind} validation')
+        self.val = {kind: BatchCycle(quality.validation_batches(kind, spec, tokenizer, budget), f'{kind} validation')
                     for kind in ('lambada', 'heldout', 'balanced')}
         # its own cycle, so that the one-batch balanced signal sees the same batches with or without it
-        self.wide = BatchCycle(quality._validation('balanced', spec, tokenizer, budget), 'wide balanced validation')
+        self.wide = BatchCycle(quality.validation_batches('balanced', spec, tokenizer, budget),
+                               'wide balanced validation')
         self.batches_done = 0
         self.samples: list[dict[str, np.ndarray]] = []
         self.meta: list[dict[str, Any]] = []
@@ -469,7 +470,7 @@ def _domain_table(checkpoint: dict[str, Any], degraded: list[str]) -> list[str]:
 def render_markdown(results: dict[str, Any]) -> str:
     """The aggregate as terminal-readable tables, one per checkpoint."""
     s = results['settings']
-    lines = [f'# Signal screen: which per-sample signal tells real from degraded samples?', '',
+    lines = ['# Signal screen: which per-sample signal tells real from degraded samples?', '',
              f'`{results["command"]}` — {results["date"]}, corpus seed {results["corpus"]["corpus_seed"]} '
              f'({results["corpus"]["corruptions"]} corruptions), seeds {results["seeds"]}, '
              f'{s["refit_batches"]} refit batches of {results["budget"]["batch_size"]} per checkpoint, '

@@ -101,7 +101,7 @@ def test_balanced_target_mixes_the_real_domains_equally(quick_run, tmp_path_fact
     spec = {'paths': ctx['paths'], 'heldout_path': ctx['heldout_path'], 'balanced_path': ctx['balanced_path']}
     reported = {u for uids in ctx['report'].values() for u in uids}
     counts, mixed, batches = {}, 0, 0
-    for batch in bench._validation('balanced', spec, None, bench.QUICK):
+    for batch in bench.validation_batches('balanced', spec, None, bench.QUICK):
         domains = [ctx['domains'][d] for d in batch['domain'].tolist()]
         assert not reported & set(batch['uid'].tolist()) and set(domains) <= set(ctx['real'])
         for d in domains:
@@ -300,7 +300,7 @@ def test_null_and_family_of_each_method():
         with pytest.raises(ValueError, match='no weights to permute'):
             bench.parse_method(bad)
     assert bench.family_headroom('dwm_select', 'w', 's') == 's' and bench.family_headroom('dwm', 'w', 's') == 'w'
-    assert bench._file_name('dwm:refit_kl=1/null-seed0') == 'dwm~refit_kl~1~null-seed0'
+    assert bench.file_name('dwm:refit_kl=1/null-seed0') == 'dwm~refit_kl~1~null-seed0'
     budget = bench.apply_overrides(bench.QUICK, ['steps=7', 'degraded_share=0.4', 'lr=0.01'])
     assert (budget.steps, budget.data.degraded_share, budget.lr) == (7, 0.4, 0.01)
     with pytest.raises(ValueError, match='nosuch'):
@@ -313,8 +313,8 @@ def test_device_names_map_to_composer():
     """``--device cuda`` trains on Composer's ``gpu`` device (Composer refuses the torch name ``cuda``)."""
     bench = _load_bench()
     from composer.utils import get_device
-    assert [bench._composer_device(d) for d in ('cpu', 'cuda', 'cuda:0', 'gpu')] == ['cpu', 'gpu', 'gpu', 'gpu']
-    assert type(get_device(bench._composer_device('cpu'))).__name__ == 'DeviceCPU'
+    assert [bench.composer_device(d) for d in ('cpu', 'cuda', 'cuda:0', 'gpu')] == ['cpu', 'gpu', 'gpu', 'gpu']
+    assert type(get_device(bench.composer_device('cpu'))).__name__ == 'DeviceCPU'
     with pytest.raises(ValueError, match='must be one of'):
         get_device('cuda')  # why the mapping exists
 
@@ -326,7 +326,7 @@ def test_run_cache_key_follows_the_data(tmp_path):
     (tmp_path / 'validation').mkdir()
     paths = {'train': str(tmp_path / 'train'), 'validation': str(tmp_path / 'validation')}
     (tmp_path / 'train' / 'index.json').write_text('{"shards": [1]}')
-    first = bench._code_digest(paths)
-    assert bench._code_digest(paths) == first
+    first = bench.code_digest(paths)
+    assert bench.code_digest(paths) == first
     (tmp_path / 'train' / 'index.json').write_text('{"shards": [2]}')
-    assert bench._code_digest(paths) != first
+    assert bench.code_digest(paths) != first
