@@ -76,6 +76,7 @@ DEFAULT_CORPUS_SEED = 1  # the development corpus; corpus seed 0 is the reported
 DEFAULT_CHECKPOINTS = (1 / 3, 2 / 3, 1.0)  # starts of stages 2 and 3 of a 3-stage run, and the end
 REFIT_BATCHES = 8
 QUICK_REFIT_BATCHES = 2
+SELECT_BETAS = (3.0, 1.0, 0.3)  # refit_kl values at which select_degraded_share is reported
 H_SIGNALS = ('h_sgd_lambada', 'h_sgd_heldout', 'h_sgd_balanced', 'h_sgd_balanced_x16', 'h_adam_heldout',
              'h_cos_heldout')
 WIDE_VAL_BATCHES = 16  # h_sgd_balanced_x16
@@ -153,6 +154,26 @@ def trust_region_weights(h: np.ndarray, batch: np.ndarray, beta: float, mix_unif
     return weights
 
 
+def select_degraded_share(h: np.ndarray, degraded: np.ndarray, batch: np.ndarray, beta: float, fraction: float,
+                          draws: int = 64, seed: int = 0) -> float:
+    """What ``dwm_select`` would train on if its weighter matched its refit target exactly: DWM selects the top
+    ``fraction`` of ``log-weight + Gumbel noise``, and the regression refit fits the log-weights to the trust-region
+    target's, ``-h / beta`` with ``h`` divided by its batch RMS. The expected share of degraded samples among the
+    selected, over ``draws`` Gumbel draws per batch (a fixed seed). ``beta`` sets how much of the signal's ranking
+    survives the noise: at ``beta = 3`` (the default ``refit_kl``) the logits spread about a third of the noise's."""
+    rng = np.random.default_rng(seed)
+    chosen, total = 0.0, 0
+    for b in np.unique(batch):
+        idx = np.flatnonzero(batch == b)
+        hb = h[idx] / max(float(np.sqrt(np.mean(h[idx] ** 2))), 1e-30)
+        k = max(1, int(round(fraction * len(idx))))
+        logits = -hb / beta + rng.gumbel(size=(draws, len(idx)))
+        top = np.argsort(-logits, axis=1, kind='stable')[:, :k]
+        chosen += float(degraded[idx][top].sum())
+        total += draws * k
+    return chosen / total
+
+
 def _stats(values: list[Optional[float]]) -> dict[str, Any]:
     """mean, min, max over the values that are not ``None``, and how many there are."""
     kept = [v for v in values if v is not None]
@@ -211,6 +232,9 @@ def checkpoint_figures(samples: dict[str, np.ndarray], real_names: list[str], do
             fig['weight_ratio'] = (float(w[degraded].mean() / w[real].mean())
                                    if degraded.any() and real.any() else None)
             fig['weight_by_domain'] = {domain_names[d]: float(w[domains == d].mean()) for d in present}
+            fig['select_degraded_share'] = {str(beta): select_degraded_share(values, degraded, batch, beta,
+                                                                             settings.select_fraction)
+                                            for beta in SELECT_BETAS}
         out['signals'][name] = fig
     return out
 
@@ -238,6 +262,8 @@ def aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 entry[key] = {d: float(np.mean([f[key][d] for f in figs if d in f[key]])) for d in names}
             if name in H_SIGNALS:
                 entry['weight_ratio'] = _stats([f['weight_ratio'] for f in figs])
+                entry['select_degraded_share'] = {beta: _stats([f['select_degraded_share'][beta] for f in figs])
+                                                  for beta in figs[0]['select_degraded_share']}
             signals[name] = entry
         out.append({'fraction': first['fraction'], 'step': first['step'],
                     'pool_degraded_share': _stats([r['pool_degraded_share'] for r in rows]), 'signals': signals})
@@ -495,6 +521,18 @@ def render_markdown(results: dict[str, Any]) -> str:
                          + f' | {_f(top["mean"])} [{_f(top["min"])}, {_f(top["max"])}] | '
                            f'{_f(e["domain_variance_share"]["mean"], ".2f")} |')
         lines.append('')
+        betas = next((list(e['select_degraded_share']) for e in c['signals'].values()
+                      if 'select_degraded_share' in e), [])
+        if betas:
+            lines += ['dwm_select at its refit target (Gumbel top-1/4 of -h/beta): degraded share of the selected, '
+                      'by refit_kl beta (pool: ' + _f(pool) + ')', '',
+                      '| signal | ' + ' | '.join(f'beta {b}' for b in betas) + ' |', '|---|' + '---|' * len(betas)]
+            for name, e in c['signals'].items():
+                if 'select_degraded_share' in e:
+                    lines.append(f'| {name} | ' + ' | '.join(
+                        f'{_f(e["select_degraded_share"][b]["mean"])} [{_f(e["select_degraded_share"][b]["min"])}, '
+                        f'{_f(e["select_degraded_share"][b]["max"])}]' for b in betas) + ' |')
+            lines.append('')
         lines += _domain_table(c, results['data']['degraded_domains'])
     lines += ['`h_cos_heldout` is a diagnostic (cosine), not the paper\'s method. `domain_is_real` is the sanity '
               'signal (AUC 1 by construction).', '']

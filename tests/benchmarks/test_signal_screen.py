@@ -89,3 +89,17 @@ def test_quick_run_is_sane_and_deterministic(tmp_path):
     table = (tmp_path / 'a' / 'signal.md').read_text()
     assert bench.main(['--render-only', '--out', str(tmp_path / 'a')]) == 0
     assert (tmp_path / 'a' / 'signal.md').read_text() == table
+
+
+def test_select_share_follows_beta():
+    """DWM's Gumbel selection at its refit target: a sharp target (small beta) keeps the signal's ranking, a flat
+    one is close to a random subset."""
+    bench = load_bench('signal_screen')
+    rng = np.random.default_rng(0)
+    degraded = np.tile(np.r_[np.ones(32, bool), np.zeros(32, bool)], 8)
+    batch = np.repeat(np.arange(8), 64)
+    h = np.where(degraded, 1.0, -1.0) + rng.normal(0, 0.5, degraded.size)  # degraded: higher h, lower weight
+    shares = [bench.select_degraded_share(h, degraded, batch, beta, 0.25) for beta in (30.0, 3.0, 0.3, 0.03)]
+    assert shares == sorted(shares, reverse=True)
+    assert abs(shares[0] - 0.5) < 0.05 and shares[-1] < 0.02
+    assert bench.select_degraded_share(h, degraded, batch, 3.0, 0.25) == shares[1]  # a fixed seed
