@@ -24,7 +24,6 @@ import copy
 import hashlib
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch

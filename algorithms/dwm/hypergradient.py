@@ -114,10 +114,6 @@ def adam_preconditioner(
     return precond if any_state else None
 
 
-def _scale(tensors: ParamDict, precond: Optional[ParamDict]) -> ParamDict:
-    return dict(tensors) if precond is None else {k: precond[k] * t for k, t in tensors.items()}
-
-
 def _scale_(tensors: ParamDict, precond: Optional[ParamDict]) -> ParamDict:
     """``P * t`` in place (``tensors`` must be owned by the caller, e.g. fresh ``autograd.grad`` outputs)."""
     if precond is not None:

@@ -214,9 +214,9 @@ def build_algorithm(name: str, kwargs: Mapping[str, Any]):
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _build_loader(settings: Any, device_batch_size: int, where: str, tokenizer: Any = None,
+def _build_loader(builder: str, settings: Any, device_batch_size: int, where: str, tokenizer: Any = None,
                   **defaults: Any) -> DataSpec:
-    _typed(settings, (config.LoaderConfig, config.Component), f'build_{where.split("_")[0]}_dataloader', where)
+    _typed(settings, (config.LoaderConfig, config.Component), builder, where)
     if isinstance(settings, config.Component):  # an LLM Foundry loader (`text`...), built as llmfoundry train does
         from llmfoundry.data import dataloader as foundry
 
@@ -232,14 +232,14 @@ def build_train_dataloader(settings: Any, device_batch_size: int, where: str = '
     """``train_loader: {name: dwm, dataset: {...}, num_workers, drop_last, ...}`` (a ``LoaderConfig``) -> ``DataSpec``;
     another ``name`` (a :class:`~dwm_stream.train.config.Component`) is an LLM Foundry loader (``text``...), which
     takes the ``tokenizer``."""
-    return _build_loader(settings, device_batch_size, where, tokenizer)
+    return _build_loader('build_train_dataloader', settings, device_batch_size, where, tokenizer)
 
 
 def build_eval_dataloader(settings: Any, device_batch_size: int, where: str = 'eval_loader',
                           tokenizer: Any = None) -> DataSpec:
     """``eval_loader``: as ``train_loader``, but ``drop_last`` defaults to ``false`` (the last partial batch is
     evaluated too)."""
-    return _build_loader(settings, device_batch_size, where, tokenizer, drop_last=False)
+    return _build_loader('build_eval_dataloader', settings, device_batch_size, where, tokenizer, drop_last=False)
 
 
 class WidenedLoader:
