@@ -195,6 +195,12 @@ class DWMConfig:
             Default: ``'gradient'``.
         refit_fit_steps (int): **[ours]** Adam steps of the regression fit (``refit_fit='regression'``), cycling
             over the pooled refit batches. Default: ``100``.
+        refit_target (str): **[ours]** What the regression fit (``refit_fit='regression'``) fits each sample to.
+            ``'sample'``: its own hypergradient's trust-region weight. ``'domain'``: the mean hypergradient of its
+            domain (``batch['domain']``) over all the refit's batches, then the trust-region weight of that: one
+            sample's hypergradient is a noisy measure of its worth (``benchmarks/RESULTS.md``, the signal screen), and
+            the mean over the hundreds of samples of its domain in one refit is a sharper one. The weighter still sees
+            only the tokens and learns to tell the domains apart itself. Default: ``'sample'``.
     """
 
     num_stages: int = 5
@@ -232,6 +238,7 @@ class DWMConfig:
     dead_tol: float = 1e-6
     refit_fit: str = 'gradient'
     refit_fit_steps: int = 100
+    refit_target: str = 'sample'
 
     def __post_init__(self) -> None:
         _choice('lookahead', self.lookahead, ('sgd', 'adam'))
@@ -252,6 +259,10 @@ class DWMConfig:
         if self.refit_fit == 'regression' and float(self.refit_kl) <= 0:
             raise ValueError('DWM refit_fit=regression fits the trust-region optimum exp(-h / refit_kl): '
                              f'refit_kl must be > 0, got {self.refit_kl}')
+        _choice('refit_target', self.refit_target, ('sample', 'domain'))
+        if self.refit_target == 'domain' and self.refit_fit != 'regression':
+            raise ValueError("DWM refit_target=domain pools the targets of the regression fit: set "
+                             f"refit_fit: regression (got refit_fit={self.refit_fit!r})")
         if int(self.refit_fit_steps) < 1:
             raise ValueError(f'DWM refit_fit_steps must be >= 1, got {self.refit_fit_steps}')
         if self.mode == 'select' and self.select_factor < 1:

@@ -28,6 +28,7 @@ __all__ = [
     'uniform_if_nonfinite',
     'weight_statistics',
     'trust_region_target',
+    'domain_means',
     'log_weight_regression_loss',
     'spread_reached',
     'gumbel_top_k',
@@ -310,6 +311,18 @@ def trust_region_target(hyper: torch.Tensor, beta: float, mix_uniform: float = 0
     h = hyper.detach().double()
     w = h.numel() * torch.softmax(-h / beta, dim=0)
     return (1.0 - mix_uniform) * w + mix_uniform
+
+
+def domain_means(values: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+    """Each sample's value replaced by the mean of the values of its domain: ``values`` ``[n]``, ``domains`` ``[n]``
+    integer ids. The pooling of ``refit_target='domain'``: many samples' evidence about their domain, instead of one
+    sample's noisy hypergradient."""
+    if values.shape != domains.shape:
+        raise ValueError(f'domain_means: values {tuple(values.shape)} and domains {tuple(domains.shape)} differ')
+    ids, inverse = torch.unique(domains, return_inverse=True)
+    sums = torch.zeros(ids.numel(), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
+    counts = torch.bincount(inverse, minlength=ids.numel()).to(values.dtype)
+    return (sums / counts)[inverse]
 
 
 def log_weight_regression_loss(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

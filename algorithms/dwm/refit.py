@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from algorithms.dwm.config import DWMConfig
 from algorithms.dwm.distributed import all_gather_cat, all_reduce_sum_, all_reduce_sum_dict, gather_with_local_grad
-from algorithms.dwm.functional import (IGNORE_INDEX, log_weight_regression_loss, loss_contributions,
+from algorithms.dwm.functional import (IGNORE_INDEX, domain_means, log_weight_regression_loss, loss_contributions,
                                        normalize_with_prior, per_sample_loss_sums, refit_objective, spread_reached,
                                        trust_region_target, weight_statistics)
 from algorithms.dwm.hypergradient import (ParamDict, hypergradient_multistep, iter_named_trainable, jvp_attention,
@@ -203,7 +203,7 @@ def refit(weighter: Weighter, optimizer: torch.optim.Optimizer, lm: torch.nn.Mod
     grad_reduce = all_reduce_sum_dict if world > 1 else None
     backbone_names = weighter.backbone_parameter_names()
     log = RefitDiagnostics(dead_tol=float(config.dead_tol))
-    pooled: list[tuple[dict, torch.Tensor]] = []  # (refit batch, its trust-region target), for every refit_fit
+    signals: list[tuple[dict, torch.Tensor]] = []  # (refit batch, its global normalised hypergradient)
     first_pair = None
 
     def weigh(batch: dict, grad: bool = False) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -245,8 +245,7 @@ def refit(weighter: Weighter, optimizer: torch.optim.Optimizer, lm: torch.nn.Mod
                 rms = torch.cat(hypers).pow(2).mean().sqrt().clamp(min=1e-30)
                 hypers = [h / rms for h in hypers]
             if config.refit_kl > 0:
-                mix = weighter.config.mix_uniform
-                pooled += [(batch, trust_region_target(h, config.refit_kl, mix)) for batch, h in zip(refit_batches, hypers)]
+                signals += [(batch, h) for batch, h in zip(refit_batches, hypers)]
             if config.refit_fit == 'gradient':  # the paper's: one Adam step on the refit objective
                 kls = []
 
@@ -265,6 +264,7 @@ def refit(weighter: Weighter, optimizer: torch.optim.Optimizer, lm: torch.nn.Mod
                                                     for p in weighter.parameters() if p.grad is not None)))
                 optimizer.step()
             log.end_step(result.val_loss, hyper_norm, time.perf_counter() - started)
+        pooled = _targets(signals, config, weighter.config.mix_uniform)
         if config.refit_fit == 'regression':  # the weighter moves once every target is in
             log.fit_loss = _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter, config.refit_fit_steps)
         log.target_reached = _target_reached(pooled, weigh, weighter)
@@ -278,6 +278,25 @@ def refit(weighter: Weighter, optimizer: torch.optim.Optimizer, lm: torch.nn.Mod
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     return RefitResult(weighter, log)
+
+
+def _targets(signals: list[tuple[dict, torch.Tensor]], config: DWMConfig,
+             mix_uniform: float) -> list[tuple[dict, torch.Tensor]]:
+    """Each refit batch's trust-region target ``w ∝ exp(-h / refit_kl)`` (none when ``refit_kl`` is 0); with
+    ``refit_target='domain'``, ``h`` is first replaced by its domain's mean over all the refit's batches."""
+    if config.refit_kl <= 0 or not signals:
+        return []
+    hypers = [h for _, h in signals]
+    if config.refit_target == 'domain':
+        domains = []
+        for batch, h in signals:
+            if 'domain' not in batch:
+                raise ValueError("DWM refit_target=domain needs the domain of every refit sample: the refit loader's "
+                                 "batches have no 'domain' key (use a dwm_stream dataset, or refit_target: sample)")
+            domains.append(all_gather_cat(batch['domain'].to(h.device).long().reshape(-1))[0])
+        sizes = [h.numel() for h in hypers]
+        hypers = list(domain_means(torch.cat(hypers), torch.cat(domains)).split(sizes))
+    return [(batch, trust_region_target(h, config.refit_kl, mix_uniform)) for (batch, _), h in zip(signals, hypers)]
 
 
 def _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter: Weighter, steps: int) -> float:

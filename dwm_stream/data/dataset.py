@@ -741,11 +741,15 @@ class _ShardDecoder:
 
     def sample(self, row: int, vrow: int) -> dict[str, Any]:
         """The sample dict of physical row ``row`` (``vrow``: its index among the selected rows)."""
+        num_tokens = self.num_tokens.item(row) if self.num_tokens is not None else self.seq_len
+        return self._sample(row, vrow, num_tokens, self.uid.item(row))
+
+    def _sample(self, row: int, vrow: int, num_tokens: int, uid: int) -> dict[str, Any]:
         try:
             sample: dict[str, Any] = {
                 'input_ids': self.tokens[row],
-                'num_tokens': self.num_tokens.item(row) if self.num_tokens is not None else self.seq_len,
-                'uid': self.uid.item(row),
+                'num_tokens': num_tokens,
+                'uid': uid,
                 'domain': self.remap[self.domain.item(row) if self.domain is not None else 0],
                 'prior_weight': self.prior.item(vrow) if self.prior is not None else 1.0,
             }
@@ -778,16 +782,5 @@ class _FilledShardDecoder(_ShardDecoder):
 
     def sample(self, row: int, vrow: int) -> dict[str, Any]:
         num_tokens = self.num_tokens.item(row) if self.num_tokens is not None else self.seq_len
-        try:
-            sample: dict[str, Any] = {
-                'input_ids': self.tokens[row],
-                'num_tokens': min(num_tokens, self.seq_len),
-                'uid': self.uid.item(row) if self.uid is not None else self.uid_base + row,
-                'domain': self.remap[self.domain.item(row) if self.domain is not None else 0],
-                'prior_weight': self.prior.item(vrow) if self.prior is not None else 1.0,
-            }
-        except IndexError:  # a domain id that dwm.json does not name
-            raise ValueError(_domain_error(self.view.filename, row, self.domain.item(row), self.stream)) from None
-        if self.num_scores:
-            self._add_scores(sample, row, vrow)
-        return sample
+        uid = self.uid.item(row) if self.uid is not None else self.uid_base + row
+        return self._sample(row, vrow, min(num_tokens, self.seq_len), uid)

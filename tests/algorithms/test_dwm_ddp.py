@@ -28,9 +28,12 @@ def _launch(nproc, out_dir, lookahead_steps=LOOKAHEAD_STEPS):
     out_dir.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''),
                OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-    cmd = [str(COMPOSER), '-n', str(nproc), '--master_port', str(_free_port()),
-           '--stdout', str(out_dir / 'stdout{rank}.txt'), '--stderr', str(out_dir / 'stderr{rank}.txt'),
-           str(WORKER), str(out_dir), ','.join(map(str, lookahead_steps))]
+    args = [str(WORKER), str(out_dir), ','.join(map(str, lookahead_steps))]
+    if nproc == 1:  # the reference: one plain process (the launcher would cost one more import of Composer)
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [str(COMPOSER), '-n', str(nproc), '--master_port', str(_free_port()),
+               '--stdout', str(out_dir / 'stdout{rank}.txt'), '--stderr', str(out_dir / 'stderr{rank}.txt'), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f'{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
     return {k: [torch.load(out_dir / f'rank{r}-K{k}.pt', weights_only=False) for r in range(nproc)]

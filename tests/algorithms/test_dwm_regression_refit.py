@@ -11,8 +11,9 @@ from dwm_testing import ToyCorpus, composer_llama, loader, val_batches
 from torch.utils.data import DataLoader
 
 from algorithms.dwm import DWM
-from algorithms.dwm.functional import (log_weight_regression_loss, refit_objective, spread_reached,
+from algorithms.dwm.functional import (domain_means, log_weight_regression_loss, refit_objective, spread_reached,
                                        trust_region_target)
+from algorithms.dwm.refit import global_weights
 
 
 def test_trust_region_target_minimises_the_refit_objective():
@@ -57,7 +58,15 @@ def _refit_metrics(refit_fit, **kwargs):
                       optimizers=torch.optim.Adam(model.parameters(), lr=3e-3), algorithms=[dwm], device='cpu',
                       seed=17, loggers=[logger], progress_bar=False, log_to_console=False)
     trainer.fit()
-    return {k[len('dwm/refit/'):]: v[-1][1] for k, v in logger.data.items() if k.startswith('dwm/refit/')}
+    metrics = {k[len('dwm/refit/'):]: v[-1][1] for k, v in logger.data.items() if k.startswith('dwm/refit/')}
+    # the refit weighter on samples it never saw: its mean weight by domain (0 clean, 1 noisy) and the spread within
+    held_out = next(iter(DataLoader(ToyCorpus(64, seed=99), batch_size=64)))
+    with torch.no_grad():
+        weights, _, _ = global_weights(dwm.weighter, held_out, use_prior_weight=False)
+    by_domain = [weights[held_out['domain'] == d] for d in (0, 1)]
+    metrics['domain_weight_ratio'] = float(by_domain[0].mean() / by_domain[1].mean())
+    metrics['within_domain_std'] = float(sum(w.std() for w in by_domain) / 2)
+    return metrics
 
 
 def test_regression_refit_reaches_its_targets_and_gradient_refit_reports_how_far_it_got():
@@ -70,8 +79,32 @@ def test_regression_refit_reaches_its_targets_and_gradient_refit_reports_how_far
     assert not math.isnan(regression['fit_loss']) and math.isnan(gradient['fit_loss'])
 
 
+def test_domain_means_pool_each_domain():
+    values = torch.tensor([1.0, 2.0, 10.0, 3.0, 20.0], dtype=torch.float64)
+    domains = torch.tensor([4, 4, 7, 4, 7])
+    torch.testing.assert_close(domain_means(values, domains),
+                               torch.tensor([2.0, 2.0, 15.0, 2.0, 15.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match='differ'):
+        domain_means(values, domains[:3])
+
+
+def test_domain_target_fits_one_weight_per_domain_and_prefers_the_clean_one():
+    """Pooled by domain, every refit target is one weight per domain: after the fit the weighter's weights vary far
+    less within a domain than between the two, and the clean domain (the validation set's) gets the larger weight."""
+    sample = _refit_metrics('regression', refit_fit_steps=150, refit_kl=0.3)
+    pooled = _refit_metrics('regression', refit_fit_steps=150, refit_kl=0.3, refit_target='domain')
+    assert pooled['target_reached'] >= 0.5, pooled
+    # the toy's per-domain weights (domain 0 clean, 1 noisy) after the refit
+    assert pooled['domain_weight_ratio'] > 1.0, pooled
+    assert pooled['within_domain_std'] < 0.5 * sample['within_domain_std'], (pooled, sample)
+
+
 def test_regression_refit_needs_a_trust_region():
     with pytest.raises(ValueError, match='refit_kl must be > 0'):
         DWM(refit_fit='regression', refit_kl=0.0)
     with pytest.raises(ValueError, match="refit_fit must be 'gradient' or 'regression'"):
         DWM(refit_fit='sgd')
+    with pytest.raises(ValueError, match='set refit_fit: regression'):
+        DWM(refit_target='domain')
+    with pytest.raises(ValueError, match="refit_target must be 'sample' or 'domain'"):
+        DWM(refit_fit='regression', refit_target='batch')

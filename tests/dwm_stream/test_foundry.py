@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
+from test_read_only import tree_digest, user_corpora
 from transformers import AutoTokenizer, LlamaConfig
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def test_entry_points_are_registered():
         importlib.metadata.EntryPoint(name='dwm', value=value, group='').load()
 
 
-def _foundry_yaml(tmp_path, mds: str, tokenizer: str, lambada: str) -> str:
+def _foundry_yaml(tmp_path, train: dict, refit: dict, tokenizer: str, lambada: str) -> str:
     tok = AutoTokenizer.from_pretrained(tokenizer)
     model_dir = str(tmp_path / 'tiny-llama')
     LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -51,7 +51,7 @@ def _foundry_yaml(tmp_path, mds: str, tokenizer: str, lambada: str) -> str:
         'model': {'name': 'hf_causal_lm', 'pretrained_model_name_or_path': model_dir, 'pretrained': False},
         'tokenizer': {'name': tokenizer, 'kwargs': {'model_max_length': 256}},
         'train_loader': {'name': 'dwm', 'num_workers': 0, 'drop_last': True,
-                         'dataset': {'local': mds, 'shuffle': True, 'shuffle_seed': 4}},
+                         'dataset': {**train, 'shuffle': True, 'shuffle_seed': 4}},
         'algorithms': {'dwm': {
             'num_stages': 2,
             'refit_steps': 1,
@@ -60,7 +60,7 @@ def _foundry_yaml(tmp_path, mds: str, tokenizer: str, lambada: str) -> str:
             'save_dir': os.path.join(save_folder, 'dwm_schedule'),
             # Under Foundry the algorithm sees only its own keys: the refit dataset and the validation
             # tokenizer are given in full.
-            'refit_loader': {'batch_size': 4, 'dataset': {'local': mds, 'shuffle': True, 'shuffle_seed': 5}},
+            'refit_loader': {'batch_size': 4, 'dataset': {**refit, 'shuffle': True, 'shuffle_seed': 5}},
             'validation': {'lambada': lambada, 'tokenizer': tokenizer, 'batch_size': 4, 'max_length': 256},
         }},
         'optimizer': {'name': 'decoupled_adamw', 'lr': 1.0e-3, 'betas': [0.9, 0.95], 'eps': 1.0e-8,
@@ -85,9 +85,12 @@ def _foundry_yaml(tmp_path, mds: str, tokenizer: str, lambada: str) -> str:
 
 
 def test_llm_foundry_train_runs_dwm(tmp_path, converted_mds, small_tokenizer, small_corpus):
-    mds = str(tmp_path / 'mds')
-    shutil.copytree(converted_mds, mds)  # the session fixture must not be modified
-    config = _foundry_yaml(tmp_path, mds, small_tokenizer, small_corpus.lambada_path)
+    """Also the Foundry half of ``test_read_only.py``: the train loader streams ``{remote, local: CACHE}`` and the
+    refit loader names the user's own corpus ``{local: MYCORPUS}``, which must come out of the run byte-identical."""
+    mine, remote, cache = user_corpora(tmp_path, converted_mds)
+    before = tree_digest(mine)
+    config = _foundry_yaml(tmp_path, {'remote': remote, 'local': cache}, {'local': mine}, small_tokenizer,
+                           small_corpus.lambada_path)
     llmfoundry_cli = os.path.join(os.path.dirname(sys.executable), 'llmfoundry')
     assert os.path.exists(llmfoundry_cli), 'llm-foundry is not installed (pip install -e ".[foundry]")'
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', TOKENIZERS_PARALLELISM='false',
@@ -120,6 +123,7 @@ def test_llm_foundry_train_runs_dwm(tmp_path, converted_mds, small_tokenizer, sm
     assert algorithms['DWMAlgorithm']['refits_done'] == 2
     assert algorithms['DWMAlgorithm']['stage_index'] == 1
     assert state['dataset_state'] is not None
+    assert tree_digest(mine) == before  # the refit corpus was read, never written
 
 
 def test_foundry_builders_name_the_yaml_key(converted_mds, small_corpus):

@@ -56,23 +56,25 @@ def test_a_terminal_gets_a_bar():
 
 
 @pytest.mark.slow
-def test_cli_progress_is_log_lines_in_a_file_and_no_progress_is_silent(small_corpus, small_tokenizer, tmp_path):
-    """`dwm-stream convert` with stderr to a file: log lines, no bar; `--no-progress` (before or after the
-    command): nothing."""
-    dwm = [sys.executable, '-m', 'dwm_stream.cli']
+def test_cli_progress_is_log_lines_in_a_file_and_no_progress_is_silent(small_corpus, small_tokenizer, tmp_path, capfd):
+    """`dwm-stream convert` with stderr to a file: log lines, no bar (a real process); `--no-progress` (before or
+    after the command): nothing (the same ``main``, in this process, its stderr captured at the file descriptor)."""
+    from dwm_stream.cli import main
     common = ['--src', small_corpus.train_dir, '--tokenizer', small_tokenizer, '--seq-len', '256']
-    runs = {'default': dwm + ['convert', *common, '--out', str(tmp_path / 'a')],
-            'global': dwm + ['--no-progress', 'convert', *common, '--out', str(tmp_path / 'b')],
-            'after': dwm + ['convert', *common, '--out', str(tmp_path / 'c'), '--no-progress']}
-    err = {}
-    for name, args in runs.items():
-        with open(tmp_path / f'{name}.err', 'w') as f:
-            proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=f, text=True, timeout=600)
-        assert proc.returncode == 0, (tmp_path / f'{name}.err').read_text()[-2000:]
-        err[name] = (tmp_path / f'{name}.err').read_text()
+    with open(tmp_path / 'default.err', 'w') as f:
+        proc = subprocess.run([sys.executable, '-m', 'dwm_stream.cli', 'convert', *common, '--out',
+                               str(tmp_path / 'a')], stdout=subprocess.PIPE, stderr=f, text=True, timeout=600)
+    err = {'default': (tmp_path / 'default.err').read_text()}
+    assert proc.returncode == 0, err['default'][-2000:]
+    capfd.readouterr()
+    for name, args in {'global': ['--no-progress', 'convert', *common, '--out', str(tmp_path / 'b')],
+                       'after': ['convert', *common, '--out', str(tmp_path / 'c'), '--no-progress']}.items():
+        assert main(args) == 0, name
+        err[name] = capfd.readouterr().err
+
     def progress_lines(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.startswith('convert')]
 
     assert '\r' not in err['default']
     assert progress_lines(err['default']), err['default']
-    assert not progress_lines(err['global']) and not progress_lines(err['after'])
+    assert not progress_lines(err['global']) and not progress_lines(err['after']), err

@@ -4,7 +4,8 @@ The run of the issue: the train loader reads ``{remote: R, local: CACHE}`` and t
 converted corpus, ``{local: MYCORPUS}``. ``dwm-stream train`` merged the train loader's ``remote`` into the refit
 section, streaming took MYCORPUS for a download cache and deleted its compressed shards. Here MYCORPUS is hashed
 (every file, its mode and its bytes, and the list of files) before and after a run under each entry point; nothing
-may be added, changed or removed.
+may be added, changed or removed. The run under ``llmfoundry train`` is ``test_foundry.py``'s, which checks this
+beside what it checks of Foundry's entry point.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import logging
 import os
 import shutil
 import stat
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,7 +27,6 @@ from dwm_stream.data.read_only import CorpusConflictError, complete_corpus
 from dwm_stream.train import builders
 from dwm_stream.train.entry import build_trainer, fit, load_config
 
-LLMFOUNDRY = os.path.join(os.path.dirname(sys.executable), 'llmfoundry')
 ENV = {'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1',
        'CUDA_VISIBLE_DEVICES': ''}
 
@@ -50,6 +48,10 @@ def tree_digest(root: str) -> dict[str, tuple[int, str]]:
 
 @pytest.fixture
 def corpora(tmp_path, converted_mds):
+    return user_corpora(tmp_path, converted_mds)
+
+
+def user_corpora(tmp_path, converted_mds) -> tuple[str, str, str]:
     """``mycorpus`` (the user's converted corpus) and ``remote`` (the same corpus, where a train loader streams it
     from into ``cache``)."""
     mine, remote = str(tmp_path / 'mycorpus'), str(tmp_path / 'remote')
@@ -123,19 +125,6 @@ def test_refit_corpus_is_byte_identical_after_dwm_stream_train(tmp_path, monkeyp
         assert refit_dataset.streams[0].remote == corpora[0]  # the corpus, not the train loader's remote
     finally:
         trainer.close()
-    assert tree_digest(corpora[0]) == before
-
-
-@pytest.mark.slow
-def test_refit_corpus_is_byte_identical_after_llmfoundry_train(tmp_path, corpora, small_tokenizer, small_corpus):
-    assert os.path.exists(LLMFOUNDRY), 'llm-foundry is not installed (pip install -e ".[foundry]")'
-    before = tree_digest(corpora[0])
-    path = _config(tmp_path, corpora, small_tokenizer, small_corpus.lambada_path, 'llmfoundry')
-    proc = subprocess.run([LLMFOUNDRY, 'train', path], cwd=tmp_path, env=dict(os.environ, **ENV),
-                          capture_output=True, text=True, timeout=600, check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f'llmfoundry train failed:\n{out[-8000:]}'
-    assert 'Train dwm/refit/count: 2' in out, out[-4000:]
     assert tree_digest(corpora[0]) == before
 
 
