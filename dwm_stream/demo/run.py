@@ -39,6 +39,9 @@ DEMO_YAML = os.path.join(_REPO, 'yamls', 'demo-cpu.yaml')
 QUALITY_JSON = os.path.join(_REPO, 'benchmarks', 'results', 'quality.json')
 # The same bench, bigger, on a GPU (benchmarks/results/gpu_quality/README.md): quoted beside the CPU bench when present.
 GPU_QUALITY_JSON = os.path.join(_REPO, 'benchmarks', 'results', 'gpu_quality', 'quality.json')
+# The CPU bench on its other corruptions (``--corruptions alt``), the CPU corpus with selection headroom: its latest
+# reported run, every baseline beside DWM's development-screened variant.
+ALT_QUALITY_JSON = os.path.join(_REPO, 'benchmarks', 'results', 'alt_round4', 'quality.json')
 BUCKET = 'dwm-demo'
 
 
@@ -243,7 +246,8 @@ def bench_verdict(path: str = QUALITY_JSON, label: str = 'quality bench') -> lis
                     f'{room["seeds_met"]} of {room["n"]} seeds beyond 3x its null\'s RMS {room["null_rms"]:.4f})')
     ranked = bool(room and room['holds'])
     better = ('beats' if ranked and len(met) == len(analysis['targets']) else
-              'does not reliably beat' if ranked else 'cannot be ranked against')
+              'does not reliably beat' if ranked and delta['mean'] < 0 else
+              'does not beat' if ranked else 'cannot be ranked against')
     null_text = (f', below its own null in {vs_null["seeds"]} of {vs_null["n"]}' if vs_null else '')
     return ['', f'Verdict across seeds (benchmarks/RESULTS.md, {label}, {delta["n"]} seeds): {headroom}; DWM '
                 f'({method}) {better} uniform: held-out macro loss change {delta["mean"]:+.4f} on average, lower in '
@@ -282,7 +286,9 @@ def _report(runs: dict[str, Any], stages: dict[int, dict[str, float]], domain_na
                       f'{len(down)} of {len(degraded)} degraded domains ({", ".join(sorted(down)) or "none"}); its '
                       f'held-out loss is {"lower" if dwm["heldout"]["all"] < uni["heldout"]["all"] else "not lower"} '
                       f'than uniform ({dwm["heldout"]["all"]:.4f} vs {uni["heldout"]["all"]:.4f}).']
-    lines += bench_verdict()
-    if os.path.exists(GPU_QUALITY_JSON):
-        lines += bench_verdict(GPU_QUALITY_JSON, 'the same bench bigger, on one H200')
+    lines += bench_verdict(label='CPU bench, standard corpus')
+    for path, label in ((ALT_QUALITY_JSON, 'CPU bench, other corruptions'),
+                        (GPU_QUALITY_JSON, 'the same bench bigger, on one H200')):
+        if os.path.exists(path):
+            lines += bench_verdict(path, label)
     return lines

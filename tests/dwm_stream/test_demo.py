@@ -56,6 +56,8 @@ def test_bench_verdict_follows_the_quality_json(tmp_path):
     assert 'does not reliably beat uniform' in line and '-0.0020' in line and 'lower in 2 of 5 seeds' in line
     assert 'the bench has headroom (oracle gain +0.2000, 5 of 5 seeds' in line, line and 'targets met: 2 of 3' in line
     assert 'below its own null in 3 of 5' in line
+    path.write_text(json.dumps(_analysis([0.03, -0.01, 0.05, 0.02, 0.01], [True, False])))
+    assert 'DWM (dwm) does not beat uniform: held-out macro loss change +0.0200' in bench_verdict(str(path))[1]
     path.write_text(json.dumps(_analysis([-0.05] * 5, [True, True])))
     assert 'DWM (dwm) beats uniform' in bench_verdict(str(path))[1]
     path.write_text(json.dumps(_analysis([-0.05] * 5, [True, True], room=False)))
@@ -64,6 +66,9 @@ def test_bench_verdict_follows_the_quality_json(tmp_path):
     assert 'no quality-bench record' in bench_verdict(str(tmp_path / 'missing.json'))[1]
     # The committed records are what the demo quotes: the CPU bench, and the same bench bigger on a GPU, labelled.
     assert 'no quality-bench record' not in bench_verdict(QUALITY_JSON)[1]
-    from dwm_stream.demo.run import GPU_QUALITY_JSON
+    from dwm_stream.demo.run import ALT_QUALITY_JSON, GPU_QUALITY_JSON
+    alt = bench_verdict(ALT_QUALITY_JSON, 'CPU bench, other corruptions')[1]
+    assert alt.startswith('Verdict across seeds (benchmarks/RESULTS.md, CPU bench, other corruptions, 5 seeds): the '
+                          'bench has headroom'), alt
     gpu = bench_verdict(GPU_QUALITY_JSON, 'on one H200')[1]
     assert gpu.startswith('Verdict across seeds (benchmarks/RESULTS.md, on one H200, 5 seeds): the bench has')
