@@ -226,6 +226,18 @@ def _images(out: str, results_md: str) -> list[str]:
             for p in ('quality_curves.png', 'quality_weights.png')]
 
 
+
+def _wrap_method(method: str, width: int = 48) -> str:
+    """A method string broken after its commas into lines of at most ``width`` characters (a plot title)."""
+    lines = ['']
+    for part in method.split(','):
+        if lines[-1] and len(lines[-1]) + len(part) + 1 > width:
+            lines[-1] += ','
+            lines.append(part)
+        else:
+            lines[-1] += (',' if lines[-1] else '') + part
+    return '\n'.join(lines)
+
 def plot(results: dict[str, Any], curves_path: str, weights_path: str) -> None:
     a, methods, refs = results['analysis'], results['methods'], results['references']
     fig = Figure(figsize=(13, 4.8))  # no pyplot: no GUI backend, no global figure state
@@ -273,7 +285,7 @@ def plot(results: dict[str, Any], curves_path: str, weights_path: str) -> None:
         ax.axhline(1.0, color='grey', lw=0.8)
         ax.set_xticks(xs)
         ax.set_xlabel('stage')
-        ax.set_title(f'{m}: weight by domain', fontsize=9)
+        ax.set_title(_wrap_method(m) + ': weight by domain', fontsize=9)
     axes[0].set_ylabel('mean weight (1 = uniform)')
     axes[0].legend(fontsize=7)
     fig.tight_layout()

@@ -330,3 +330,13 @@ def test_run_cache_key_follows_the_data(tmp_path):
     assert bench.code_digest(paths) == first
     (tmp_path / 'train' / 'index.json').write_text('{"shards": [2]}')
     assert bench.code_digest(paths) != first
+
+
+def test_long_method_names_wrap_after_commas_in_plot_titles():
+    from benchmarks.quality.report import _wrap_method
+    name = ('dwm_select:refit_fit=regression,dwm_validation=balanced,val_batches_per_step=16,refit_kl=0.3,'
+            'refit_target=domain')
+    lines = _wrap_method(name).split('\n')
+    assert len(lines) == 3 and all(len(line) <= 48 for line in lines)
+    assert ''.join(lines) == name  # nothing dropped or added but the breaks
+    assert _wrap_method('uniform') == 'uniform'
