@@ -226,7 +226,6 @@ def _images(out: str, results_md: str) -> list[str]:
             for p in ('quality_curves.png', 'quality_weights.png')]
 
 
-
 def _wrap_method(method: str, width: int = 48) -> str:
     """A method string broken after its commas into lines of at most ``width`` characters (a plot title)."""
     lines = ['']
@@ -237,6 +236,7 @@ def _wrap_method(method: str, width: int = 48) -> str:
         else:
             lines[-1] += (',' if lines[-1] else '') + part
     return '\n'.join(lines)
+
 
 def plot(results: dict[str, Any], curves_path: str, weights_path: str) -> None:
     a, methods, refs = results['analysis'], results['methods'], results['references']
