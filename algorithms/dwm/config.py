@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
-__all__ = ['WeighterConfig', 'DWMConfig', 'EMBED_NORMS', 'missing_loader_message']
+__all__ = ['WeighterConfig', 'DWMConfig', 'EMBED_NORMS', 'WEIGHTER_INPUTS', 'missing_loader_message']
 
 EMBED_NORMS = ('none', 'layernorm', 'batch')
+WEIGHTER_INPUTS = ('loss', 'reducible_loss')  # the weighter's inputs beside the tokens (algorithms.dwm.inputs)
 
 
 @dataclass
@@ -46,6 +47,12 @@ class WeighterConfig:
             samples of the (global) batch: the spread between samples is 1 by construction, so it cannot be
             shrunk; a batch of identical samples stays identical). An untrained weighter is uniform in every
             mode (the score head starts at zero). Default: ``'none'``.
+        inputs (list[str]): **[ours]** Per-sample inputs beside the tokens (:mod:`algorithms.dwm.inputs`): ``'loss'``
+            (the sample's training loss under the LLM now, as in Meta-Weight-Net) and ``'reducible_loss'`` (that loss
+            minus a reference loss from a small model fit on held-out data, as in RHO-loss; see
+            ``DWMConfig.reference_losses``). Each is standardised over the batch and projected into the embedding
+            that the batch layers see. They cost one forward of the LLM, without gradients, over every weighed batch
+            (the whole pool in ``mode='select'``). Default: ``[]`` (tokens only, the paper's).
     """
 
     vocab_size: Optional[int] = None
@@ -61,10 +68,19 @@ class WeighterConfig:
     pad_token_id: Optional[int] = None
     seed: int = 0
     embed_norm: str = 'none'
+    inputs: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.embed_norm not in EMBED_NORMS:
             raise ValueError(f'WeighterConfig.embed_norm must be one of {EMBED_NORMS}, got {self.embed_norm!r}')
+        if isinstance(self.inputs, str):
+            raise ValueError(f'WeighterConfig.inputs must be a list of input names, got the string {self.inputs!r}; '
+                             f'write [{self.inputs}]')
+        self.inputs = list(self.inputs)
+        bad = [name for name in self.inputs if name not in WEIGHTER_INPUTS]
+        if bad or len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f'WeighterConfig.inputs {self.inputs}: each of {list(WEIGHTER_INPUTS)} at most once'
+                             + (f' ({bad} unknown)' if bad else ' (a repeat)'))
 
     @classmethod
     def from_any(cls, cfg: 'WeighterConfig | dict[str, Any] | None', **overrides: Any) -> 'WeighterConfig':
@@ -201,6 +217,10 @@ class DWMConfig:
             sample's hypergradient is a noisy measure of its worth (``benchmarks/RESULTS.md``, the signal screen), and
             the mean over the hundreds of samples of its domain in one refit is a sharper one. The weighter still sees
             only the tokens and learns to tell the domains apart itself. Default: ``'sample'``.
+        reference_losses (str | Mapping, optional): **[ours]** Each training sample's reference loss, for the
+            weighter input ``reducible_loss``: a JSON file ``{"<uid>": loss, ...}`` (in Python, a mapping too),
+            looked up by ``batch['uid']`` for the training and the refit batches. Not needed when the loaders yield a
+            ``reference_loss`` field. Default: ``None``.
     """
 
     num_stages: int = 5
@@ -239,6 +259,7 @@ class DWMConfig:
     refit_fit: str = 'gradient'
     refit_fit_steps: int = 100
     refit_target: str = 'sample'
+    reference_losses: Optional[Union[str, dict]] = None
 
     def __post_init__(self) -> None:
         _choice('lookahead', self.lookahead, ('sgd', 'adam'))

@@ -37,6 +37,7 @@ from algorithms.dwm.export import (claim_save_dir, export_stage, load_saved_weig
 from algorithms.dwm.functional import (WEIGHT_KEY, ensure_labels, gumbel_top_k, logits_of, subset_batch,
                                        uniform_if_nonfinite, weighted_loss)
 from algorithms.dwm.hypergradient import adam_preconditioner, iter_named_trainable
+from algorithms.dwm.inputs import INPUTS_KEY, load_reference_losses, weighter_inputs
 from algorithms.dwm.metrics import TrainingMetrics, refit_report
 from algorithms.dwm.refit import BatchCycle, LoaderLike, global_weights, make_weighter_optimizer, refit
 from algorithms.dwm.stages import boundary_reached, check_against_duration, stage_boundaries
@@ -106,6 +107,12 @@ class DWM(Algorithm):
         self._precomputed_loss: Optional[torch.Tensor] = None
         self._pending_state: Optional[dict[str, Any]] = None
         self._device = torch.device('cpu')
+        self.reference_losses: Optional[dict[int, float]] = None
+        if cfg.reference_losses is not None:
+            try:
+                self.reference_losses = load_reference_losses(cfg.reference_losses)
+            except ValueError as e:
+                raise ValueError(f'algorithms.dwm.reference_losses (DWM(reference_losses=...)): {e}') from None
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.FIT_START, Event.AFTER_DATALOADER, Event.BEFORE_FORWARD,
@@ -220,6 +227,8 @@ class DWM(Algorithm):
         cfg = self.config
         batch = ensure_labels(dict(state.batch))
         n_local = batch['input_ids'].shape[0]
+        chunk = max(1, n_local // cfg.select_factor) if cfg.mode == 'select' else None  # the trained batch's rows
+        batch = self._with_inputs(batch, _causal_lm(state.model), chunk)
         with torch.no_grad():
             weights, offset, scores = global_weights(self.weighter, batch, use_prior_weight=cfg.use_prior_weight)
         weights, fell_back = uniform_if_nonfinite(weights)
@@ -323,7 +332,7 @@ class DWM(Algorithm):
         if self.config.lookahead == 'adam' and state.optimizers:
             precond = adam_preconditioner(state.optimizers[0], dict(iter_named_trainable(lm)))
         result = refit(self.weighter, self.weighter_optimizer, lm,
-                       lambda: self._batch_to_device(self.refit_batches.next()),
+                       lambda: self._with_inputs(self._batch_to_device(self.refit_batches.next()), lm),
                        lambda: self._batch_to_device(self.val_batches.next()),
                        self.config, self._lookahead_lr(state), precond)
         self.refits_done += 1
@@ -341,6 +350,14 @@ class DWM(Algorithm):
             raise ValueError('DWM: no optimizer to take lookahead_lr from; pass lookahead_lr=')
         group = state.optimizers[0].param_groups[0]
         return float(group.get('initial_lr', group['lr']))
+
+    def _with_inputs(self, batch: dict[str, Any], lm: torch.nn.Module, chunk: Optional[int] = None) -> dict[str, Any]:
+        """``batch`` with the weighter's inputs beside the tokens (:mod:`algorithms.dwm.inputs`) at the LLM's current
+        parameters, when the weighter takes any."""
+        if not self.weighter_config.inputs:
+            return batch
+        return {**batch, INPUTS_KEY: weighter_inputs(self.weighter_config.inputs, lm, batch, self.reference_losses,
+                                                     chunk)}
 
     def _batch_to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         batch = ensure_labels(dict(batch))

@@ -151,6 +151,8 @@ class RefitDiagnostics:
     grad_norms: list[float] = field(default_factory=list)
     uniform_batches: int = 0  # refit batches whose weights all lie within dead_tol of each other
     fit_loss: float = math.nan
+    fit_flat_loss: float = math.nan  # a constant weighter's fit loss (the targets' own spread of log-weights)
+    fit_restarted: bool = False  # the fit ended no better than a constant weighter and started again
     target_reached: float = math.nan
     target_std: float = math.nan
     after: Optional[tuple[float, dict[str, float]]] = None  # (L_val(theta'(w)), weight statistics) after the refit
@@ -187,6 +189,8 @@ class RefitDiagnostics:
 
         metrics = {
             'dwm/refit/fit_loss': self.fit_loss,
+            'dwm/refit/fit_flat_loss': self.fit_flat_loss,
+            'dwm/refit/fit_restarted': float(self.fit_restarted),
             'dwm/refit/target_reached': self.target_reached,
             'dwm/refit/target_std': self.target_std,
             'dwm/refit/val_loss_before': self.val_losses[0] if self.val_losses else math.nan,

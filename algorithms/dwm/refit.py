@@ -21,6 +21,7 @@ nothing else: not the LLM, its gradients or its optimizer, nor the RNG.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from algorithms.dwm.functional import (IGNORE_INDEX, domain_means, log_weight_re
                                        trust_region_target, weight_statistics)
 from algorithms.dwm.hypergradient import (ParamDict, hypergradient_multistep, iter_named_trainable, jvp_attention,
                                           lookahead)
+from algorithms.dwm.inputs import INPUTS_KEY
 from algorithms.dwm.metrics import RefitDiagnostics
 from algorithms.dwm.weighter import Weighter
 
@@ -44,6 +46,7 @@ __all__ = ['refit', 'RefitResult', 'BatchCycle', 'global_weights', 'make_weighte
            'validation_loss', 'LoaderLike']
 
 LoaderLike = Union[Iterable[dict], Callable[[], Iterable[dict]]]
+RESTART_BELOW = 0.9  # a regression fit that explains under 10% of its targets' spread starts again from a zero head
 
 
 class BatchCycle:
@@ -89,7 +92,8 @@ def global_weights(weighter: Weighter, batch: dict[str, Any], grad: bool = False
     """The weights of a batch spread over the ranks: global weights ``[N]``, this rank's offset, and the global scores
     ``[N]`` (the softmax inputs). The per-sample embeddings are all-gathered, so the softmax spans the global batch;
     with ``grad``, this rank's slice keeps its graph (and ``checkpoint_backbone`` recomputes the backbone's
-    activations in the backward). ``batch['prior_weight']`` multiplies the weights when ``use_prior_weight``."""
+    activations in the backward). ``batch['prior_weight']`` multiplies the weights when ``use_prior_weight``; a
+    weighter with ``inputs`` reads them from ``batch['dwm_inputs']`` (:func:`~algorithms.dwm.inputs.weighter_inputs`)."""
     device = next(weighter.parameters()).device
     ids = batch['input_ids'].to(device)
     mask = batch.get('attention_mask')
@@ -100,7 +104,13 @@ def global_weights(weighter: Weighter, batch: dict[str, Any], grad: bool = False
     else:
         embeddings = weighter.embed(ids, mask)
     global_embeddings, offset = gather_with_local_grad(embeddings) if grad else all_gather_cat(embeddings)
-    scores = weighter.scores_from_embeddings(global_embeddings)
+    inputs = None
+    if weighter.config.inputs:
+        if INPUTS_KEY not in batch:
+            raise ValueError(f'the weighter takes the inputs {weighter.config.inputs}, and this batch has none: '
+                             f"batch['{INPUTS_KEY}'] is set by DWM (algorithms.dwm.inputs.weighter_inputs)")
+        inputs, _ = all_gather_cat(batch[INPUTS_KEY].to(device).float())
+    scores = weighter.scores_from_embeddings(global_embeddings, inputs)
     weights = weighter.weights_from_scores(scores)
     if use_prior_weight and 'prior_weight' in batch:
         prior, _ = all_gather_cat(batch['prior_weight'].to(device).float())
@@ -266,7 +276,7 @@ def refit(weighter: Weighter, optimizer: torch.optim.Optimizer, lm: torch.nn.Mod
             log.end_step(result.val_loss, hyper_norm, time.perf_counter() - started)
         pooled = _targets(signals, config, weighter.config.mix_uniform)
         if config.refit_fit == 'regression':  # the weighter moves once every target is in
-            log.fit_loss = _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter, config.refit_fit_steps)
+            _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter, config.refit_fit_steps, log)
         log.target_reached = _target_reached(pooled, weigh, weighter)
         if pooled:
             log.target_std = float(torch.stack([t.std(unbiased=False) for _, t in pooled]).mean())
@@ -299,22 +309,50 @@ def _targets(signals: list[tuple[dict, torch.Tensor]], config: DWMConfig,
     return [(batch, trust_region_target(h, config.refit_kl, mix_uniform)) for (batch, _), h in zip(signals, hypers)]
 
 
-def _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter: Weighter, steps: int) -> float:
+def _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter: Weighter, steps: int,
+                    log: RefitDiagnostics) -> None:
     """``refit_fit='regression'``: ``steps`` Adam steps fitting the weighter's own log-weights to the pooled
-    trust-region targets, one pooled batch per step in a fixed cycle. Returns the mean loss of the last pass over the
-    pool."""
-    losses: list[float] = []
-    for step in range(steps):
-        batch, target = pooled[step % len(pooled)]
+    trust-region targets, one pooled batch per step in a fixed cycle; ``log.fit_loss`` is the mean loss of the last
+    pass over the pool.
 
-        def loss_fn() -> torch.Tensor:
-            _, _, scores = weigh(batch, grad=True)
-            return log_weight_regression_loss(weighter.weights_from_scores(scores), target.to(scores.device))
+    Adam's moments start afresh: a fit is a new regression problem, and the second moments of the last fit (scaled to
+    its converged, small gradients) made the first steps of the next one many times ``refit_lr`` long, which threw a
+    weighter whose old fit pointed against the new targets onto a constant weighting that it never left (2 of 15
+    refits on the reported alt bench, ``benchmarks/RESULTS.md`` round 4). Should a fit still end no better than a
+    constant weighter (``log.fit_flat_loss``, the targets' own spread), it runs once more from a zero score head (a
+    uniform weighter, whose gradient toward the targets is not zero), and the better of the two fits is kept."""
+    with torch.no_grad():
+        ones = [torch.ones_like(target) for _, target in pooled]
+        flat = sum(float(log_weight_regression_loss(o, t)) for o, (_, t) in zip(ones, pooled)) / len(pooled)
+    log.fit_flat_loss = flat
 
-        loss = step_weighter(loss_fn)
-        optimizer.step()
-        losses.append(float(loss))
-    return sum(losses[-len(pooled):]) / min(len(losses), len(pooled))
+    def fit() -> float:
+        optimizer.state.clear()
+        losses: list[float] = []
+        for step in range(steps):
+            batch, target = pooled[step % len(pooled)]
+
+            def loss_fn() -> torch.Tensor:
+                _, _, scores = weigh(batch, grad=True)
+                return log_weight_regression_loss(weighter.weights_from_scores(scores), target.to(scores.device))
+
+            loss = step_weighter(loss_fn)
+            optimizer.step()
+            losses.append(float(loss))
+        return sum(losses[-len(pooled):]) / min(len(losses), len(pooled))
+
+    started = copy.deepcopy(weighter.state_dict())
+    log.fit_loss = fit()
+    if flat > 0 and log.fit_loss >= RESTART_BELOW * flat:
+        first = (log.fit_loss, copy.deepcopy(weighter.state_dict()))
+        weighter.load_state_dict(started)
+        with torch.no_grad():
+            weighter.score_head.weight.zero_()
+        log.fit_restarted = True
+        log.fit_loss = fit()
+        if first[0] < log.fit_loss:
+            log.fit_loss = first[0]
+            weighter.load_state_dict(first[1])
 
 
 def _target_reached(pooled, weigh, weighter: Weighter) -> float:

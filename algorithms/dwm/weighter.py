@@ -5,6 +5,8 @@ Architecture **[ours]** (the paper does not specify one):
 1. A backbone embeds each sample: a small pre-LN transformer over token ids owned by the weighter (learned
    positions *within* a sample), or any local HuggingFace model (``AutoModel``); token states are mean-pooled
    over the attention mask into one vector per sample, ``[n, d]``.
+   With ``inputs`` (**[ours]**, :mod:`algorithms.dwm.inputs`), each sample's per-sample scalars (its loss, its
+   reducible loss), standardised over the batch, are projected and added to its embedding.
 2. ``batch_layers`` self-attention blocks run **across the samples of the batch** with no positional encoding,
    so the weighter is permutation-equivariant.
 3. A zero-initialised linear head gives a score ``s_i``; ``w = n * softmax(s / tau)`` is mixed with uniform,
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.dwm.config import EMBED_NORMS, WeighterConfig
+from algorithms.dwm.inputs import standardize_inputs
 
 __all__ = ['WeighterConfig', 'Weighter', 'mean_pool', 'normalize_embeddings', 'EMBED_NORMS']
 
@@ -114,6 +117,8 @@ class Weighter(nn.Module):
                 self.hf_backbone = AutoModel.from_pretrained(cfg.backbone, local_files_only=True)
                 hidden = self.hf_backbone.config.hidden_size
                 self.backbone_proj = nn.Linear(hidden, cfg.d_model)
+            # Batch-level like the layers below: it sees the (gathered) global batch's inputs.
+            self.input_proj = nn.Linear(len(cfg.inputs), cfg.d_model) if cfg.inputs else None
             self.batch_layers = nn.ModuleList(
                 _Block(cfg.d_model, cfg.n_heads, d_ff) for _ in range(cfg.batch_layers))
             # No bias in the last norm nor the head: a shift of all scores leaves the softmax unchanged, so those
@@ -126,7 +131,7 @@ class Weighter(nn.Module):
 
     def backbone_parameter_names(self) -> set[str]:
         """Names of the parameters that embed single samples (their gradient is per-sample, hence per-rank)."""
-        batch_prefixes = ('batch_layers.', 'batch_norm.', 'score_head.')
+        batch_prefixes = ('input_proj.', 'batch_layers.', 'batch_norm.', 'score_head.')
         return {n for n, _ in self.named_parameters() if not n.startswith(batch_prefixes)}
 
     def _attention_mask(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -161,9 +166,17 @@ class Weighter(nn.Module):
             x = layer(x, key_mask)
         return mean_pool(self.final_norm(x), mask)
 
-    def scores_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Scores ``s`` ``[n]`` of the samples, each seeing the whole batch ``embeddings`` ``[n, d]``."""
+    def scores_from_embeddings(self, embeddings: torch.Tensor, inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores ``s`` ``[n]`` of the samples, each seeing the whole batch ``embeddings`` ``[n, d]`` (and, for a
+        weighter with ``inputs``, the batch's ``inputs`` ``[n, len(config.inputs)]``, in that order)."""
         x = normalize_embeddings(embeddings, self.config.embed_norm)
+        if self.input_proj is not None:
+            expected = (embeddings.shape[0], len(self.config.inputs))
+            if inputs is None or tuple(inputs.shape) != expected:
+                raise ValueError(f'this weighter takes the inputs {self.config.inputs} beside the tokens: pass them as '
+                                 f'inputs= of shape {list(expected)}, got '
+                                 f'{None if inputs is None else list(inputs.shape)}')
+            x = x + self.input_proj(standardize_inputs(inputs.to(x.dtype)))
         x = x.unsqueeze(0)  # the batch is the attention sequence: [1, n, d], no positions
         for layer in self.batch_layers:
             x = layer(x)
@@ -175,13 +188,15 @@ class Weighter(nn.Module):
         weights = n * torch.softmax(scores.float() / self.config.tau, dim=0)
         return weights + self.config.mix_uniform * (1.0 - weights)  # == (1 - lam) * w + lam, exact at w == 1
 
-    def weights_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Weights ``[n]`` from the (global) batch of embeddings ``[n, d]``."""
-        return self.weights_from_scores(self.scores_from_embeddings(embeddings))
+    def weights_from_embeddings(self, embeddings: torch.Tensor, inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Weights ``[n]`` from the (global) batch of embeddings ``[n, d]`` (and ``inputs``, see
+        :meth:`scores_from_embeddings`)."""
+        return self.weights_from_scores(self.scores_from_embeddings(embeddings, inputs))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Weights ``[n]`` of one batch (single process)."""
-        return self.weights_from_embeddings(self.embed(input_ids, attention_mask))
+        return self.weights_from_embeddings(self.embed(input_ids, attention_mask), inputs)
 
     def num_parameters(self) -> int:
         """Number of parameters."""

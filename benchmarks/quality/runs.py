@@ -40,7 +40,7 @@ from dwm_stream.train import builders, config
 from dwm_stream.train.builders import WidenedLoader
 from dwm_stream.train.evaluation import lambada_metrics
 from benchmarks.quality.data import read_samples, report_batches
-from benchmarks.quality.settings import (DWM_BASES, PROXY_SEED, REPO, REPORT_SEED, SELECT_BASES, Budget,
+from benchmarks.quality.settings import (BASES, DWM_BASES, PROXY_SEED, REPO, REPORT_SEED, SELECT_BASES, Budget,
                                          method_budget, parse_method, say, target_dwm)
 
 
@@ -210,9 +210,11 @@ def run_one(spec: dict[str, Any], callbacks: tuple[Callback, ...] = ()) -> dict[
     probe = QualityProbe(eval_batches, domain_names, real, replace(budget, steps=steps))
     algorithms = []
     if base in DWM_BASES:
+        reference = ({int(k): v for k, v in spec['irreducible_loss'].items()} if uses_reference_losses(label)
+                     else None)
         algorithms.append(DWM(
             config=replace(budget.dwm, mode='select' if base == 'dwm_select' else 'weight', seed=seed,
-                           domain_names=domain_names),
+                           domain_names=domain_names, reference_losses=reference),
             refit_dataloader=WidenedLoader({**train_dataset, 'shuffle_seed': 18 + seed}, budget.batch_size, 'refit'),
             val_dataloader=validation_batches(budget.dwm_validation, spec, tokenizer, budget)))
     elif base == 'static_domain':
@@ -271,6 +273,15 @@ def run_one(spec: dict[str, Any], callbacks: tuple[Callback, ...] = ()) -> dict[
         result['irreducible_loss'] = irreducible_losses(lm, spec['paths']['train'], budget.eval_batch_size)
     trainer.close()
     return result
+
+
+def uses_reference_losses(method: str) -> bool:
+    """Whether a method needs the irreducible-loss model's per-sample losses: the RHO rule, and a DWM whose
+    weighter takes the reducible loss as an input."""
+    base, overrides = parse_method(method)
+    if base == 'rho':
+        return True
+    return base in DWM_BASES and 'reducible_loss' in ({**BASES[base], **overrides}.get('weighter.inputs') or [])
 
 
 def irreducible_losses(lm, train_dir: str, batch_size: int) -> dict[str, float]:
@@ -427,7 +438,7 @@ def run_all(ctx: dict[str, Any], budget: Budget, methods: list[str], seeds: list
             return list(pool.map(lambda item: execute(item[1], item[0]), specs))
 
     static = [m for m in methods if parse_method(m)[0] == 'static_domain']
-    rho = [m for m in methods if parse_method(m)[0] == 'rho']
+    rho = [m for m in methods if uses_reference_losses(m)]  # wait for the irreducible-loss model
     first = [(f'{m}-seed{s}', spec(m, s)) for s in seeds for m in methods if m not in static + rho]
     if rerun_check:
         first.append((f'{target_dwm(methods)}-seed{seeds[0]}-rerun', spec(target_dwm(methods), seeds[0])))

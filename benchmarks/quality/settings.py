@@ -143,6 +143,8 @@ def _typed(key: str, value: Any, kind: Any) -> Any:
         if value.lower() not in ('true', 'false'):
             raise ValueError(f'{key}={value!r} is not a bool (true or false)')
         return value.lower() == 'true'
+    if typing.get_origin(kind) is list and typing.get_args(kind) == (str,):  # 'loss+reducible_loss'
+        return [item.strip() for item in value.split('+') if item.strip()]
     if kind not in (int, float, str):
         raise ValueError(f'{key} ({kind}) cannot be set from a string')
     try:
