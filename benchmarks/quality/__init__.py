@@ -61,7 +61,7 @@ from benchmarks.quality.cli import apply_overrides, main, parse_args
 from benchmarks.quality.data import ngram_references, prepare, split_report
 from benchmarks.quality.report import _images, plot, read_section, render_section, replace_section
 from benchmarks.quality.runs import (code_digest, composer_device, file_name, irreducible_losses, run_all, run_one,
-                                     validation_batches)
+                                     uses_reference_losses, validation_batches)
 from benchmarks.quality.settings import (BASES, BEGIN_MARK, DEFAULT_METHODS, DEFAULT_SEEDS, DWM_BASES, END_MARK, FULL,
                                          PROXY_SEED, QUICK, REPO, SCHEMA, SELECT_BASES, Budget, apply_settings,
                                          method_budget, null_of, parse_method, setting_types, target_dwm)
@@ -72,5 +72,5 @@ __all__ = [
     'code_digest', 'composer_device', 'family_headroom', 'file_name', 'headroom', 'irreducible_losses', 'main',
     'method_budget', 'ngram_references', 'null_of', 'paired_deltas', 'paired_t', 'parse_args', 'parse_method', 'plot',
     'prepare', 'read_section', 'render_section', 'replace_section', 'run_all', 'run_one', 'setting_types',
-    'split_report', 'target_dwm', 'targets', 'validation_batches',
+    'split_report', 'target_dwm', 'targets', 'uses_reference_losses', 'validation_batches',
 ]

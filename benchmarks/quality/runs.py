@@ -440,8 +440,10 @@ def run_all(ctx: dict[str, Any], budget: Budget, methods: list[str], seeds: list
     static = [m for m in methods if parse_method(m)[0] == 'static_domain']
     rho = [m for m in methods if uses_reference_losses(m)]  # wait for the irreducible-loss model
     first = [(f'{m}-seed{s}', spec(m, s)) for s in seeds for m in methods if m not in static + rho]
-    if rerun_check:
-        first.append((f'{target_dwm(methods)}-seed{seeds[0]}-rerun', spec(target_dwm(methods), seeds[0])))
+    target = target_dwm(methods)
+    rerun_name = f'{target}-seed{seeds[0]}-rerun'
+    if rerun_check and target not in rho:
+        first.append((rerun_name, spec(target, seeds[0])))
     if static:
         first.insert(0, ('proxy', spec('uniform', PROXY_SEED, proxy=True, evaluate=False,
                                        steps=max(2, round(budget.proxy_frac * budget.steps)))))
@@ -452,10 +454,12 @@ def run_all(ctx: dict[str, Any], budget: Budget, methods: list[str], seeds: list
     proxy = results.pop('proxy', None)
     il_proxy = results.pop('il_proxy', None)
     if il_proxy is not None:
-        results.update(zip([f'{m}-seed{s}' for s in seeds for m in rho], execute_all(
-            [(f'{m}-seed{s}', spec(m, s, irreducible_loss=il_proxy['irreducible_loss'])) for s in seeds
-             for m in rho])))
-    rerun = results.pop(f'{target_dwm(methods)}-seed{seeds[0]}-rerun', None)
+        losses = il_proxy['irreducible_loss']
+        later = [(f'{m}-seed{s}', spec(m, s, irreducible_loss=losses)) for s in seeds for m in rho]
+        if rerun_check and target in rho:  # a DWM with the reducible-loss input waits for the model too
+            later.append((rerun_name, spec(target, seeds[0], irreducible_loss=losses)))
+        results.update(zip([name for name, _ in later], execute_all(later)))
+    rerun = results.pop(rerun_name, None)
     if proxy is not None:
         results.update(zip([f'{m}-seed{s}' for s in seeds for m in static], execute_all(
             [(f'{m}-seed{s}', spec(m, s, static_weights=proxy['proxy']['weights'])) for s in seeds for m in static])))

@@ -170,6 +170,20 @@ def test_runs_on_another_slimpajama_corpus_without_lambada(tmp_path):
                     '--out', str(out), '--data-dir', str(tmp_path / 'data')])
 
 
+@pytest.mark.slow
+def test_dwm_with_the_reducible_loss_input_waits_for_the_irreducible_loss_model_and_reruns_identically(tmp_path):
+    """A DWM whose weighter takes ``reducible_loss`` gets the RHO rule's reference losses, its re-run (the target
+    DWM's) too, and the re-run gives the same figures."""
+    dwm = 'dwm_select:refit_fit=regression,refit_kl=0.3,weighter.inputs=loss+reducible_loss'
+    bench, results = run_bench('quality', tmp_path, 'quality.json', (
+        '--data-dir', str(tmp_path / 'data'), '--rerun-check', '--methods', 'uniform', dwm))[:2]
+    assert bench.uses_reference_losses(dwm) and not bench.uses_reference_losses('dwm_select')
+    assert [r['method'] for r in results['runs']] == ['uniform', dwm]
+    assert results['rerun']['method'] == dwm and results['analysis']['rerun_max_abs_diff'] == 0.0
+    refit = next(r for r in results['runs'] if r['method'] == dwm)['refit']
+    assert all(math.isfinite(x) for x in refit['refit/fit_loss']) and 'refit/fit_restarted' in refit
+
+
 def test_method_grammar():
     bench = _load_bench()
     assert bench.parse_method('dwm') == ('dwm', {})
@@ -185,6 +199,9 @@ def test_method_grammar():
     assert (changed.dwm.weighter.embed_norm, changed.dwm.lookahead) == ('batch', 'adam')
     assert changed.dwm.weighter.max_seq_len == bench.QUICK.seq_len  # the weighter's context is the data's
     assert bench.Budget.from_record(changed.record()) == changed
+    inputs = bench.method_budget(bench.QUICK, 'dwm:weighter.inputs=loss+reducible_loss')
+    assert inputs.dwm.weighter.inputs == ['loss', 'reducible_loss']
+    assert bench.Budget.from_record(inputs.record()) == inputs
     with pytest.raises(ValueError, match="lookahead must be 'sgd' or 'adam'"):
         bench.method_budget(bench.QUICK, 'dwm:lookahead=newton')
     for bad, match in (('dwm:nosuch=1', 'nosuch'), ('dwm:refit_kl', 'refit_kl'), ('dwm:refit_kl=abc', 'float'),
