@@ -222,7 +222,12 @@ def run_one(spec: dict[str, Any], callbacks: tuple[Callback, ...] = ()) -> dict[
     elif base == 'oracle':  # knows which domains are degraded: weight 0 on them, the rest renormalised to mean 1
         algorithms.append(StaticDomainWeighting({d: 0.0 for d in spec['degraded']}, domain_names=domain_names))
     elif base in ('oracle_select', 'random_select'):
-        algorithms.append(DomainSelection(real if base == 'oracle_select' else None, budget.dwm.select_factor,
+        keep = [d for d in budget.oracle_keep.split('+') if d]
+        unknown = sorted(set(keep) - set(spec['degraded']))
+        if unknown:
+            raise ValueError(f'method {label!r}: oracle_keep names {unknown}, not degraded domains of this corpus '
+                             f'({", ".join(spec["degraded"])})')
+        algorithms.append(DomainSelection(real + keep if base == 'oracle_select' else None, budget.dwm.select_factor,
                                           domain_names=domain_names, seed=seed))
     elif base == 'loss_reweighting':
         algorithms.append(LossReweighting(r=budget.sow_r, warmup=f'{budget.sow_warmup_frac}dur',

@@ -82,6 +82,9 @@ class Budget:
     # Sow et al.'s defaults
     sow_r: float = 1.0
     sow_warmup_frac: float = 0.05
+    # a diagnostic oracle: degraded domains (joined by '+') that `oracle_select` draws from as if they were real,
+    # e.g. `oracle_select:oracle_keep=DegradedRepeated` measures how much of the oracle's gain dropping that one costs
+    oracle_keep: str = ''
     # the run's own null: its weights permuted within each batch (set by the method suffix `/null`)
     null: int = 0
     # schedule: cosine from lr to lr * lr_final_frac; the reported figure: the mean of the last `final_evals`

@@ -173,12 +173,18 @@ def test_runs_on_another_slimpajama_corpus_without_lambada(tmp_path):
 @pytest.mark.slow
 def test_dwm_with_the_reducible_loss_input_waits_for_the_irreducible_loss_model_and_reruns_identically(tmp_path):
     """A DWM whose weighter takes ``reducible_loss`` gets the RHO rule's reference losses, its re-run (the target
-    DWM's) too, and the re-run gives the same figures."""
+    DWM's) too, and the re-run gives the same figures; ``oracle_keep`` lets the selection oracle keep one degraded
+    domain."""
     dwm = 'dwm_select:refit_fit=regression,refit_kl=0.3,weighter.inputs=loss+reducible_loss'
+    kept = DEGRADED_DOMAINS[0]
+    keep = f'oracle_select:oracle_keep={kept}'  # a diagnostic oracle that keeps one degraded domain as if real
     bench, results = run_bench('quality', tmp_path, 'quality.json', (
-        '--data-dir', str(tmp_path / 'data'), '--rerun-check', '--methods', 'uniform', dwm))[:2]
+        '--data-dir', str(tmp_path / 'data'), '--rerun-check', '--methods', 'uniform', dwm, keep))[:2]
     assert bench.uses_reference_losses(dwm) and not bench.uses_reference_losses('dwm_select')
-    assert [r['method'] for r in results['runs']] == ['uniform', dwm]
+    assert [r['method'] for r in results['runs']] == ['uniform', dwm, keep]
+    trained = next(r for r in results['runs'] if r['method'] == keep)['stage_weights']
+    assert all(stage.get(kept, 0.0) > 0 for stage in trained)
+    assert all(stage.get(d, 0.0) == 0.0 for stage in trained for d in DEGRADED_DOMAINS[1:])
     assert results['rerun']['method'] == dwm and results['analysis']['rerun_max_abs_diff'] == 0.0
     refit = next(r for r in results['runs'] if r['method'] == dwm)['refit']
     assert all(math.isfinite(x) for x in refit['refit/fit_loss']) and 'refit/fit_restarted' in refit
