@@ -22,6 +22,7 @@ from algorithms.baselines.null import _batch_seed, permute_within_batch
 from algorithms.baselines.static_domain import apply_weighted_loss, dataset_domain_names
 from algorithms.baselines.weights import linupper_weights
 from algorithms.dwm.functional import WEIGHT_KEY, logits_of, per_sample_loss
+from algorithms.dwm.inputs import lookup_by_uid
 
 __all__ = ['LossReweighting', 'ReducibleLossWeighting']
 
@@ -141,10 +142,5 @@ class ReducibleLossWeighting(LossReweighting):
     def signal(self, losses: torch.Tensor, batch: dict) -> torch.Tensor:
         if 'uid' not in batch:
             raise ValueError('ReducibleLossWeighting: the batch has no uid (a DWMDataset yields one per sample)')
-        uids = batch['uid'].tolist()
-        missing = [u for u in uids if int(u) not in self.irreducible_loss]
-        if missing:
-            raise ValueError(f'ReducibleLossWeighting: no irreducible loss for sample uid(s) {missing[:5]}; compute '
-                             'it for every training sample')
-        il = torch.tensor([self.irreducible_loss[int(u)] for u in uids], dtype=losses.dtype, device=losses.device)
-        return losses - il
+        il = lookup_by_uid(self.irreducible_loss, batch['uid'], 'ReducibleLossWeighting (irreducible_loss)')
+        return losses - il.to(dtype=losses.dtype, device=losses.device)

@@ -70,7 +70,7 @@ def lookup_by_uid(table: Mapping[int, float], uids: torch.Tensor, who: str) -> t
     if missing:
         raise ValueError(f'{who}: no reference loss for sample uid(s) {missing[:5]}'
                          f'{f" and {len(missing) - 5} more" if len(missing) > 5 else ""}; compute it for every '
-                         'training sample (the table must cover the refit loader too)')
+                         'training sample')
     return torch.tensor([table[u] for u in keys], dtype=torch.float32)
 
 
@@ -119,7 +119,8 @@ def weighter_inputs(names: Sequence[str], lm: torch.nn.Module, batch: dict[str, 
             if 'uid' not in batch:
                 raise ValueError('weighter input reducible_loss: the batch has no uid to look the reference losses up '
                                  'by (a dwm_stream dataset yields one per sample)')
-            ref = lookup_by_uid(reference, batch['uid'], 'algorithms.dwm.reference_losses')
+            ref = lookup_by_uid(reference, batch['uid'],
+                                'algorithms.dwm.reference_losses (it must cover the refit loader\'s samples too)')
         else:
             raise ValueError('weighter input reducible_loss needs each sample\'s reference loss: set '
                              'algorithms.dwm.reference_losses (a JSON file {"<uid>": loss}, from a small model fit on '

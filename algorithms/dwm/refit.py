@@ -21,7 +21,6 @@ nothing else: not the LLM, its gradients or its optimizer, nor the RNG.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -321,9 +320,8 @@ def _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter: Weighter,
     refits on the reported alt bench, ``benchmarks/RESULTS.md`` round 4). Should a fit still end no better than a
     constant weighter (``log.fit_flat_loss``, the targets' own spread), it runs once more from a zero score head (a
     uniform weighter, whose gradient toward the targets is not zero), and the better of the two fits is kept."""
-    with torch.no_grad():
-        ones = [torch.ones_like(target) for _, target in pooled]
-        flat = sum(float(log_weight_regression_loss(o, t)) for o, (_, t) in zip(ones, pooled)) / len(pooled)
+    with torch.no_grad():  # a constant weighter's loss: the targets' own spread of centred log-weights
+        flat = sum(float(log_weight_regression_loss(torch.ones_like(t), t)) for _, t in pooled) / len(pooled)
     log.fit_flat_loss = flat
 
     def fit() -> float:
@@ -341,10 +339,13 @@ def _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter: Weighter,
             losses.append(float(loss))
         return sum(losses[-len(pooled):]) / min(len(losses), len(pooled))
 
-    started = copy.deepcopy(weighter.state_dict())
+    def snapshot() -> dict[str, torch.Tensor]:  # on the CPU: no second weighter on the device at the refit's peak
+        return {k: v.detach().cpu().clone() for k, v in weighter.state_dict().items()}
+
+    started = snapshot()
     log.fit_loss = fit()
     if flat > 0 and log.fit_loss >= RESTART_BELOW * flat:
-        first = (log.fit_loss, copy.deepcopy(weighter.state_dict()))
+        first = (log.fit_loss, snapshot())
         weighter.load_state_dict(started)
         with torch.no_grad():
             weighter.score_head.weight.zero_()
