@@ -156,6 +156,11 @@ class DWMConfig:
             ``select_factor`` x the batch; the weighter's scores plus Gumbel noise pick the top ``1/select_factor``
             of each rank's pool, trained with weight 1). Default: ``'weight'``.
         select_factor (int): Pool size / trained batch size in ``'select'`` mode. Default: ``4``.
+        select_temperature (float): **[ours]** Temperature of the selection in ``'select'`` mode, relative to the
+            weights: the Gumbel top-k draws from ``scores / (tau * select_temperature)``. At 1 each pool is sampled
+            without replacement in proportion to the (unmixed) weights; below 1 the draw sharpens toward the
+            deterministic top-k, so a domain weighted 0.2 against 1.2 is dropped almost outright at 0.25
+            (``(0.2 / 1.2) ** 4 ≈ 0.001``) instead of kept at a sixth of its share. Must be > 0. Default: ``1.0``.
         loss_normalization (str): ``'token'`` (``sum_i w_i sum_t l_it / sum_i T_i``: all-ones weights give exactly
             HF's loss) or ``'sample'`` (``mean_i w_i l_i``). Default: ``'token'``.
         normalize_hypergradient (bool): **[ours]** Divide the hypergradient by its RMS before the weighter's
@@ -244,6 +249,7 @@ class DWMConfig:
     refit: bool = True
     mode: str = 'weight'
     select_factor: int = 4
+    select_temperature: float = 1.0
     loss_normalization: str = 'token'
     normalize_hypergradient: bool = True
     seed: int = 0
@@ -288,6 +294,9 @@ class DWMConfig:
             raise ValueError(f'DWM refit_fit_steps must be >= 1, got {self.refit_fit_steps}')
         if self.mode == 'select' and self.select_factor < 1:
             raise ValueError(f'DWM select_factor must be >= 1, got {self.select_factor}')
+        if not float(self.select_temperature) > 0:
+            raise ValueError(f'DWM select_temperature must be > 0 (below 1 sharpens the selection toward the top-k), '
+                             f'got {self.select_temperature}')
         if isinstance(self.weighter, dict):
             self.weighter = WeighterConfig.from_any(self.weighter)
 

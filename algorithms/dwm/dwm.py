@@ -241,7 +241,7 @@ class DWM(Algorithm):
         if cfg.mode == 'select':
             keep = max(1, n_local // cfg.select_factor)
             generator = torch.Generator().manual_seed(self._select_seed(int(state.timestamp.batch)))
-            logits = scores.float() / self.weighter_config.tau
+            logits = scores.float() / (self.weighter_config.tau * cfg.select_temperature)
             if fell_back or not bool(torch.isfinite(logits).all()):
                 logits = torch.zeros_like(logits)
             index = gumbel_top_k(logits, keep, generator, offset, offset + n_local)

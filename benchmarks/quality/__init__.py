@@ -62,12 +62,13 @@ from benchmarks.quality.data import ngram_references, prepare, split_report
 from benchmarks.quality.report import _images, plot, read_section, render_section, replace_section
 from benchmarks.quality.runs import (code_digest, composer_device, file_name, irreducible_losses, run_all, run_one,
                                      uses_reference_losses, validation_batches)
-from benchmarks.quality.settings import (BASES, BEGIN_MARK, DEFAULT_METHODS, DEFAULT_SEEDS, DWM_BASES, END_MARK, FULL,
-                                         PROXY_SEED, QUICK, REPO, SCHEMA, SELECT_BASES, Budget, apply_settings,
-                                         method_budget, null_of, parse_method, setting_types, target_dwm)
+from benchmarks.quality.settings import (BASES, BEGIN_MARK, DEFAULT_METHODS, DEFAULT_SEEDS, DWM_BASES, DWM_DEFAULT,
+                                         END_MARK, FULL, PROXY_SEED, QUICK, REPO, SCHEMA, SELECT_BASES, Budget,
+                                         apply_settings, method_budget, null_of, parse_method, setting_types,
+                                         target_dwm)
 
 __all__ = [
-    'BASES', 'BEGIN_MARK', 'Budget', 'DEFAULT_METHODS', 'DEFAULT_SEEDS', 'DWM_BASES', 'END_MARK', 'FULL', 'PROXY_SEED',
+    'BASES', 'BEGIN_MARK', 'Budget', 'DEFAULT_METHODS', 'DEFAULT_SEEDS', 'DWM_BASES', 'DWM_DEFAULT', 'END_MARK', 'FULL', 'PROXY_SEED',
     'QUICK', 'REPO', 'SCHEMA', 'SELECT_BASES', '_images', 'analyse', 'apply_overrides', 'apply_settings', 'beats_null',
     'code_digest', 'composer_device', 'family_headroom', 'file_name', 'headroom', 'irreducible_losses', 'main',
     'method_budget', 'ngram_references', 'null_of', 'paired_deltas', 'paired_t', 'parse_args', 'parse_method', 'plot',

@@ -186,6 +186,45 @@ def test_select_mode_keeps_a_fraction_of_the_pool():
     assert len(set(capture.batches[0]['uid'].tolist())) == 4
 
 
+class _PoolCapture(Callback):
+    """Records, per batch, the uids DWM trained on and the weights it gave the whole pool."""
+
+    def __init__(self, dwm):
+        self.dwm, self.trained, self.pools = dwm, [], []
+
+    def run_event(self, event, state, logger):
+        if event == Event.FIT_START:  # after DWM built its weighter: spread-out scores, frozen
+            with torch.no_grad():
+                head = self.dwm.weighter.score_head.weight
+                head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+        if event == Event.BATCH_START:
+            self.trained.append(sorted(state.batch['uid'].tolist()))
+            self.pools.append(self.dwm.last_weights.clone())
+
+
+@pytest.mark.parametrize('temperature', [1.0, 1e-3])
+def test_select_temperature_sharpens_the_draw_toward_the_top_k(temperature):
+    """``select_temperature`` divides the selection's logits: near 0 the trained quarter is exactly the pool's top
+    quarter by weight, batch after batch; at 1 (the Gumbel draw in proportion to the weights) it is not."""
+    dwm = DWM(refit=False, mode='select', select_factor=4, select_temperature=temperature,
+              weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1})
+    capture = _PoolCapture(dwm)
+    trainer, _ = _trainer(composer_llama(), [dwm], batch_size=16, max_duration='4ba', callbacks=[capture])
+    trainer.fit()
+    assert len(capture.trained) == 4
+    top = [sorted((16 * b + torch.topk(pool, 4).indices).tolist()) for b, pool in enumerate(capture.pools)]
+    assert all(float(pool.std()) > 0.1 for pool in capture.pools)
+    if temperature < 1:
+        assert capture.trained == top
+    else:
+        assert capture.trained != top
+
+
+def test_select_temperature_must_be_positive():
+    with pytest.raises(ValueError, match='select_temperature must be > 0'):
+        DWM(refit=False, mode='select', select_temperature=0.0)
+
+
 def test_nonfinite_weights_fall_back_to_uniform():
     dwm = DWM(refit=False, weighter={'d_model': 16, 'n_heads': 2, 'n_layers': 1})
     capture = _Capture()

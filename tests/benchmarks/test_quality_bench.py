@@ -51,7 +51,7 @@ def test_json_schema(quick_run):
     refs = results['references']
     for d in data['real_domains']:
         assert 0 < refs['bigram']['by_domain'][d] < refs['unigram']['by_domain'][d] < math.log(budget['vocab_size'])
-    assert results['proxy'] is None  # no static_domain among the default methods
+    assert results['proxy'] is not None  # static_domain is a default method: its proxy run is recorded
     runs = results['runs']
     assert sorted((r['method'], r['seed']) for r in runs) == sorted((m, 0) for m in bench.DEFAULT_METHODS)
     for r in runs:
@@ -79,7 +79,7 @@ def test_json_schema(quick_run):
     assert room['null_rms'] == pytest.approx(abs(a['methods']['oracle/null']['delta_vs_uniform']['mean']))
     assert a['select_headroom']['null'] == 'random_select'
     dwm = a['target_method']
-    assert dwm == 'dwm_select:refit_fit=regression,dwm_validation=heldout'
+    assert dwm == bench.DWM_DEFAULT
     assert a['methods'][dwm]['vs_null']['null'] == 'random_select'
     assert a['rerun_max_abs_diff'] == 0.0  # same seed, same machine: identical figures
     assert results['rerun']['method'] == dwm and results['rerun']['seed'] == 0
