@@ -222,6 +222,13 @@ class DWMConfig:
             sample's hypergradient is a noisy measure of its worth (``benchmarks/RESULTS.md``, the signal screen), and
             the mean over the hundreds of samples of its domain in one refit is a sharper one. The weighter still sees
             only the tokens and learns to tell the domains apart itself. Default: ``'sample'``.
+        refit_target_memory (float): **[ours]** With ``refit_target='domain'``, how much of the earlier refits'
+            domain means each refit keeps: the domain mean it fits to is ``m * earlier + (1 - m) * this refit's``, an
+            exponential average over the refits (a domain first seen now takes this refit's mean). One refit measures
+            one moment of training, and the next refit can reverse it (``benchmarks/RESULTS.md``: the targets of a
+            domain swing between refits); the average damps that. The hypergradient is RMS-normalised per refit step,
+            so the means of different refits are in the same units. ``0`` keeps no memory. In ``[0, 1)``.
+            Default: ``0.0``.
         reference_losses (str | Mapping, optional): **[ours]** Each training sample's reference loss, for the
             weighter input ``reducible_loss``: a JSON file ``{"<uid>": loss, ...}`` (in Python, a mapping too),
             looked up by ``batch['uid']`` for the training and the refit batches. Not needed when the loaders yield a
@@ -265,6 +272,7 @@ class DWMConfig:
     refit_fit: str = 'gradient'
     refit_fit_steps: int = 100
     refit_target: str = 'sample'
+    refit_target_memory: float = 0.0
     reference_losses: Optional[Union[str, dict]] = None
 
     def __post_init__(self) -> None:
@@ -290,6 +298,11 @@ class DWMConfig:
         if self.refit_target == 'domain' and self.refit_fit != 'regression':
             raise ValueError("DWM refit_target=domain pools the targets of the regression fit: set "
                              f"refit_fit: regression (got refit_fit={self.refit_fit!r})")
+        if not 0.0 <= float(self.refit_target_memory) < 1.0:
+            raise ValueError(f'DWM refit_target_memory must be in [0, 1), got {self.refit_target_memory}')
+        if float(self.refit_target_memory) > 0 and self.refit_target != 'domain':
+            raise ValueError('DWM refit_target_memory averages the domain means of refit_target=domain over refits: '
+                             f'set refit_target: domain (got refit_target={self.refit_target!r})')
         if int(self.refit_fit_steps) < 1:
             raise ValueError(f'DWM refit_fit_steps must be >= 1, got {self.refit_fit_steps}')
         if self.mode == 'select' and self.select_factor < 1:

@@ -99,6 +99,7 @@ class DWM(Algorithm):
         self.replayed: Optional[list[Weighter]] = None  # the saved weighters of `schedule`, stage by stage
         self.stage_index = -1
         self.nonfinite_batches = self.refits_done = self.dead_refits = 0
+        self.domain_memory: dict[int, float] = {}  # refit_target_memory: the earlier refits' domain means
         self.exports: list[dict[str, Any]] = []  # the stages this run saved (schedule.json's list)
         self.last_weights: Optional[torch.Tensor] = None  # global weights of the latest batch (for tests/metrics)
         self.last_refit_metrics: dict[str, float] = {}
@@ -334,7 +335,8 @@ class DWM(Algorithm):
         result = refit(self.weighter, self.weighter_optimizer, lm,
                        lambda: self._with_inputs(self._batch_to_device(self.refit_batches.next()), lm),
                        lambda: self._batch_to_device(self.val_batches.next()),
-                       self.config, self._lookahead_lr(state), precond)
+                       self.config, self._lookahead_lr(state), precond, domain_memory=self.domain_memory)
+        self.domain_memory = result.domain_memory
         self.refits_done += 1
         self.dead_refits += int(result.diagnostics.dead)
         self.last_refit_metrics = refit_report(result.diagnostics, self.config.ess_band, self.refits_done,
@@ -375,6 +377,7 @@ class DWM(Algorithm):
             'dead_refits': self.dead_refits,
             'exports': copy.deepcopy(self.exports),
             'weighter_config': self.weighter_config.to_dict(),
+            'domain_memory': dict(self.domain_memory),
         }
         if self.weighter is not None and self.weighter_optimizer is not None:
             state['weighter'] = {k: v.detach().cpu().clone() for k, v in self.weighter.state_dict().items()}
@@ -390,6 +393,7 @@ class DWM(Algorithm):
         self.refits_done = int(state.get('refits_done', 0))
         self.dead_refits = int(state.get('dead_refits', 0))
         self.exports = list(state.get('exports', []))
+        self.domain_memory = {int(k): float(v) for k, v in state.get('domain_memory', {}).items()}
         if 'weighter' in state:
             config = WeighterConfig.from_any(state.get('weighter_config', self.weighter_config.to_dict()))
             if config != self.weighter.config:

@@ -32,6 +32,7 @@ __all__ = [
     'log_weight_regression_loss',
     'spread_reached',
     'gumbel_top_k',
+    'remembered_domain_means',
     'subset_batch',
     'spearman',
     'kl_to_uniform',
@@ -323,6 +324,23 @@ def domain_means(values: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
     sums = torch.zeros(ids.numel(), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
     counts = torch.bincount(inverse, minlength=ids.numel()).to(values.dtype)
     return (sums / counts)[inverse]
+
+
+def remembered_domain_means(values: torch.Tensor, domains: torch.Tensor, memory: dict[int, float],
+                            keep: float) -> tuple[torch.Tensor, dict[int, float]]:
+    """:func:`domain_means`, averaged with the earlier refits' means: each domain's mean becomes ``keep * memory[d] +
+    (1 - keep) * mean_d`` (a domain absent from ``memory`` takes its own mean). Returns each sample's remembered mean
+    and the new memory (``memory`` is not changed; domains it holds and this refit did not see are carried over)."""
+    if not 0.0 <= keep < 1.0:
+        raise ValueError(f'remembered_domain_means: keep must be in [0, 1), got {keep}')
+    means = domain_means(values, domains)
+    new = dict(memory)
+    ids, first = torch.unique(domains, return_inverse=True)
+    for j, d in enumerate(ids.tolist()):
+        mean = float(means[(first == j).nonzero()[0, 0]])
+        new[int(d)] = keep * memory[int(d)] + (1.0 - keep) * mean if int(d) in memory else mean
+    lookup = torch.tensor([new[int(d)] for d in ids.tolist()], dtype=values.dtype, device=values.device)
+    return lookup[first], new
 
 
 def log_weight_regression_loss(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

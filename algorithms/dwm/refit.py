@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -33,8 +33,9 @@ from torch.func import functional_call
 from algorithms.dwm.config import DWMConfig
 from algorithms.dwm.distributed import all_gather_cat, all_reduce_sum_, all_reduce_sum_dict, gather_with_local_grad
 from algorithms.dwm.functional import (IGNORE_INDEX, domain_means, log_weight_regression_loss, loss_contributions,
-                                       normalize_with_prior, per_sample_loss_sums, refit_objective, spread_reached,
-                                       trust_region_target, weight_statistics)
+                                       normalize_with_prior, per_sample_loss_sums, refit_objective,
+                                       remembered_domain_means, spread_reached, trust_region_target,
+                                       weight_statistics)
 from algorithms.dwm.hypergradient import (ParamDict, hypergradient_multistep, iter_named_trainable, jvp_attention,
                                           lookahead)
 from algorithms.dwm.inputs import INPUTS_KEY
@@ -181,13 +182,14 @@ class RefitResult:
 
     weighter: Weighter
     diagnostics: RefitDiagnostics
+    domain_memory: dict[int, float] = field(default_factory=dict)  # refit_target_memory's averages, by domain id
 
 
 def refit(weighter: Weighter, optimizer: torch.optim.Optimizer, lm: torch.nn.Module,
           next_refit_batch: Callable[[], dict], next_val_batch: Callable[[], dict], config: DWMConfig,
           lookahead_lr: float, precond: Optional[ParamDict] = None,
           attention: Callable[[torch.nn.Module], ContextManager] = jvp_attention,
-          evaluate_after: bool = True) -> RefitResult:
+          evaluate_after: bool = True, domain_memory: Optional[dict[int, float]] = None) -> RefitResult:
     """One refit of the weighter (see the module docstring).
 
     Args:
@@ -205,6 +207,8 @@ def refit(weighter: Weighter, optimizer: torch.optim.Optimizer, lm: torch.nn.Mod
         attention (Callable): The context the JVP runs the LM's attention in. Default: :func:`jvp_attention`.
         evaluate_after (bool): Measure ``L_val(theta'(w))`` with the refit weighter on the first refit pair (the
             ``val_loss_after`` figure, and what decides a dead refit). Default: ``True``.
+        domain_memory (dict[int, float], optional): The earlier refits' domain means (``RefitResult.domain_memory``
+            of the last refit), for ``refit_target_memory``. Default: ``None`` (none yet).
     """
     live = dict(iter_named_trainable(lm))
     params = {k: p.detach() for k, p in live.items()}
@@ -273,7 +277,7 @@ def refit(weighter: Weighter, optimizer: torch.optim.Optimizer, lm: torch.nn.Mod
                                                     for p in weighter.parameters() if p.grad is not None)))
                 optimizer.step()
             log.end_step(result.val_loss, hyper_norm, time.perf_counter() - started)
-        pooled = _targets(signals, config, weighter.config.mix_uniform)
+        pooled, memory = _targets(signals, config, weighter.config.mix_uniform, domain_memory or {})
         if config.refit_fit == 'regression':  # the weighter moves once every target is in
             _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter, config.refit_fit_steps, log)
         log.target_reached = _target_reached(pooled, weigh, weighter)
@@ -286,15 +290,16 @@ def refit(weighter: Weighter, optimizer: torch.optim.Optimizer, lm: torch.nn.Mod
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    return RefitResult(weighter, log)
+    return RefitResult(weighter, log, memory)
 
 
-def _targets(signals: list[tuple[dict, torch.Tensor]], config: DWMConfig,
-             mix_uniform: float) -> list[tuple[dict, torch.Tensor]]:
+def _targets(signals: list[tuple[dict, torch.Tensor]], config: DWMConfig, mix_uniform: float,
+             memory: dict[int, float]) -> tuple[list[tuple[dict, torch.Tensor]], dict[int, float]]:
     """Each refit batch's trust-region target ``w ∝ exp(-h / refit_kl)`` (none when ``refit_kl`` is 0); with
-    ``refit_target='domain'``, ``h`` is first replaced by its domain's mean over all the refit's batches."""
+    ``refit_target='domain'``, ``h`` is first replaced by its domain's mean over all the refit's batches, averaged with
+    the earlier refits' (``memory``) when ``refit_target_memory`` > 0. Returns the targets and the new memory."""
     if config.refit_kl <= 0 or not signals:
-        return []
+        return [], memory
     hypers = [h for _, h in signals]
     if config.refit_target == 'domain':
         domains = []
@@ -304,8 +309,14 @@ def _targets(signals: list[tuple[dict, torch.Tensor]], config: DWMConfig,
                                  "batches have no 'domain' key (use a dwm_stream dataset, or refit_target: sample)")
             domains.append(all_gather_cat(batch['domain'].to(h.device).long().reshape(-1))[0])
         sizes = [h.numel() for h in hypers]
-        hypers = list(domain_means(torch.cat(hypers), torch.cat(domains)).split(sizes))
-    return [(batch, trust_region_target(h, config.refit_kl, mix_uniform)) for (batch, _), h in zip(signals, hypers)]
+        if config.refit_target_memory > 0:
+            pooled, memory = remembered_domain_means(torch.cat(hypers), torch.cat(domains), memory,
+                                                     float(config.refit_target_memory))
+        else:
+            pooled = domain_means(torch.cat(hypers), torch.cat(domains))
+        hypers = list(pooled.split(sizes))
+    return [(batch, trust_region_target(h, config.refit_kl, mix_uniform))
+            for (batch, _), h in zip(signals, hypers)], memory
 
 
 def _fit_to_targets(pooled, weigh, step_weighter, optimizer, weighter: Weighter, steps: int,
