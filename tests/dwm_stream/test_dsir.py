@@ -86,9 +86,12 @@ def test_dsir_toward_prose_raises_the_prose_share(converted_mds, prose_target, t
         sum(raw_share[d] for d in DEGRADED_DOMAINS if d in raw_share)
     tokens = int(report.scores.num_tokens[report.selected].sum())
     assert budget - 256 < tokens <= budget
-    # top-k selection is the highest log weights; sampling is seeded and differs from top-k
+    # top-k selection is the highest log weights; sampling is seeded, and moves the selection only near the budget's
+    # boundary: a sample's log weight sums over its tokens, so the Gumbel noise (scale 1) reorders only near-ties
+    # (whether there are any depends on the corpus; the Gumbel draw itself is tested in test_qurating.py)
     topk = set(selection.uids.tolist())
-    assert set(report.scores.uids[report.selected].tolist()) != topk
+    head = set(report.scores.uids[np.argsort(-report.scores.log_weight)[:len(topk) // 2]].tolist())
+    assert head <= topk and head <= set(report.scores.uids[report.selected].tolist())
     again = select_dsir(converted_mds, [prose_target], str(tmp_path / 'third.parquet'), budget_tokens=budget,
                         target_domains=PROSE, sample=True, seed=3)
     np.testing.assert_array_equal(again.selected, report.selected)
