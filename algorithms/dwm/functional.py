@@ -314,16 +314,22 @@ def trust_region_target(hyper: torch.Tensor, beta: float, mix_uniform: float = 0
     return (1.0 - mix_uniform) * w + mix_uniform
 
 
-def domain_means(values: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
-    """Each sample's value replaced by the mean of the values of its domain: ``values`` ``[n]``, ``domains`` ``[n]``
-    integer ids. The pooling of ``refit_target='domain'``: many samples' evidence about their domain, instead of one
-    sample's noisy hypergradient."""
+def _per_domain_means(values: torch.Tensor, domains: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The domain ids present, each one's mean of ``values``, and each sample's index into them."""
     if values.shape != domains.shape:
         raise ValueError(f'domain_means: values {tuple(values.shape)} and domains {tuple(domains.shape)} differ')
     ids, inverse = torch.unique(domains, return_inverse=True)
     sums = torch.zeros(ids.numel(), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
     counts = torch.bincount(inverse, minlength=ids.numel()).to(values.dtype)
-    return (sums / counts)[inverse]
+    return ids, sums / counts, inverse
+
+
+def domain_means(values: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+    """Each sample's value replaced by the mean of the values of its domain: ``values`` ``[n]``, ``domains`` ``[n]``
+    integer ids. The pooling of ``refit_target='domain'``: many samples' evidence about their domain, instead of one
+    sample's noisy hypergradient."""
+    _, means, inverse = _per_domain_means(values, domains)
+    return means[inverse]
 
 
 def remembered_domain_means(values: torch.Tensor, domains: torch.Tensor, memory: dict[int, float],
@@ -333,14 +339,12 @@ def remembered_domain_means(values: torch.Tensor, domains: torch.Tensor, memory:
     and the new memory (``memory`` is not changed; domains it holds and this refit did not see are carried over)."""
     if not 0.0 <= keep < 1.0:
         raise ValueError(f'remembered_domain_means: keep must be in [0, 1), got {keep}')
-    means = domain_means(values, domains)
+    ids, means, inverse = _per_domain_means(values, domains)
     new = dict(memory)
-    ids, first = torch.unique(domains, return_inverse=True)
-    for j, d in enumerate(ids.tolist()):
-        mean = float(means[(first == j).nonzero()[0, 0]])
-        new[int(d)] = keep * memory[int(d)] + (1.0 - keep) * mean if int(d) in memory else mean
-    lookup = torch.tensor([new[int(d)] for d in ids.tolist()], dtype=values.dtype, device=values.device)
-    return lookup[first], new
+    for d, mean in zip(ids.tolist(), means.tolist()):
+        new[d] = keep * memory[d] + (1.0 - keep) * mean if d in memory else mean
+    lookup = torch.tensor([new[d] for d in ids.tolist()], dtype=values.dtype, device=values.device)
+    return lookup[inverse], new
 
 
 def log_weight_regression_loss(weights: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
